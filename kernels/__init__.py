@@ -1,0 +1,1 @@
+"""Triton kernels of musefast, one file per op family; imported as musefast.kernels."""

@@ -1,0 +1,120 @@
+"""One backend registry for every op (the xformers / Liger pattern, DESIGN §4).
+
+Each op has an ordered list of backends. A backend answers ``not_supported_reasons(*args,
+**kwargs) -> list[str]`` for the concrete inputs. ``backend=None`` picks the first backend
+that auto-selects for the inputs' device and has no reasons; a backend that is *asked for*
+(by argument or ``MUSEFAST_BACKEND``) and cannot run raises :class:`BackendUnavailableError`
+listing its reasons: never a silent fallback.
+
+``MUSEFAST_BACKEND`` is either one backend name (``triton``: applies to every op that has a
+backend of that name, the others auto-select) or per-op pairs (``vq_nearest=cpu,attention=sdpa``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger("musefast.ops")
+
+ReasonsFn = Callable[..., list]
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend that was asked for cannot run these inputs; the message lists why."""
+
+
+@dataclass
+class Backend:
+    name: str
+    fn: Callable
+    reasons: ReasonsFn
+    # Device types on which this backend is chosen automatically. A backend may still *run*
+    # elsewhere when asked for (e.g. triton on CPU under TRITON_INTERPRET=1, for tests).
+    auto_devices: frozenset = frozenset({"cpu", "cuda"})
+
+
+@dataclass
+class Op:
+    name: str
+    backends: dict = field(default_factory=dict)  # insertion order = priority
+    # device -> (args, kwargs): small typical inputs, used by backends() and doctor()
+    probe: Callable | None = None
+
+    def register(self, name: str, fn: Callable, reasons: ReasonsFn, *, auto_devices=("cpu", "cuda")) -> None:
+        self.backends[name] = Backend(name, fn, reasons, frozenset(auto_devices))
+
+    def availability(self, *args, **kwargs) -> dict:
+        """backend name -> list of reasons it cannot run these inputs (empty = usable)."""
+        return {name: list(b.reasons(*args, **kwargs)) for name, b in self.backends.items()}
+
+    def select(self, backend: str | None, device_type: str, *args, **kwargs) -> Backend:
+        requested = backend or _env_backend(self)
+        if requested is not None:
+            if requested not in self.backends:
+                raise ValueError(
+                    f"{self.name}: unknown backend {requested!r}; choose one of {list(self.backends)}"
+                )
+            chosen = self.backends[requested]
+            reasons = chosen.reasons(*args, **kwargs)
+            if reasons:
+                raise BackendUnavailableError(
+                    f"{self.name}: backend {requested!r} cannot run these inputs: " + "; ".join(reasons)
+                )
+            return chosen
+        tried = []
+        for b in self.backends.values():
+            if device_type not in b.auto_devices:
+                continue
+            reasons = b.reasons(*args, **kwargs)
+            if not reasons:
+                return b
+            tried.append(f"{b.name}: {'; '.join(reasons)}")
+        raise BackendUnavailableError(f"{self.name}: no backend can run these inputs ({' | '.join(tried)})")
+
+    def __call__(self, *args, backend: str | None = None, device_type: str, **kwargs):
+        chosen = self.select(backend, device_type, *args, **kwargs)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s -> backend %s", self.name, chosen.name)
+        return chosen.fn(*args, **kwargs)
+
+
+_OPS: dict[str, Op] = {}
+
+
+def op(name: str) -> Op:
+    """The registry entry of an op, created on first use."""
+    return _OPS.setdefault(name, Op(name))
+
+
+def _env_backend(the_op: Op) -> str | None:
+    value = os.environ.get("MUSEFAST_BACKEND", "").strip()
+    if not value:
+        return None
+    if "=" not in value:
+        return value if value in the_op.backends else None
+    for pair in value.split(","):
+        key, _, name = pair.partition("=")
+        if key.strip() == the_op.name:
+            return name.strip() or None
+    return None
+
+
+def backends(device: str | torch.device | None = None) -> dict:
+    """op -> {backend: "ok" | why it is unavailable}, probed with small inputs on ``device``.
+
+    The probe answers for typical inputs; a backend can still refuse particular inputs
+    (dtype, shape) at call time, with its reasons.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    table = {}
+    for name, the_op in _OPS.items():
+        args, kwargs = the_op.probe(device)
+        table[name] = {
+            b: ("ok" if not reasons else "; ".join(reasons))
+            for b, reasons in the_op.availability(*args, **kwargs).items()
+        }
+    return table
