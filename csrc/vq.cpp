@@ -170,7 +170,8 @@ void vq_nearest_rows(const scalar_t* z, int64_t N, int64_t D, int64_t K, const P
         float znorm = 0.f;
         for (int64_t d = 0; d < D; ++d) znorm += tile[d * kRows] * tile[d * kRows];
         out_idx[r0 + r] = std::min<int64_t>(best_k, K - 1);
-        out_dist[r0 + r] = std::max(0.f, znorm + best_score);
+        const float dist = znorm + best_score;  // NaN rows stay NaN (and get index 0)
+        out_dist[r0 + r] = dist < 0.f ? 0.f : dist;
       }
     }
   });

@@ -1,0 +1,4 @@
+"""Thin nn.Modules over musefast ops."""
+from musefast.nn.vq import VectorQuantizer
+
+__all__ = ["VectorQuantizer"]
