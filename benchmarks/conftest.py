@@ -1,27 +1,33 @@
-"""Benchmark setup (same Triton interpreter rule as tests/conftest.py).
-
-Triton must see TRITON_INTERPRET=1 *before* it is first imported for its kernels to run on
-CPU tensors, so this is set here, at collection, whenever no NVIDIA GPU is present.
-"""
+"""Benchmark setup: same Triton-interpreter rule as tests/, and run metadata in the JSON."""
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 if not shutil.which("nvidia-smi") and "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))
+
 import torch  # noqa: E402
 
 
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    import datetime
 
+    try:
+        import triton
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    output_json["musefast"] = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
