@@ -1,0 +1,224 @@
+"""Muse masked transformers (Muse §2.3, §2.4; MaskGIT's class-conditional variant).
+
+``MuseTransformer``: token embedding with a [MASK] id (= codebook_size), learned 2-D position
+embedding, ``depth`` pre-norm blocks of self-attention, cross-attention to the projected
+text, and an MLP; final norm; a head over the codebook (the [MASK] id is never predicted).
+Class-conditional mode (``num_classes`` set, ``text_dim`` None): a class token is prepended
+to the sequence instead of cross-attention (id ``num_classes`` is the null class for CFG).
+
+``SuperResTransformer``: the low-res tokens pass through a transformer encoder; its output,
+concatenated with the projected text, is the cross-attention memory of a high-res
+``MuseTransformer``.
+
+The cross-attention memory is constant over all decoding steps: ``prepare_context`` projects
+it to per-layer K/V once per generation, and ``forward(..., context=...)`` reuses them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from musefast.nn.attention import Attention, CrossAttention, CrossAttentionKV
+from musefast.nn.feedforward import FeedForward, make_norm
+
+
+@dataclass
+class MuseTransformerConfig:
+    codebook_size: int = 8192
+    grid_size: int = 16  # tokens per side: the sequence is grid_size² image tokens
+    dim: int = 512
+    depth: int = 8
+    num_heads: int = 8
+    head_dim: int | None = None
+    text_dim: int | None = 512  # width of the text encoder's hidden states; None = no text
+    num_classes: int | None = None  # class-conditional mode (MaskGIT)
+    mlp: str = "gelu"  # or "geglu"
+    mlp_ratio: float = 4.0
+    norm: str = "layernorm"  # or "rmsnorm"
+    norm_eps: float = 1e-6
+    qk_norm: bool = False
+    bias: bool = True
+    backend: str | None = None  # attention backend (None = best available)
+
+    def __post_init__(self):
+        if (self.text_dim is None) == (self.num_classes is None):
+            raise ValueError("set exactly one of text_dim (text-conditional) and num_classes (class-conditional)")
+        for name in ("codebook_size", "grid_size", "dim", "depth", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.codebook_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid_size * self.grid_size
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x += SelfAttn(norm(x)); [x += CrossAttn(norm(x), memory)]; x += MLP(norm(x))."""
+
+    def __init__(self, cfg: MuseTransformerConfig, *, cross: bool):
+        super().__init__()
+        kw = dict(head_dim=cfg.head_dim, bias=cfg.bias, qk_norm=cfg.qk_norm, backend=cfg.backend)
+        self.norm1 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg.dim, cfg.num_heads, **kw)
+        self.norm2 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps) if cross else None
+        self.cross_attn = CrossAttention(cfg.dim, cfg.num_heads, **kw) if cross else None
+        self.norm3 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps)
+        self.mlp = FeedForward(cfg.dim, int(cfg.dim * cfg.mlp_ratio), cfg.mlp, bias=cfg.bias)
+
+    def forward(self, x, kv: CrossAttentionKV | None = None, memory_mask: torch.Tensor | None = None):
+        x = x + self.attn(self.norm1(x))
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm2(x), kv=kv, key_padding_mask=memory_mask)
+        return x + self.mlp(self.norm3(x))
+
+
+class Context(NamedTuple):
+    """Per-layer cross-attention K/V of the memory, and its key padding mask (B, Lk) or None."""
+
+    kvs: list
+    mask: torch.Tensor | None
+
+    def repeat(self, n: int) -> "Context":
+        """Each batch entry repeated n times (images per prompt)."""
+        kvs = [CrossAttentionKV(kv.k.repeat_interleave(n, 0), kv.v.repeat_interleave(n, 0)) for kv in self.kvs]
+        mask = None if self.mask is None else self.mask.repeat_interleave(n, 0)
+        return Context(kvs, mask)
+
+    @staticmethod
+    def cat(contexts: list["Context"]) -> "Context":
+        """Batch-concatenate contexts (e.g. cond + uncond for one CFG forward)."""
+        kvs = [CrossAttentionKV(torch.cat([c.kvs[i].k for c in contexts]), torch.cat([c.kvs[i].v for c in contexts]))
+               for i in range(len(contexts[0].kvs))]
+        masks = [c.mask for c in contexts]
+        if all(m is None for m in masks):
+            return Context(kvs, None)
+        masks = [torch.ones(c.kvs[0].k.shape[0], c.kvs[0].k.shape[2], dtype=torch.bool, device=c.kvs[0].k.device)
+                 if m is None else m for c, m in zip(contexts, masks)]
+        return Context(kvs, torch.cat(masks))
+
+
+class MuseTransformer(nn.Module):
+    """Base masked transformer. tokens (B, h, w) or (B, N) int64 -> logits (B, N, codebook_size)."""
+
+    def __init__(self, cfg: MuseTransformerConfig):
+        super().__init__()
+        self.config = cfg
+        self.token_embed = nn.Embedding(cfg.codebook_size + 1, cfg.dim)
+        self.pos_embed = nn.Parameter(torch.randn(1, cfg.seq_len, cfg.dim) * 0.02)
+        text = cfg.text_dim is not None
+        self.text_proj = nn.Linear(cfg.text_dim, cfg.dim) if text else None
+        self.class_embed = nn.Embedding(cfg.num_classes + 1, cfg.dim) if not text else None
+        self.blocks = nn.ModuleList(TransformerBlock(cfg, cross=text) for _ in range(cfg.depth))
+        self.norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.codebook_size)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.config.mask_token_id
+
+    def project_text(self, text_hidden: torch.Tensor) -> torch.Tensor:
+        if self.text_proj is None:
+            raise ValueError("this transformer is class-conditional: pass class_labels, not text")
+        if text_hidden.dim() != 3 or text_hidden.shape[-1] != self.config.text_dim:
+            raise ValueError(f"text embeddings must be (B, L, {self.config.text_dim}), got {tuple(text_hidden.shape)}")
+        return self.text_proj(text_hidden)
+
+    def context_from_memory(self, memory: torch.Tensor, mask: torch.Tensor | None) -> Context:
+        """Memory already in model width (B, Lk, dim) -> per-layer K/V."""
+        return Context([blk.cross_attn.precompute_kv(memory) for blk in self.blocks], mask)
+
+    def prepare_context(self, text_hidden: torch.Tensor, text_mask: torch.Tensor | None = None) -> Context:
+        """Project text (B, L, text_dim) once per generation; reuse the result at every step."""
+        return self.context_from_memory(self.project_text(text_hidden), text_mask)
+
+    def _check_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dtype != torch.long:
+            raise TypeError(f"tokens must be int64, got {tokens.dtype}")
+        flat = tokens.reshape(tokens.shape[0], -1)
+        if flat.shape[1] != self.config.seq_len:
+            raise ValueError(f"expected {self.config.grid_size}x{self.config.grid_size} tokens, got shape {tuple(tokens.shape)}")
+        return flat
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        text_hidden: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        *,
+        context: Context | None = None,
+        class_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = self.token_embed(self._check_tokens(tokens)) + self.pos_embed
+        if self.class_embed is not None:
+            if class_labels is None:
+                raise ValueError("class-conditional transformer: pass class_labels (B,) (num_classes = null class)")
+            x = torch.cat([self.class_embed(class_labels)[:, None], x], dim=1)
+            for blk in self.blocks:
+                x = blk(x)
+            x = x[:, 1:]
+        else:
+            if context is None:
+                if text_hidden is None:
+                    raise ValueError("pass text_hidden (B, L, text_dim) or a prepared context")
+                context = self.prepare_context(text_hidden, text_mask)
+            for blk, kv in zip(self.blocks, context.kvs):
+                x = blk(x, kv, context.mask)
+        return self.head(self.norm(x))
+
+
+@dataclass
+class SuperResConfig:
+    high: MuseTransformerConfig  # the high-res masked transformer (e.g. grid 64)
+    low_codebook_size: int = 8192
+    low_grid_size: int = 16
+    encoder_depth: int = 4
+
+
+class SuperResTransformer(nn.Module):
+    """Muse §2.4: low-res tokens → encoder; [encoder output; projected text] is the memory of
+    the high-res masked transformer."""
+
+    def __init__(self, cfg: SuperResConfig):
+        super().__init__()
+        if cfg.high.text_dim is None:
+            raise ValueError("the super-res transformer is text-conditional: set high.text_dim")
+        self.config = cfg
+        high = cfg.high
+        self.low_embed = nn.Embedding(cfg.low_codebook_size, high.dim)
+        self.low_pos_embed = nn.Parameter(torch.randn(1, cfg.low_grid_size**2, high.dim) * 0.02)
+        self.low_encoder = nn.ModuleList(TransformerBlock(high, cross=False) for _ in range(cfg.encoder_depth))
+        self.low_norm = make_norm(high.norm, high.dim, high.norm_eps)
+        self.transformer = MuseTransformer(high)
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.transformer.mask_token_id
+
+    def prepare_context(self, low_tokens: torch.Tensor, text_hidden: torch.Tensor,
+                        text_mask: torch.Tensor | None = None) -> Context:
+        low = low_tokens.reshape(low_tokens.shape[0], -1)
+        if low.shape[1] != self.config.low_grid_size**2:
+            raise ValueError(f"expected {self.config.low_grid_size}² low-res tokens, got shape {tuple(low_tokens.shape)}")
+        h = self.low_embed(low) + self.low_pos_embed
+        for blk in self.low_encoder:
+            h = blk(h)
+        memory = torch.cat([self.low_norm(h), self.transformer.project_text(text_hidden)], dim=1)
+        mask = None
+        if text_mask is not None:
+            mask = torch.cat([torch.ones(low.shape, dtype=torch.bool, device=low.device), text_mask], dim=1)
+        return self.transformer.context_from_memory(memory, mask)
+
+    def forward(self, tokens, low_tokens=None, text_hidden=None, text_mask=None, *, context: Context | None = None):
+        if context is None:
+            if low_tokens is None or text_hidden is None:
+                raise ValueError("pass low_tokens and text_hidden, or a prepared context")
+            context = self.prepare_context(low_tokens, text_hidden, text_mask)
+        return self.transformer(tokens, context=context)

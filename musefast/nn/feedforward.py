@@ -1,0 +1,39 @@
+"""Feed-forward blocks and norms shared by the transformers."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+MLP_KINDS = ("gelu", "geglu")
+NORM_KINDS = ("layernorm", "rmsnorm")
+
+
+class FeedForward(nn.Module):
+    """``gelu``: Linear → GELU → Linear. ``geglu``: one Linear to [value; gate] (the layout of
+    diffusers' GELU-gated projection: concat([linear, gate]) rows), value · GELU(gate) → Linear."""
+
+    def __init__(self, dim: int, hidden_dim: int, kind: str = "gelu", *, bias: bool = True):
+        super().__init__()
+        if kind not in MLP_KINDS:
+            raise ValueError(f"mlp kind must be one of {MLP_KINDS}, got {kind!r}")
+        self.kind = kind
+        self.proj_in = nn.Linear(dim, hidden_dim * (2 if kind == "geglu" else 1), bias=bias)
+        self.proj_out = nn.Linear(hidden_dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj_in(x)
+        if self.kind == "geglu":
+            value, gate = h.chunk(2, dim=-1)
+            h = value * F.gelu(gate)
+        else:
+            h = F.gelu(h)
+        return self.proj_out(h)
+
+
+def make_norm(kind: str, dim: int, eps: float = 1e-6, *, bias: bool = True) -> nn.Module:
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps, bias=bias)
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=eps)
+    raise ValueError(f"norm kind must be one of {NORM_KINDS}, got {kind!r}")
