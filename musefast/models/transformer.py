@@ -23,6 +23,7 @@ from torch import nn
 
 from musefast.nn.attention import Attention, CrossAttention, CrossAttentionKV
 from musefast.nn.feedforward import FeedForward, make_norm
+from musefast.models.serialization import register_component
 
 
 @dataclass
@@ -104,8 +105,11 @@ class Context(NamedTuple):
         return Context(kvs, torch.cat(masks))
 
 
+@register_component
 class MuseTransformer(nn.Module):
     """Base masked transformer. tokens (B, h, w) or (B, N) int64 -> logits (B, N, codebook_size)."""
+
+    config_class = MuseTransformerConfig
 
     def __init__(self, cfg: MuseTransformerConfig):
         super().__init__()
@@ -181,10 +185,17 @@ class SuperResConfig:
     low_grid_size: int = 16
     encoder_depth: int = 4
 
+    def __post_init__(self):
+        if isinstance(self.high, dict):  # read back from config.json
+            self.high = MuseTransformerConfig(**self.high)
 
+
+@register_component
 class SuperResTransformer(nn.Module):
     """Muse §2.4: low-res tokens → encoder; [encoder output; projected text] is the memory of
     the high-res masked transformer."""
+
+    config_class = SuperResConfig
 
     def __init__(self, cfg: SuperResConfig):
         super().__init__()
