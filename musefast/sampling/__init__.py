@@ -1,0 +1,22 @@
+"""MaskGIT / Muse decoding: schedules, peer presets and the sampler (DESIGN §5)."""
+from musefast.sampling.presets import PRESETS, Preset, get_preset
+from musefast.sampling.sampler import MaskGitSampler
+from musefast.sampling.schedules import (
+    choice_temperature_at,
+    guidance_scale_at,
+    mask_count,
+    mask_ratio,
+    temperature_at,
+)
+
+__all__ = [
+    "MaskGitSampler",
+    "Preset",
+    "PRESETS",
+    "get_preset",
+    "mask_ratio",
+    "mask_count",
+    "guidance_scale_at",
+    "choice_temperature_at",
+    "temperature_at",
+]
