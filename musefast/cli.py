@@ -1,8 +1,12 @@
-"""The ``musefast`` command line."""
+"""The ``musefast`` command line: generate | inpaint | outpaint | edit | doctor."""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -12,15 +16,143 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_image(path: str, what: str):
+    from PIL import Image
+
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"musefast: {what} file not found: {path}")
+    try:
+        return Image.open(p).convert("RGB" if what == "image" else "L")
+    except Exception as exc:  # PIL's errors do not name the file
+        raise SystemExit(f"musefast: cannot read {what} {path}: {exc}") from None
+
+
+def _load(args):
+    import torch
+
+    from musefast import load
+
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    try:
+        return load(args.model, device=args.device, dtype=dtype)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"musefast: cannot load model {args.model!r}: {exc}") from None
+
+
+def _save(images, output: str) -> None:
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if len(images) == 1:
+        images[0].save(out)
+        print(out)
+        return
+    for i, image in enumerate(images):
+        path = out.with_name(f"{out.stem}_{i}{out.suffix}")
+        image.save(path)
+        print(path)
+
+
+def _common_kwargs(args) -> dict:
+    kw = dict(seed=args.seed, backend=args.backend, negative_prompt=args.negative, progress=not args.quiet)
+    if args.steps is not None:
+        kw["num_steps"] = args.steps
+    if args.guidance is not None:
+        kw["guidance_scale"] = args.guidance
+    return kw
+
+
+def _run(args, call) -> int:
+    try:
+        images = call()
+    except ValueError as exc:  # bad sizes, masks, arguments: say it plainly, no traceback
+        raise SystemExit(f"musefast {args.command}: {exc}") from None
+    _save(images, args.output)
+    return 0
+
+
+def _generate(args) -> int:
+    pipe = _load(args)
+    return _run(args, lambda: pipe(args.prompt, num_images_per_prompt=args.num_images, **_common_kwargs(args)))
+
+
+def _inpaint(args) -> int:
+    image, mask = _open_image(args.image, "image"), _open_image(args.mask, "mask")
+    pipe = _load(args)
+    return _run(args, lambda: pipe.inpaint(image, mask, args.prompt, **_common_kwargs(args)))
+
+
+def _outpaint(args) -> int:
+    image = _open_image(args.image, "image")
+    pipe = _load(args)
+    return _run(args, lambda: pipe.outpaint(image, args.prompt, left=args.left, right=args.right, top=args.top,
+                                            bottom=args.bottom, **_common_kwargs(args)))
+
+
+def _edit(args) -> int:
+    image = _open_image(args.image, "image")
+    pipe = _load(args)
+    kw = _common_kwargs(args)
+    kw.pop("num_steps", None)
+    return _run(args, lambda: pipe.edit(image, args.prompt, iterations=args.iterations, fraction=args.fraction, **kw))
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", default="out.png", help="output image path (suffix _i for several)")
+    p.add_argument("--model", default="demo", help='"demo", a pipeline folder, or a hub id')
+    p.add_argument("--steps", type=int, default=None, help="decoding steps of the base stage")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--backend", default=None, help="force one backend for every op (e.g. reference)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="weights dtype")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="musefast", description=__doc__)
+    parser = argparse.ArgumentParser(prog="musefast", description="Muse-style masked generative image models, fast.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="show what was built and which backends are usable").set_defaults(func=_doctor)
+
+    g = sub.add_parser("generate", help="text to image")
+    g.add_argument("prompt")
+    g.add_argument("-n", "--num-images", type=int, default=1)
+    _add_common(g)
+    g.set_defaults(func=_generate)
+
+    i = sub.add_parser("inpaint", help="repaint the white region of MASK following PROMPT")
+    i.add_argument("image")
+    i.add_argument("mask")
+    i.add_argument("prompt")
+    _add_common(i)
+    i.set_defaults(func=_inpaint)
+
+    o = sub.add_parser("outpaint", help="grow the canvas and fill the new region")
+    o.add_argument("image")
+    o.add_argument("prompt")
+    for side in ("left", "right", "top", "bottom"):
+        o.add_argument(f"--{side}", type=int, default=0, help=f"pixels added on the {side}")
+    _add_common(o)
+    o.set_defaults(func=_outpaint)
+
+    e = sub.add_parser("edit", help="mask-free editing towards PROMPT")
+    e.add_argument("image")
+    e.add_argument("prompt")
+    e.add_argument("--iterations", type=int, default=None)
+    e.add_argument("--fraction", type=float, default=None, help="fraction of tokens resampled per iteration")
+    _add_common(e)
+    e.set_defaults(func=_edit)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "backend", None):
+        import os
+
+        os.environ["MUSEFAST_BACKEND"] = args.backend
+        args.backend = None  # via the environment: applies to every op that has that backend
     return args.func(args)
 
 

@@ -1,0 +1,6 @@
+"""Pipelines: text → image, inpaint, outpaint, mask-free edit; loading and generation."""
+from musefast.pipelines.loading import generate, load
+from musefast.pipelines.muse import MusePipeline, MuseSettings
+from musefast.pipelines.random_init import random_pipeline
+
+__all__ = ["MusePipeline", "MuseSettings", "generate", "load", "random_pipeline"]

@@ -1,0 +1,69 @@
+"""``musefast.load`` and ``musefast.generate``: one entry point for every model source."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from musefast.pipelines.muse import PIPELINE_INDEX, MusePipeline
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PIPELINE_CLASSES = {"MusePipeline": MusePipeline}
+
+
+def load(name_or_path: str | os.PathLike = "demo", *, device: str | torch.device | None = None,
+         dtype: torch.dtype | None = None):
+    """Load a pipeline.
+
+    ``name_or_path``: ``"demo"`` (the model embedded in the package); a local folder in
+    musefast format (``model_index.json`` written by ``save_pretrained``); or a hub id
+    (``owner/name``), downloaded with huggingface_hub — only when you name one.
+    """
+    if str(name_or_path) == "demo":
+        from musefast.pipelines import demo
+
+        pipe = demo.load_demo()
+    else:
+        folder = _resolve(name_or_path)
+        index = _read_index(folder)
+        cls_name = index.get("_class") or index.get("_class_name")
+        if cls_name not in PIPELINE_CLASSES:
+            raise ValueError(f"{folder / PIPELINE_INDEX}: unsupported pipeline class {cls_name!r}; "
+                             f"this version loads {sorted(PIPELINE_CLASSES)}")
+        pipe = PIPELINE_CLASSES[cls_name].from_pretrained(folder)
+    if device is not None or dtype is not None:
+        pipe.to(device=device, dtype=dtype)
+    return pipe
+
+
+def _resolve(name_or_path) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"{path} is a file; musefast.load expects a pipeline folder")
+    if isinstance(name_or_path, str) and _HUB_ID.match(name_or_path):
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path))
+    raise FileNotFoundError(f"{name_or_path!r} is neither a local folder nor a hub id (owner/name)")
+
+
+def _read_index(folder: Path) -> dict:
+    index_file = folder / PIPELINE_INDEX
+    if not index_file.is_file():
+        raise FileNotFoundError(f"{index_file} not found: {folder} is not a pipeline folder")
+    return json.loads(index_file.read_text())
+
+
+def generate(prompt, *, model="demo", device=None, dtype=None, **kw):
+    """Text to images in one call: ``load(model)`` then ``pipe(prompt, **kw)``.
+
+    ``model`` may also be an already loaded pipeline. Returns a list of PIL images unless
+    ``output_type`` says otherwise.
+    """
+    pipe = model if isinstance(model, MusePipeline) else load(model, device=device, dtype=dtype)
+    return pipe(prompt, **kw)

@@ -1,0 +1,59 @@
+"""The musefast CLI on a tiny saved pipeline."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from musefast.cli import main
+from musefast.models.text import load_text_encoder
+from musefast.pipelines.random_init import random_pipeline
+from tiny_text import make_tiny_t5
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    t5 = load_text_encoder(make_tiny_t5(root / "t5"))
+    return str(random_pipeline("tiny", text_encoder=t5).save_pretrained(root / "model"))
+
+
+@pytest.fixture
+def image_and_mask(tmp_path):
+    rng = np.random.default_rng(0)
+    img = tmp_path / "img.png"
+    Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(img)
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.pad(np.full((16, 16), 255, np.uint8), ((0, 16), (0, 16)))).save(mask)
+    small = tmp_path / "small.png"
+    Image.fromarray((rng.random((32, 24, 3)) * 255).astype(np.uint8)).save(small)
+    return img, mask, small
+
+
+def test_generate_writes_an_image(model_dir, tmp_path):
+    out = tmp_path / "out.png"
+    assert main(["generate", "a red cat", "--model", model_dir, "--steps", "3", "--seed", "1", "-q", "-o", str(out)]) == 0
+    assert Image.open(out).size == (32, 32)
+    assert main(["generate", "a cat", "--model", model_dir, "--steps", "2", "-n", "2", "-q", "--guidance", "1",
+                 "--backend", "reference", "--dtype", "fp32", "-o", str(tmp_path / "m.png")]) == 0
+    assert (tmp_path / "m_0.png").is_file() and (tmp_path / "m_1.png").is_file()
+
+
+def test_inpaint_outpaint_edit(model_dir, image_and_mask, tmp_path):
+    img, mask, small = image_and_mask
+    common = ["--model", model_dir, "--steps", "2", "-q", "--seed", "0"]
+    assert main(["inpaint", str(img), str(mask), "a dog", *common, "-o", str(tmp_path / "i.png")]) == 0
+    assert main(["outpaint", str(small), "a tree", "--left", "8", *common, "-o", str(tmp_path / "o.png")]) == 0
+    assert main(["edit", str(img), "a blue dog", "--iterations", "2", *common, "-o", str(tmp_path / "e.png")]) == 0
+    for name in "ioe":
+        assert Image.open(tmp_path / f"{name}.png").size == (32, 32)
+
+
+def test_clear_errors(model_dir, image_and_mask, tmp_path, capsys):
+    img, mask, small = image_and_mask
+    with pytest.raises(SystemExit, match="image file not found"):
+        main(["inpaint", str(tmp_path / "nope.png"), str(mask), "x", "--model", model_dir])
+    with pytest.raises(SystemExit, match="mask size"):
+        main(["inpaint", str(img), str(small), "x", "--model", model_dir, "-q"])
+    with pytest.raises(SystemExit, match="32x32"):
+        main(["edit", str(small), "x", "--model", model_dir, "-q"])
+    with pytest.raises(SystemExit, match="cannot load model"):
+        main(["generate", "x", "--model", str(tmp_path / "missing")])
