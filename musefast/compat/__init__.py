@@ -1,0 +1,1 @@
+"""Compatibility with peer libraries: weight loading/conversion and drop-in adapters."""
