@@ -147,13 +147,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "backend", None):
-        import os
+    import os
 
-        os.environ["MUSEFAST_BACKEND"] = args.backend
-        args.backend = None  # via the environment: applies to every op that has that backend
-    return args.func(args)
+    args = build_parser().parse_args(argv)
+    backend = getattr(args, "backend", None)
+    if not backend:
+        return args.func(args)
+    # Through the environment: it applies to every op that has a backend of that name
+    # (attention inside the models too), and is restored afterwards for in-process callers.
+    previous = os.environ.get("MUSEFAST_BACKEND")
+    os.environ["MUSEFAST_BACKEND"] = backend
+    args.backend = None
+    try:
+        return args.func(args)
+    finally:
+        if previous is None:
+            del os.environ["MUSEFAST_BACKEND"]
+        else:
+            os.environ["MUSEFAST_BACKEND"] = previous
 
 
 if __name__ == "__main__":

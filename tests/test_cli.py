@@ -57,3 +57,12 @@ def test_clear_errors(model_dir, image_and_mask, tmp_path, capsys):
         main(["edit", str(small), "x", "--model", model_dir, "-q"])
     with pytest.raises(SystemExit, match="cannot load model"):
         main(["generate", "x", "--model", str(tmp_path / "missing")])
+
+
+def test_backend_flag_does_not_leak(model_dir, tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.delenv("MUSEFAST_BACKEND", raising=False)
+    main(["generate", "x", "--model", model_dir, "--steps", "1", "-q", "--backend", "reference",
+          "-o", str(tmp_path / "x.png")])
+    assert "MUSEFAST_BACKEND" not in os.environ
