@@ -40,9 +40,14 @@ class MuseTransformerConfig:
     mlp_ratio: float = 4.0
     norm: str = "layernorm"  # or "rmsnorm"
     norm_eps: float = 1e-6
-    qk_norm: bool = False
+    qk_norm: bool | str = False  # True/"rmsnorm", or "l2" (L2 norm x learned weight)
     bias: bool = True
     backend: str | None = None  # attention backend (None = best available)
+    # Optional details of other ports (defaults keep the layout above):
+    attn_scale: float | None = None  # softmax scale (None = 1/sqrt(head_dim))
+    null_kv: bool = False  # learned null key/value prepended in every attention
+    mlp_hidden_dim: int | None = None  # overrides int(dim * mlp_ratio)
+    mlp_inner_norm: bool = False  # a norm on the MLP hidden activations (before proj_out)
 
     def __post_init__(self):
         if (self.text_dim is None) == (self.num_classes is None):
@@ -65,13 +70,16 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, cfg: MuseTransformerConfig, *, cross: bool):
         super().__init__()
-        kw = dict(head_dim=cfg.head_dim, bias=cfg.bias, qk_norm=cfg.qk_norm, backend=cfg.backend)
+        kw = dict(head_dim=cfg.head_dim, bias=cfg.bias, qk_norm=cfg.qk_norm, backend=cfg.backend,
+                  scale=cfg.attn_scale, null_kv=cfg.null_kv)
         self.norm1 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg.dim, cfg.num_heads, **kw)
         self.norm2 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps) if cross else None
         self.cross_attn = CrossAttention(cfg.dim, cfg.num_heads, **kw) if cross else None
         self.norm3 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps)
-        self.mlp = FeedForward(cfg.dim, int(cfg.dim * cfg.mlp_ratio), cfg.mlp, bias=cfg.bias)
+        hidden = cfg.mlp_hidden_dim if cfg.mlp_hidden_dim is not None else int(cfg.dim * cfg.mlp_ratio)
+        inner_norm = make_norm(cfg.norm, hidden, cfg.norm_eps) if cfg.mlp_inner_norm else None
+        self.mlp = FeedForward(cfg.dim, hidden, cfg.mlp, bias=cfg.bias, inner_norm=inner_norm)
 
     def forward(self, x, kv: CrossAttentionKV | None = None, memory_mask: torch.Tensor | None = None):
         x = x + self.attn(self.norm1(x))
@@ -100,7 +108,8 @@ class Context(NamedTuple):
         masks = [c.mask for c in contexts]
         if all(m is None for m in masks):
             return Context(kvs, None)
-        masks = [torch.ones(c.kvs[0].k.shape[0], c.kvs[0].k.shape[2], dtype=torch.bool, device=c.kvs[0].k.device)
+        num_keys = next(m.shape[1] for m in masks if m is not None)  # K may hold extra (null) keys
+        masks = [torch.ones(c.kvs[0].k.shape[0], num_keys, dtype=torch.bool, device=c.kvs[0].k.device)
                  if m is None else m for c, m in zip(contexts, masks)]
         return Context(kvs, torch.cat(masks))
 
@@ -184,6 +193,7 @@ class SuperResConfig:
     low_codebook_size: int = 8192
     low_grid_size: int = 16
     encoder_depth: int = 4
+    low_norm: bool = True  # False: the low-res embeddings enter the memory un-normed (lucidrains)
 
     def __post_init__(self):
         if isinstance(self.high, dict):  # read back from config.json
@@ -206,7 +216,7 @@ class SuperResTransformer(nn.Module):
         self.low_embed = nn.Embedding(cfg.low_codebook_size, high.dim)
         self.low_pos_embed = nn.Parameter(torch.randn(1, cfg.low_grid_size**2, high.dim) * 0.02)
         self.low_encoder = nn.ModuleList(TransformerBlock(high, cross=False) for _ in range(cfg.encoder_depth))
-        self.low_norm = make_norm(high.norm, high.dim, high.norm_eps)
+        self.low_norm = make_norm(high.norm, high.dim, high.norm_eps) if cfg.low_norm else nn.Identity()
         self.transformer = MuseTransformer(high)
 
     @property

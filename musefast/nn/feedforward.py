@@ -11,14 +11,17 @@ NORM_KINDS = ("layernorm", "rmsnorm")
 
 class FeedForward(nn.Module):
     """``gelu``: Linear → GELU → Linear. ``geglu``: one Linear to [value; gate] (the layout of
-    diffusers' GELU-gated projection: concat([linear, gate]) rows), value · GELU(gate) → Linear."""
+    diffusers' GELU-gated projection: concat([linear, gate]) rows), value · GELU(gate) → Linear.
+    ``inner_norm`` (optional module) normalises the hidden activations before the last Linear."""
 
-    def __init__(self, dim: int, hidden_dim: int, kind: str = "gelu", *, bias: bool = True):
+    def __init__(self, dim: int, hidden_dim: int, kind: str = "gelu", *, bias: bool = True,
+                 inner_norm: nn.Module | None = None):
         super().__init__()
         if kind not in MLP_KINDS:
             raise ValueError(f"mlp kind must be one of {MLP_KINDS}, got {kind!r}")
         self.kind = kind
         self.proj_in = nn.Linear(dim, hidden_dim * (2 if kind == "geglu" else 1), bias=bias)
+        self.inner_norm = inner_norm
         self.proj_out = nn.Linear(hidden_dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -28,6 +31,8 @@ class FeedForward(nn.Module):
             h = value * F.gelu(gate)
         else:
             h = F.gelu(h)
+        if self.inner_norm is not None:
+            h = self.inner_norm(h)
         return self.proj_out(h)
 
 

@@ -1,0 +1,53 @@
+"""Helpers shared by the weight converters: strict state-dict loading with readable errors."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not fit the target model: lists every offending key."""
+
+
+def _listing(title: str, items: Iterable[str], limit: int = 40) -> str:
+    items = sorted(items)
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"{title} ({len(items)}): " + ", ".join(items[:limit]) + more
+
+
+def check_keys(source: str, keys: Iterable[str], *, used: set[str], ignored: set[str] = frozenset()) -> None:
+    """Raise :class:`ConversionError` naming every key of the checkpoint that the converter
+    neither used nor knows to be unused at inference."""
+    unknown = set(keys) - used - set(ignored)
+    if unknown:
+        raise ConversionError(f"{source}: " + _listing("unknown keys", unknown))
+
+
+def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> nn.Module:
+    """Copy ``state`` into ``model``; raise one :class:`ConversionError` listing missing keys,
+    unexpected keys and shape mismatches (``name: checkpoint (..) vs model (..)``)."""
+    own = model.state_dict()
+    problems = []
+    missing = set(own) - set(state)
+    unexpected = set(state) - set(own)
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in sorted(set(own) & set(state)) if tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing:
+        problems.append(_listing("missing keys", missing))
+    if unexpected:
+        problems.append(_listing("unexpected keys", unexpected))
+    if mismatched:
+        problems.append(_listing("shape mismatches", mismatched))
+    if problems:
+        raise ConversionError(f"{source}: " + "; ".join(problems))
+    model.load_state_dict({k: v.detach().to(own[k].dtype) for k, v in state.items()})
+    return model
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Keys under ``prefix`` with it removed, when any key has it; else ``state`` unchanged."""
+    if any(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return dict(state)
