@@ -187,3 +187,44 @@ def test_base_maskgit_object():
     text, tok = _text(2, 3), _tokens(ours.config, 2)
     with torch.no_grad():
         _assert_close(ours(tok, text, lc.text_mask(text)), maskgit.transformer(tok, text_embeds=text))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(dim=16, layers=2, codebook_size=64),  # LFQ with projections (feature width 32 != 6 bits)
+    dict(dim=16, layers=1, codebook_size=2**16, encdec_num_resnet_blocks=2),  # 16 bits = width: no projections
+    dict(dim=16, layers=2, codebook_size=256, encdec_num_resnet_blocks=(1, 1), lfq_kwargs=dict(codebook_scale=0.5)),
+])
+def test_lfq_vae_tokens_and_decode(kw):
+    torch.manual_seed(9)
+    ref = peer.VQGanVAE(use_vgg_and_gan=False, **kw).eval()
+    _randomize(ref, 9)
+    ours = lc.convert_vae(ref)
+    img = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        _, want_ids, _ = ref.encode(img)
+        got_ids = ours.encode(img)
+        assert torch.equal(got_ids, want_ids)
+        assert got_ids.unique().numel() > 1  # not a degenerate all-one-code encoder
+        want_img = ref.decode_from_ids(want_ids)
+        torch.testing.assert_close(ours.decode_features(ours.quantizer.lookup(got_ids)), want_img,
+                                   rtol=1e-5, atol=1e-5)
+    # the state-dict route with the constructor kwargs gives the same model
+    extra = {"lfq_kwargs": kw["lfq_kwargs"]} if "lfq_kwargs" in kw else {}
+    again = lc.convert_vae(ref.state_dict(), **extra)
+    assert again.config == ours.config
+    assert torch.equal(again.encode(img), want_ids)
+
+
+def test_lfq_vae_with_gan_keys_and_errors():
+    torch.manual_seed(11)
+    ref = peer.VQGanVAE(dim=16, layers=2, codebook_size=64, use_vgg_and_gan=True, vgg=torch.nn.Identity()).eval()
+    ours = lc.convert_vae(ref.state_dict())  # discriminator weights are dropped
+    img = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(ours.encode(img), ref.encode(img)[1])
+    state = dict(ref.state_dict())
+    state["enc_dec.extra.weight"] = torch.zeros(1)
+    with pytest.raises(ConversionError, match="enc_dec.extra.weight"):
+        lc.convert_vae(state)
+    with pytest.raises(ConversionError, match="codebook_size=128"):
+        lc.convert_vae(ref.state_dict(), codebook_size=128)
