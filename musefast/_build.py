@@ -61,7 +61,9 @@ def _flags(with_cuda: bool, native: bool) -> tuple[list[str], list[str]]:
     # -fopenmp at compile time only: at::parallel_for is a header template built on OpenMP
     # pragmas; its GOMP_* symbols then resolve to the libgomp that torch itself loads, so
     # torch.set_num_threads governs our kernels too (no second OpenMP runtime).
-    cflags = ["-O3", "-std=c++17", "-ffp-contract=fast", "-fopenmp"]
+    # No -std here: torch's extension builder picks the standard its headers need (C++17 for
+    # torch 2.13, C++20 for 2.14+), and an explicit one would override it.
+    cflags = ["-O3", "-ffp-contract=fast", "-fopenmp"]
     if native:  # JIT builds run where they are compiled, so the host's vector units are fair game
         cflags.append("-march=native")
     cuda_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
