@@ -228,3 +228,25 @@ def test_lfq_vae_with_gan_keys_and_errors():
         lc.convert_vae(state)
     with pytest.raises(ConversionError, match="codebook_size=128"):
         lc.convert_vae(ref.state_dict(), codebook_size=128)
+
+
+def test_lucidrains_preset_reproduces_generate_at_zero_temperature():
+    """With temperature 0 the peer's sampler is deterministic (argmax at every step, confidence
+    1 − p without noise): the musefast ``lucidrains`` preset over the converted model must give
+    the same tokens, CFG included."""
+    from musefast.sampling import MaskGitSampler
+
+    vae = _vae(seed=12)
+    maskgit = peer.MaskGit(image_size=16, transformer=_transformer(seed=13), vae=vae).eval()
+    maskgit.vae.decode_from_ids = lambda ids: ids  # generate() then returns the token ids
+    text = _text(2, 5, seed=14)
+    maskgit.transformer.encode_text = lambda texts: text  # no T5: fixed embeddings
+    want = maskgit.generate(["a", "b"], fmap_size=4, temperature=0.0, timesteps=6, cond_scale=3.0)
+
+    ours = lc.convert_maskgit(maskgit)
+    cond = ours.prepare_context(text, lc.text_mask(text))
+    uncond = ours.prepare_context(text, lc.null_text_mask(text))
+    sampler = MaskGitSampler(lc.PRESET, num_steps=6, temperature=0.0, progress=False, backend="reference")
+    start = torch.full((2, 4, 4), ours.mask_token_id)
+    got = sampler(lambda t: (ours(t, context=cond), ours(t, context=uncond)), start, mask_token_id=ours.mask_token_id)
+    assert torch.equal(got, want)
