@@ -219,6 +219,28 @@ float guided_row(const T* lc, const T* lu, const Params& p, float* buf) {
   return m;
 }
 
+// Tokens with guided logit l < cut can never win the Gumbel-max of a row whose max logit gives
+// top = m / tau: their l / tau + G (G <= 16.64) stays below the max token's m / tau + G
+// (G >= -2.82). The cut is rounded down with slack for float rounding, so it never excludes
+// a possible winner; such tokens skip the noise, which changes no result.
+inline float skip_cut(double top, float inv_tau) {
+  // Near the float32 range, l / tau may round to +inf and tie with the max: no skipping there.
+  if (!(top < 0.5 * kFloatMax)) return -kInf;
+  const double cut = (top - kGumbelSpan - 2e-6 * std::fabs(top) - 1e-3) / inv_tau;
+  if (!(cut > -static_cast<double>(kFloatMax))) return -kInf;  // (also when tau is huge)
+  return std::nextafter(static_cast<float>(cut), -kInf);
+}
+
+inline bool any_lane(vi8 mask) {
+#ifdef __AVX__
+  return !_mm256_testz_si256(reinterpret_cast<__m256i>(mask), reinterpret_cast<__m256i>(mask));
+#else
+  for (int i = 0; i < 8; ++i)
+    if (mask[i]) return true;
+  return false;
+#endif
+}
+
 struct RowResult {
   int64_t token;
   float logprob;
@@ -239,10 +261,8 @@ RowResult sample_row(const float* buf, float m, int64_t Kpad, const Params& p, u
   const vi8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
   vf8 sum = splat(0.f), best = splat(-kInf);
   vi8 best_idx = vi8{};
-  // A token whose l / tau lies more than the Gumbel range below the row max's can never win
-  // the Gumbel-max (G is in [-2.82, 16.64]): tiles of such tokens skip the noise, which
-  // changes no result. With guided (g ~ 10) or trained-model logits most tiles qualify.
-  const double top = static_cast<double>(m) * p.inv_tau;
+  // With guided (g ~ 10) or trained-model logits most tokens are below the cut.
+  const vf8 vcut = splat(p.sample ? skip_cut(static_cast<double>(m) * p.inv_tau, p.inv_tau) : -kInf);
   for (int64_t t = 0; t < Kpad; t += kTile) {
     vf8 l[4];
 #pragma GCC unroll 4
@@ -251,16 +271,14 @@ RowResult sample_row(const float* buf, float m, int64_t Kpad, const Params& p, u
       sum += vexp_nonpositive(l[q] - vm);
     }
     if (p.sample) {
-      const vf8 m01 = l[0] > l[1] ? l[0] : l[1], m23 = l[2] > l[3] ? l[2] : l[3];
-      const vf8 m8 = m01 > m23 ? m01 : m23;
-      float tile_max = m8[0];
-      for (int i = 1; i < 8; ++i) tile_max = std::max(tile_max, m8[i]);
-      if (tile_max == -kInf) continue;
-      const double bound = static_cast<double>(tile_max) * p.inv_tau;
-      if (bound + kGumbelSpan + 1e-6 * (std::fabs(bound) + std::fabs(top)) < top) continue;
+      vi8 hopeful[4];
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) hopeful[q] = l[q] >= vcut;
+      if (!any_lane(hopeful[0] | hopeful[1] | hopeful[2] | hopeful[3])) continue;
       const TileBits bits = philox_tile(static_cast<uint32_t>(t / 4), n, b, c3, p.k0, p.k1);
 #pragma GCC unroll 4
       for (int q = 0; q < 4; ++q) {
+        if (!any_lane(hopeful[q])) continue;  // the logs of 8 tokens that cannot win
         vf8 v = l[q] * inv_tau + gumbel8(bits, q);
         v = (l[q] >= vthr) ? v : splat(-kInf);
         const vi8 better = v > best;  // strict: the earlier token of a lane wins ties
@@ -297,7 +315,9 @@ void remask_rows(const at::Tensor& logits, const at::Tensor* uncond, const Param
   const int64_t ub = uncond ? uncond->stride(0) : 0, un = uncond ? uncond->stride(1) : 0;
   const int64_t Kpad = (p.K + kTile - 1) / kTile * kTile;
   const uint32_t c3_choice = philox::counter_word3(philox::kStreamChoice, p.step);
-  const int64_t grain = std::max<int64_t>(1, 16384 / p.K);
+  // ~2^18 logits (a few hundred µs) per thread at least: below that, waking a second thread
+  // costs more than it saves, and far more on a busy machine.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / p.K);
   at::parallel_for(0, p.B * p.N, grain, [&](int64_t r0, int64_t r1) {
     std::vector<float> buf(Kpad), scratch;
     if (p.top_k > 0 && p.top_k < p.K) scratch.resize(p.K);
@@ -331,7 +351,7 @@ void remask_rows(const at::Tensor& logits, const at::Tensor* uncond, const Param
 // Per image: the clamp(num_to_mask, 0, #masked) lowest confidences stay masked (ties -> lowest n).
 void select_lowest(const float* confidence, const bool* masked, const int64_t* num_to_mask, int64_t B, int64_t N,
                    bool* masked_out) {
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(N, 1)), [&](int64_t b0, int64_t b1) {
     std::vector<std::pair<float, int64_t>> cand;
     for (int64_t b = b0; b < b1; ++b) {
       cand.clear();

@@ -33,7 +33,10 @@ def assert_step_matches(trace: ref.StepTrace, tokens: torch.Tensor, masked: torc
     assert tokens.dtype == torch.int64 and masked.dtype == torch.bool
     tol_v = 4e-6 * value_scale
     token_diff = tokens != trace.tokens
-    near_v = trace.margin <= tol_v
+    # Saturated values (inf, or max float32 that no addition moves) tie exactly on every
+    # backend: the lowest index wins, no rounding can differ. Other ties within tol_v are near-ties.
+    saturated = (trace.margin == 0) & (trace.best.abs() >= torch.finfo(torch.float32).max)
+    near_v = (trace.margin <= tol_v) & ~saturated
     assert not bool((token_diff & ~near_v).any()), (
         f"{int((token_diff & ~near_v).sum())} tokens differ away from near-ties "
         f"(first at {(token_diff & ~near_v).nonzero()[:5].tolist()})"

@@ -77,9 +77,9 @@ TRITON_CASES = [
 ]
 
 
-def _check_backend(backend, case, device="cpu"):
+def _check_backend(backend, case, device="cpu", scale=2.0):
     B, N, K, dtype, cfg, g, tau, ct, top_k, confidence = case
-    logits, uncond, tokens, masked, ntm = make_inputs(B, N, K, dtype, cfg=cfg, seed=B * N + K)
+    logits, uncond, tokens, masked, ntm = make_inputs(B, N, K, dtype, cfg=cfg, seed=B * N + K, scale=scale)
     kw = dict(tokens=tokens, masked=masked, num_to_mask=ntm, guidance_scale=g, temperature=tau,
               choice_temperature=ct, top_k=top_k, confidence=confidence, seed=2**63 + 12345, step=7)
     trace = reference_trace(logits, uncond, **kw)
@@ -101,6 +101,16 @@ def test_cpu_backend_matches_reference(case):
 @pytest.mark.parametrize("case", TRITON_CASES, ids=str)
 def test_triton_backend_matches_reference(case):
     counts = _check_backend("triton", case)
+    print("near-ties:", counts)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("scale,tau", [(2.0, 0.01), (2.0, 1e6), (1e30, 1.0), (1e-30, 1.0), (3e38, 0.5)])
+def test_extreme_temperatures_and_magnitudes(backend, scale, tau):
+    """The fast kernels skip the noise of tokens that cannot win (exact by construction):
+    check it at temperatures that skip almost all / nothing, and at extreme logit scales."""
+    case = (2, 17, 300, torch.float32, False, 1.0, tau, 1.0, None, "logprob")
+    counts = _check_backend(backend, case, scale=scale)
     print("near-ties:", counts)
 
 

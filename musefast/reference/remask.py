@@ -44,11 +44,12 @@ _CHUNK_ELEMENTS = 1 << 22  # rows × K per chunk: bounds the reference's memory
 class StepTrace:
     """Per-position internals of one step (tests use them to count near-ties).
 
-    All (B, N); entries at known positions are: sample = input token, margin = +inf,
+    All (B, N); entries at known positions are: sample = input token, best = 0, margin = +inf,
     logprob = 0, confidence = +inf.
     """
 
     sample: torch.Tensor  # int64: the sampled token
+    best: torch.Tensor  # float32: the best decision value (l / tau + G, or l when tau = 0)
     margin: torch.Tensor  # float32: best minus second-best decision value (+inf if only one)
     logprob: torch.Tensor  # float32: log softmax(l)[sample]
     confidence: torch.Tensor  # float32: c (+inf at known positions)
@@ -75,19 +76,20 @@ def topk_keep(l: torch.Tensor, top_k: int | None) -> torch.Tensor | None:
     return l >= threshold
 
 
-def _top2_margin(v: torch.Tensor) -> torch.Tensor:
+def _top2(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(best value, best minus second best) per row."""
     if v.shape[-1] < 2:
-        return torch.full(v.shape[:-1], float("inf"))
+        return v[:, 0], torch.full(v.shape[:-1], float("inf"), device=v.device)
     top2 = torch.topk(v, 2, dim=-1).values
     margin = top2[:, 0] - top2[:, 1]
     # equal infinities (or both -inf) are exact ties: margin 0
-    return torch.where(torch.isnan(margin), 0.0, margin)
+    return top2[:, 0], torch.where(torch.isnan(margin), 0.0, margin)
 
 
 def sample_rows(
     l: torch.Tensor, keep: torch.Tensor | None, temperature: float, gumbel: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 2 on (R, K) guided logits -> (sampled token (R,), decision margin (R,))."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 2 on (R, K) guided logits -> (sampled token, best decision value, its margin), (R,)."""
     if temperature == 0:
         v = l
     else:
@@ -95,7 +97,7 @@ def sample_rows(
         v = l * inv_tau + gumbel
         if keep is not None:
             v = torch.where(keep, v, float("-inf"))
-    return v.argmax(dim=-1), _top2_margin(v)
+    return (v.argmax(dim=-1), *_top2(v))
 
 
 def log_softmax_at(l: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -141,6 +143,7 @@ def step_trace(
     B, N, K = logits.shape
     device = logits.device
     sample = tokens.clone()
+    best = torch.zeros(B, N, device=device)
     margin = torch.full((B, N), float("inf"), device=device)
     logprob = torch.zeros(B, N, device=device)
     rows_b, rows_n = masked.nonzero(as_tuple=True)
@@ -149,12 +152,12 @@ def step_trace(
         b, n = rows_b[start : start + chunk], rows_n[start : start + chunk]
         l = guided_logits(logits[b, n], None if uncond_logits is None else uncond_logits[b, n], guidance_scale)
         gumbel = None if temperature == 0 else philox.sample_gumbel(seed, step, b, n, K).to(device)
-        x, mg = sample_rows(l, topk_keep(l, top_k), temperature, gumbel)
-        sample[b, n], margin[b, n], logprob[b, n] = x, mg, log_softmax_at(l, x)
+        x, best[b, n], margin[b, n] = sample_rows(l, topk_keep(l, top_k), temperature, gumbel)
+        sample[b, n], logprob[b, n] = x, log_softmax_at(l, x)
     if choice_temperature != 0 and choice_noise is None:
         choice_noise = philox.choice_gumbel(seed, step, B, N, device)
     conf, stay = remask_from_logprob(logprob, masked, num_to_mask, choice_temperature, choice_noise, confidence)
-    return StepTrace(sample, margin, logprob, conf, sample, stay)
+    return StepTrace(sample, best, margin, logprob, conf, sample, stay)
 
 
 def remask_from_logprob(
