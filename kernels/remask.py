@@ -54,10 +54,37 @@ def _philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
+def _log_positive(x):
+    """Natural log of positive normal float32 values: the polynomial of csrc/philox.h
+    (log_positive), accurate near 1 where -log(u) of a uniform close to 1 must keep its
+    relative precision; tl.log may lower to an approximate instruction on GPUs."""
+    bits = x.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 126  # x = m * 2^e, m in [0.5, 1)
+    m = ((bits & 0x007FFFFF) | 0x3F000000).to(tl.float32, bitcast=True)
+    small = m < 0.707106781186547524
+    e = tl.where(small, e - 1, e)
+    f = tl.where(small, (m + m) - 1.0, m - 1.0)
+    z = f * f
+    y = 7.0376836292e-2 * f - 1.1514610310e-1
+    y = y * f + 1.1676998740e-1
+    y = y * f - 1.2420140846e-1
+    y = y * f + 1.4249322787e-1
+    y = y * f - 1.6668057665e-1
+    y = y * f + 2.0000714765e-1
+    y = y * f - 2.4999993993e-1
+    y = y * f + 3.3333331174e-1
+    y = y * f * z
+    ef = e.to(tl.float32)
+    y = y - 2.12194440e-4 * ef
+    y = y - 0.5 * z
+    return f + y + 0.693359375 * ef
+
+
+@triton.jit
 def _gumbel(x):
     """uint32 words -> float32 Gumbel noise: u = ((x >> 9) * 2 + 1) * 2^-24, -log(-log(u))."""
     u = ((x >> 9) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08
-    return -tl.log(-tl.log(u))
+    return -_log_positive(-_log_positive(u))
 
 
 @triton.jit
