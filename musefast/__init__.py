@@ -1,7 +1,9 @@
 """musefast: fast, faithful inference for Muse-style masked generative image transformers."""
 from musefast import ops
 from musefast.doctor import doctor
+from musefast.compat.amused_accelerate import accelerate
 from musefast.pipelines import MusePipeline, generate, load
+from musefast.pipelines.amused import AmusedPipeline
 
 __version__ = "0.1.0"
-__all__ = ["ops", "doctor", "generate", "load", "MusePipeline", "__version__"]
+__all__ = ["ops", "doctor", "generate", "load", "MusePipeline", "AmusedPipeline", "accelerate", "__version__"]

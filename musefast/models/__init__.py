@@ -1,4 +1,4 @@
-"""Models: the VQGAN tokenizer, text encoders, and the component save/load format."""
+"""Models: the VQGAN tokenizer, text encoders, aMUSEd's UVit2D, and the component save/load format."""
 from musefast.models.serialization import load_component, register_component, save_component
 from musefast.models.text import (
     CLIPTextEncoder,
@@ -9,7 +9,9 @@ from musefast.models.text import (
     as_text_embeddings,
     load_text_encoder,
 )
+from musefast.models.uvit import UVit2D, UVit2DConfig
 from musefast.models.vqgan import VQGAN, VQGANConfig
+from musefast.models.vqmodel import load_vqmodel
 
 __all__ = [
     "CLIPTextEncoder",
@@ -17,10 +19,13 @@ __all__ = [
     "TextEmbeddings",
     "TextEncoder",
     "TextProjection",
+    "UVit2D",
+    "UVit2DConfig",
     "VQGAN",
     "VQGANConfig",
     "as_text_embeddings",
     "load_text_encoder",
+    "load_vqmodel",
     "load_component",
     "register_component",
     "save_component",

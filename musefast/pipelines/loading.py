@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
+from musefast.pipelines.amused import AMUSED_CLASSES, AmusedPipeline
 from musefast.pipelines.muse import PIPELINE_INDEX, MusePipeline
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-PIPELINE_CLASSES = {"MusePipeline": MusePipeline}
+PIPELINE_CLASSES = {"MusePipeline": MusePipeline, **{name: AmusedPipeline for name in AMUSED_CLASSES}}
 
 
 def load(name_or_path: str | os.PathLike = "demo", *, device: str | torch.device | None = None,
@@ -19,8 +20,9 @@ def load(name_or_path: str | os.PathLike = "demo", *, device: str | torch.device
     """Load a pipeline.
 
     ``name_or_path``: ``"demo"`` (the model embedded in the package); a local folder in
-    musefast format (``model_index.json`` written by ``save_pretrained``); or a hub id
-    (``owner/name``), downloaded with huggingface_hub — only when you name one.
+    musefast format (``model_index.json`` written by ``save_pretrained``) or in diffusers'
+    aMUSEd layout (an :class:`AmusedPipeline`); or a hub id (``owner/name``), downloaded with
+    huggingface_hub — only when you name one.
     """
     if str(name_or_path) == "demo":
         from musefast.pipelines import demo
@@ -65,5 +67,5 @@ def generate(prompt, *, model="demo", device=None, dtype=None, **kw):
     ``model`` may also be an already loaded pipeline. Returns a list of PIL images unless
     ``output_type`` says otherwise.
     """
-    pipe = model if isinstance(model, MusePipeline) else load(model, device=device, dtype=dtype)
+    pipe = model if isinstance(model, (MusePipeline, AmusedPipeline)) else load(model, device=device, dtype=dtype)
     return pipe(prompt, **kw)

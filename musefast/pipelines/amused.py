@@ -1,0 +1,606 @@
+"""``AmusedPipeline``: aMUSEd (``amused/amused-256``, ``amused/amused-512``) on musefast.
+
+Loads a diffusers aMUSEd folder (``model_index.json``, ``transformer/``, ``vqvae/``,
+``text_encoder/``, ``tokenizer/``, ``scheduler/``) and takes the call arguments of diffusers'
+``AmusedPipeline`` (text to image), ``AmusedImg2ImgPipeline`` (``image=``, ``strength=``) and
+``AmusedInpaintPipeline`` (``image=``, ``mask_image=``), with their defaults: 12 steps,
+guidance 10, choice temperature (2, 0), micro-conditioning (width, height, crop, aesthetic
+score 6), negative prompts, a ``generator``, ``output_type``.
+
+Two samplers:
+
+* ``"fused"`` (default): :class:`musefast.sampling.MaskGitSampler` with the ``amused`` preset —
+  one fused ``cfg_sample_remask`` per step; the same distribution as diffusers, not the same
+  draws (a Philox seed: ``seed=``, or one drawn from ``generator``).
+* ``"compat"``: :class:`musefast.compat.amused_scheduler.AmusedCompatSampler`, which consumes
+  the ``generator`` exactly as diffusers does: the same seed gives the same tokens.
+  ``seed=s`` means ``generator=torch.Generator("cpu").manual_seed(s)``.
+
+Either way the text K/V and the modulations of every layer are computed once per call
+(:meth:`UVit2D.prepare_context`), both CFG branches run in one batched forward, and the VQ
+decodes in float32. Batch order follows diffusers: with several prompts and
+``num_images_per_prompt`` > 1 the batch is the prompts repeated as a whole
+(p0, p1, p0, p1, ...).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from musefast.compat.amused_scheduler import (
+    MASKING_SCHEDULES,
+    AmusedCompatSampler,
+    choice_temperatures,
+    seed_from_generator,
+)
+from musefast.models.text import CLIPTextEncoder, TextEmbeddings
+from musefast.models.uvit import UVit2D
+from musefast.models.vqgan import VQGAN
+from musefast.models.vqmodel import load_vqmodel
+from musefast.pipelines.images import format_output, to_mask, to_tensor, token_mask
+from musefast.sampling import MaskGitSampler, mask_ratio
+
+PIPELINE_INDEX = "model_index.json"
+AMUSED_CLASSES = ("AmusedPipeline", "AmusedImg2ImgPipeline", "AmusedInpaintPipeline")
+SAMPLERS = ("fused", "compat")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent", "tokens")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class AmusedPipelineOutput:
+    """diffusers' ``ImagePipelineOutput``: ``images`` (list of PIL, numpy, tensor or tokens)."""
+
+    images: object
+
+
+class ImageList(list):
+    """A list of PIL images that also answers ``.images`` (diffusers' ``pipe(...).images``)."""
+
+    @property
+    def images(self) -> "ImageList":
+        return self
+
+
+class AmusedPipeline:
+    """aMUSEd text-to-image, image-to-image and inpainting.
+
+    Args:
+        vqvae: the VQ tokenizer (:func:`musefast.models.vqmodel.load_vqmodel`), kept in float32.
+        text_encoder: a :class:`CLIPTextEncoder` (penultimate hidden states + projected pooled
+            embedding), or None if you always pass prompt embeddings.
+        transformer: the :class:`UVit2D`.
+        mask_token_id: the [MASK] id (default: the transformer's ``vocab_size − 1``).
+        masking_schedule: the scheduler's schedule for text-to-image and image-to-image
+            (inpainting always uses ``"linear"``, as diffusers' inpaint pipeline).
+        sampler: default sampler, ``"fused"`` or ``"compat"``.
+    """
+
+    def __init__(self, vqvae: VQGAN, text_encoder: CLIPTextEncoder | None, transformer: UVit2D, *,
+                 mask_token_id: int | None = None, masking_schedule: str = "cosine", sampler: str = "fused"):
+        cfg = transformer.config
+        if vqvae.config.codebook_size != cfg.codebook_size:
+            raise ValueError(f"vqvae codebook ({vqvae.config.codebook_size}) != transformer codebook_size "
+                             f"({cfg.codebook_size})")
+        if text_encoder is not None:
+            if text_encoder.hidden_size != cfg.encoder_hidden_size:
+                raise ValueError(f"text encoder width {text_encoder.hidden_size} != transformer encoder_hidden_size "
+                                 f"{cfg.encoder_hidden_size}")
+            if text_encoder.pooled_size != cfg.cond_embed_dim:
+                raise ValueError(f"text encoder projection {text_encoder.pooled_size} != transformer cond_embed_dim "
+                                 f"{cfg.cond_embed_dim}")
+        self.vqvae, self.text_encoder, self.transformer = vqvae.float().eval(), text_encoder, transformer.eval()
+        self.mask_token_id = cfg.mask_token_id if mask_token_id is None else int(mask_token_id)
+        if not cfg.codebook_size <= self.mask_token_id < cfg.vocab_size:
+            raise ValueError(f"mask_token_id {self.mask_token_id} must lie in [codebook_size, vocab_size) = "
+                             f"[{cfg.codebook_size}, {cfg.vocab_size})")
+        if masking_schedule not in MASKING_SCHEDULES:
+            raise ValueError(f"masking_schedule must be one of {MASKING_SCHEDULES}, got {masking_schedule!r}")
+        self.masking_schedule = masking_schedule
+        self.sampler = _check_sampler(sampler)
+
+    # -- loading -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, folder_or_hub_id: str | os.PathLike, *, variant: str | None = None,
+                        device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                        sampler: str = "fused", backend: str | None = None,
+                        local_files_only: bool = False) -> "AmusedPipeline":
+        """Load a diffusers aMUSEd folder, or a hub id (``amused/amused-256``) — downloaded with
+        huggingface_hub only when it is not a local folder.
+
+        Args:
+            variant: weight variant (``"fp16"``): its files are used where present (only
+                they are downloaded for a hub id).
+            device, dtype: where to run and the transformer's / text encoder's dtype (default:
+                the files' dtype). The VQ is always float32.
+            sampler: default sampler (``"fused"`` or ``"compat"``).
+            backend: attention backend of the transformer (None = best available).
+        """
+        folder = _resolve(folder_or_hub_id, variant, local_files_only)
+        index_file = folder / PIPELINE_INDEX
+        if not index_file.is_file():
+            raise FileNotFoundError(f"{index_file} not found: {folder} is not a diffusers pipeline folder")
+        index = json.loads(index_file.read_text())
+        if index.get("_class_name") not in AMUSED_CLASSES:
+            raise ValueError(f"{index_file}: _class_name={index.get('_class_name')!r} is not an aMUSEd pipeline "
+                             f"({', '.join(AMUSED_CLASSES)})")
+        for sub in ("transformer", "vqvae", "text_encoder", "tokenizer", "scheduler"):
+            if not (folder / sub).is_dir():
+                raise FileNotFoundError(f"aMUSEd folder {folder} has no {sub}/ sub-folder")
+        transformer = UVit2D.from_pretrained(folder / "transformer", variant=_present(variant, folder / "transformer"),
+                                             device=device, dtype=dtype, backend=backend)
+        vqvae = load_vqmodel(folder / "vqvae", variant=_present(variant, folder / "vqvae"), device=device)
+        text_encoder = _load_clip(folder, variant, device, dtype)
+        scheduler_file = folder / "scheduler" / "scheduler_config.json"
+        if not scheduler_file.is_file():
+            raise FileNotFoundError(f"{scheduler_file} not found")
+        scheduler = json.loads(scheduler_file.read_text())
+        return cls(vqvae, text_encoder, transformer, mask_token_id=scheduler.get("mask_token_id"),
+                   masking_schedule=scheduler.get("masking_schedule", "cosine"), sampler=sampler)
+
+    def to(self, device=None, dtype=None) -> "AmusedPipeline":
+        """Move every component to ``device``; ``dtype`` applies to the transformer and the text
+        encoder (the VQ stays float32)."""
+        self.transformer.to(device=device, dtype=dtype)
+        if self.text_encoder is not None:
+            self.text_encoder.to(device=device, dtype=dtype)
+        self.vqvae.to(device=device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vqvae.downsampling_factor
+
+    @property
+    def image_size(self) -> int:
+        """Default pixels per side: the transformer's ``sample_size`` × the VQ factor."""
+        return self.transformer.config.sample_size * self.vae_scale_factor
+
+    # -- text ------------------------------------------------------------------------------
+
+    def _text_encoder(self) -> CLIPTextEncoder:
+        if self.text_encoder is None:
+            raise ValueError("this pipeline has no text encoder: pass prompt_embeds and encoder_hidden_states")
+        return self.text_encoder
+
+    def encode_prompt(self, prompt=None, negative_prompt=None, *, prompt_embeds=None, encoder_hidden_states=None,
+                      negative_prompt_embeds=None, negative_encoder_hidden_states=None, num_images_per_prompt=1,
+                      use_cfg=True, exact_batching=False) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """-> (pooled (M, P), hidden (M, L, E), batch B): the transformer batch M = 2B with CFG
+        (negatives first, as diffusers) else B; B = prompts × num_images_per_prompt, the prompts
+        repeated as a whole. ``exact_batching``: encode the negatives as diffusers does (one
+        batch of len(prompt) entries) rather than through the prompt cache."""
+        pooled, hidden = _embeddings(prompt_embeds, encoder_hidden_states, "prompt_embeds", "encoder_hidden_states")
+        if pooled is None:
+            if prompt is None:
+                raise ValueError("pass prompt, or prompt_embeds and encoder_hidden_states")
+            emb = self._text_encoder().encode(_as_list(prompt, "prompt"))
+            pooled, hidden = emb.pooled, emb.hidden
+        elif prompt is not None:
+            raise ValueError("pass only one of prompt and prompt_embeds")
+        n = pooled.shape[0]
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
+        pooled, hidden = pooled.repeat(num_images_per_prompt, 1), hidden.repeat(num_images_per_prompt, 1, 1)
+        if use_cfg:
+            neg_pooled, neg_hidden = _embeddings(negative_prompt_embeds, negative_encoder_hidden_states,
+                                                 "negative_prompt_embeds", "negative_encoder_hidden_states")
+            if neg_pooled is None:
+                negatives = [""] * n if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
+                if len(negatives) == 1 and n > 1:
+                    negatives = negatives * n
+                if len(negatives) != n:
+                    raise ValueError(f"negative_prompt has {len(negatives)} entries for {n} prompts")
+                encoder = self._text_encoder()
+                emb = encoder.encode(negatives) if exact_batching else encoder.encode_cached(negatives)
+                neg_pooled, neg_hidden = emb.pooled, emb.hidden
+            if neg_pooled.shape[0] == 1 and n > 1:
+                neg_pooled, neg_hidden = neg_pooled.expand(n, -1), neg_hidden.expand(n, -1, -1)
+            if neg_pooled.shape[0] != n or neg_hidden.shape[1:] != hidden.shape[1:]:
+                raise ValueError(f"negative embeddings {tuple(neg_hidden.shape)} do not match the prompts' "
+                                 f"{(n,) + tuple(hidden.shape[1:])}")
+            neg_pooled = neg_pooled.repeat(num_images_per_prompt, 1)
+            neg_hidden = neg_hidden.repeat(num_images_per_prompt, 1, 1)
+            pooled, hidden = torch.cat([neg_pooled, pooled]), torch.cat([neg_hidden, hidden])
+        return pooled.to(self.device), hidden.to(self.device), n * num_images_per_prompt
+
+    # -- images <-> tokens -----------------------------------------------------------------
+
+    def preprocess(self, image) -> torch.Tensor:
+        """Image(s) -> float (B, 3, H, W) in [0, 1] on the pipeline's device, H and W rounded
+        down to multiples of the VQ factor as diffusers' image processor does (PIL: Lanczos
+        resize; arrays and tensors: nearest)."""
+        f = self.vae_scale_factor
+        images = image if isinstance(image, (list, tuple)) else [image]
+        if images and all(isinstance(im, Image.Image) for im in images):
+            w, h = (x - x % f for x in images[0].size)
+            images = [im.resize((w, h), resample=Image.Resampling.LANCZOS) for im in images]
+            return to_tensor(images, name="image").to(self.device)
+        t = to_tensor(image, name="image")
+        h, w = (x - x % f for x in t.shape[-2:])
+        if (h, w) != tuple(t.shape[-2:]):
+            t = F.interpolate(t, size=(h, w))
+        return t.to(self.device)
+
+    @torch.no_grad()
+    def encode(self, image) -> torch.Tensor:
+        """Image(s) -> tokens (B, h, w) int64."""
+        return self.vqvae.encode(self.preprocess(image).to(self.vqvae.device))
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, h, w) -> images (B, 3, H, W) float32 in [0, 1] (decoded in float32)."""
+        return self.vqvae.decode(tokens.to(self.vqvae.device))
+
+    # -- generation ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt=None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float = 10.0,
+        negative_prompt=None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds=None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_encoder_hidden_states: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool | None = None,
+        callback=None,
+        callback_steps: int = 1,
+        cross_attention_kwargs: dict | None = None,
+        micro_conditioning_aesthetic_score: float = 6,
+        micro_conditioning_crop_coord: tuple[int, int] = (0, 0),
+        temperature=(2, 0),
+        *,
+        image=None,
+        mask_image=None,
+        strength: float | None = None,
+        seed: int | None = None,
+        sampler: str | None = None,
+        guidance_schedule: str = "constant",
+        num_steps: int | None = None,
+        backend: str | None = None,
+        progress: bool = True,
+    ):
+        """Generate. Text-to-image by default; ``image=`` gives image-to-image (``strength``
+        default 0.5: the last ``int(T · strength)`` steps run); ``image=`` + ``mask_image=``
+        gives inpainting (white = repaint; ``strength`` default 1.0; the mask is resized to the
+        token grid and thresholded at 0.5, as diffusers — see :meth:`inpaint` for musefast's
+        any-pixel rule).
+
+        Arguments are diffusers', plus: ``seed`` (instead of a generator), ``sampler``
+        (``"fused"`` / ``"compat"``; default: the pipeline's), ``guidance_schedule`` (fused
+        only: ``constant``, ``linear``, ``cosine``), ``num_steps`` (= num_inference_steps,
+        default 12), ``backend`` (of the fused step), ``progress``. ``output_type``: ``"pil"``,
+        ``"np"``, ``"pt"``, or ``"latent"`` / ``"tokens"`` (the token grid). Returns the images
+        — for ``"pil"`` a list that also answers ``.images`` — or diffusers' output object with
+        ``return_dict=True``, a 1-tuple with ``return_dict=False``.
+        """
+        if cross_attention_kwargs:
+            raise ValueError("cross_attention_kwargs (LoRA scales, attention processors) are not supported")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        sampler = _check_sampler(self.sampler if sampler is None else sampler)
+        if sampler == "compat" and guidance_schedule != "constant":
+            raise ValueError("the compat sampler follows diffusers: guidance_schedule must be 'constant'")
+        if mask_image is not None and image is None:
+            raise ValueError("mask_image needs image=")
+        if image is None and strength is not None:
+            raise ValueError("strength applies to image-to-image and inpainting: pass image=")
+        if image is not None and (latents is not None or height is not None or width is not None):
+            raise ValueError("with image=, the size comes from the image: do not pass latents, height or width")
+        steps = _steps(num_inference_steps, num_steps)
+        use_cfg = guidance_scale > 1.0  # diffusers: no guidance at all for g <= 1
+        pooled, hidden, B = self.encode_prompt(
+            prompt, negative_prompt, prompt_embeds=prompt_embeds, encoder_hidden_states=encoder_hidden_states,
+            negative_prompt_embeds=negative_prompt_embeds,
+            negative_encoder_hidden_states=negative_encoder_hidden_states,
+            num_images_per_prompt=num_images_per_prompt, use_cfg=use_cfg, exact_batching=sampler == "compat")
+        compat = AmusedCompatSampler(steps, mask_token_id=self.mask_token_id, temperature=temperature,
+                                     masking_schedule="linear" if mask_image is not None else self.masking_schedule,
+                                     device=self.device) if sampler == "compat" else None
+        if sampler == "fused":
+            seed = _resolve_seed(seed, generator)
+        elif seed is not None:
+            if generator is not None:
+                raise ValueError("pass seed or generator, not both")
+            generator = torch.Generator().manual_seed(seed)
+
+        start, ratio = 0, None
+        if image is None:
+            f = self.vae_scale_factor
+            height = self.image_size if height is None else height
+            width = self.image_size if width is None else width
+            grid = (height // f, width // f)
+            if latents is None:
+                tokens = torch.full((B, *grid), self.mask_token_id, dtype=torch.long, device=self.device)
+            else:
+                tokens = _check_latents(latents, (B, *grid), self.device)
+        else:
+            pixels = self.preprocess(image)
+            height, width = pixels.shape[-2:]
+            tokens = self.vqvae.encode(pixels.to(self.vqvae.device)).to(self.device)
+            strength = (1.0 if mask_image is not None else 0.5) if strength is None else strength
+            if not 0 < strength <= 1:
+                raise ValueError(f"strength must lie in (0, 1], got {strength!r}")
+            start = steps - int(steps * strength)
+            if start == steps:
+                raise ValueError(f"strength={strength} runs int({steps} x {strength}) = 0 of the {steps} steps: "
+                                 "raise strength or num_inference_steps")
+            if mask_image is None:
+                tokens = (compat.add_noise(tokens, start, generator) if compat
+                          else self._fused_noise(tokens, start, steps, seed))
+            else:
+                masked = self._token_mask(mask_image, tokens.shape)
+                tokens = tokens.masked_fill(masked, self.mask_token_id)
+                ratio = masked.sum() / tokens.numel()
+            tokens = _match_batch(tokens, B // num_images_per_prompt).repeat(num_images_per_prompt, 1, 1)
+
+        micro = torch.tensor([width, height, *micro_conditioning_crop_coord, micro_conditioning_aesthetic_score],
+                             device=self.device, dtype=hidden.dtype)
+        context = self.transformer.prepare_context(hidden, pooled, micro)
+
+        def logits_of(model_in: torch.Tensor):
+            """(B, h, w) -> guided (B, h·w, K) logits (compat) or (cond, uncond) (fused)."""
+            out = self.transformer(torch.cat([model_in, model_in]) if use_cfg else model_in, context=context)
+            out = out.reshape(out.shape[0], -1, out.shape[-1])
+            if not use_cfg:
+                return out
+            uncond, cond = out.chunk(2)
+            return uncond + guidance_scale * (cond - uncond) if compat else (cond, uncond)
+
+        if compat is not None:
+            tokens = self._run_compat(compat, logits_of, tokens, start, ratio, generator, callback, callback_steps,
+                                      progress)
+        else:
+            tokens = self._run_fused(logits_of, tokens, steps, start, ratio, use_cfg, guidance_scale,
+                                     guidance_schedule, temperature, mask_image is not None, seed, backend, callback,
+                                     callback_steps, progress)
+        return self._output(tokens, output_type, return_dict)
+
+    def inpaint(self, image, mask, prompt=None, **kwargs):
+        """musefast's inpainting rule (DESIGN §3): a token is repainted if any pixel of its patch
+        is white (nonzero) in ``mask``; every other token of ``encode(image)`` is kept exactly.
+        Other arguments as :meth:`__call__`."""
+        if "mask_image" in kwargs:
+            raise TypeError("inpaint() takes the mask as its second argument, not mask_image=")
+        return self(prompt, image=image, mask_image=_AnyPixelMask(mask), **kwargs)
+
+    # -- pieces ----------------------------------------------------------------------------
+
+    def _token_mask(self, mask_image, shape) -> torch.Tensor:
+        """bool (B, h, w) tokens to repaint."""
+        B, h, w = shape
+        if isinstance(mask_image, _AnyPixelMask):
+            pixels = to_mask(mask_image.mask)
+            f = self.vae_scale_factor
+            if tuple(pixels.shape[-2:]) != (h * f, w * f):
+                raise ValueError(f"mask size {tuple(pixels.shape[-2:])} must equal the image size {(h * f, w * f)}")
+            masked = token_mask(pixels, f)
+        else:
+            masked = diffusers_token_mask(mask_image, h, w)
+        if masked.shape[0] not in (1, B):
+            raise ValueError(f"mask batch {masked.shape[0]} must be 1 or the image batch {B}")
+        return masked.expand(B, h, w).to(self.device)
+
+    def _fused_noise(self, tokens: torch.Tensor, start: int, steps: int, seed: int) -> torch.Tensor:
+        """Image-to-image start of the fused sampler: each token is masked with probability
+        γ(start / T) — the state the schedule reaches before step ``start`` (1 at start 0) —
+        drawn from a CPU generator seeded with ``seed``."""
+        ratio = mask_ratio(self.masking_schedule, start / steps)
+        chosen = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(seed)) < ratio
+        return tokens.masked_fill(chosen.to(tokens.device), self.mask_token_id)
+
+    def _run_compat(self, compat: AmusedCompatSampler, logits_of, tokens, start, ratio, generator, callback,
+                    callback_steps, progress) -> torch.Tensor:
+        for i in _progress(range(start, len(compat.timesteps)), progress):
+            tokens = compat.step(logits_of(tokens), i, tokens, starting_mask_ratio=1.0 if ratio is None else ratio,
+                                 generator=generator)
+            if callback is not None and i % callback_steps == 0:
+                callback(i, compat.timesteps[i], tokens)
+        return tokens
+
+    def _run_fused(self, logits_of, tokens, steps, start, ratio, use_cfg, guidance_scale, guidance_schedule,
+                   temperature, inpaint, seed, backend, callback, callback_steps, progress) -> torch.Tensor:
+        temps = choice_temperatures(steps, temperature)
+        sampler = MaskGitSampler(
+            "amused", backend=backend, progress=progress, num_steps=steps,
+            guidance_scale=float(guidance_scale) if use_cfg else 1.0, guidance_schedule=guidance_schedule,
+            choice_temperature=(float(temps[0]), float(temps[-1])),
+            mask_schedule="linear" if inpaint else self.masking_schedule,
+        )
+
+        def report(step, now, masked):
+            if step % callback_steps == 0:
+                callback(step, steps - 1 - step, now.masked_fill(masked, self.mask_token_id))
+
+        return sampler(logits_of, tokens, mask_token_id=self.mask_token_id, seed=seed, start_step=start,
+                       starting_mask_ratio=1.0 if ratio is None else ratio,
+                       callback=None if callback is None else report)
+
+    def _output(self, tokens: torch.Tensor, output_type: str, return_dict: bool | None):
+        if output_type in ("latent", "tokens"):
+            images = tokens
+        else:
+            images = format_output(self.decode(tokens), output_type)
+            if output_type == "pil":
+                images = ImageList(images)
+        if return_dict is None:
+            return images
+        return AmusedPipelineOutput(images) if return_dict else (images,)
+
+
+class _AnyPixelMask:
+    """A pixel mask under musefast's rule (any white pixel repaints its token): see ``inpaint``."""
+
+    def __init__(self, mask):
+        self.mask = mask
+
+
+def diffusers_token_mask(mask_image, height: int, width: int) -> torch.Tensor:
+    """diffusers' aMUSEd inpainting mask at token resolution -> bool (B, height, width):
+    resize the mask to the token grid (PIL: Lanczos then grayscale; arrays and tensors:
+    nearest) and keep the values >= 0.5."""
+    images = mask_image if isinstance(mask_image, (list, tuple)) else [mask_image]
+    if images and all(isinstance(im, Image.Image) for im in images):
+        arr = np.stack([np.asarray(im.resize((width, height), resample=Image.Resampling.LANCZOS).convert("L"),
+                                   dtype=np.float32) / 255.0 for im in images])
+        return torch.from_numpy(arr) >= 0.5
+    parts = []
+    for m in images:
+        if isinstance(m, np.ndarray):
+            a = m[None] if m.ndim == 3 and m.shape[-1] == 1 else m[..., None] if m.ndim == 3 else m
+            a = a[None, ..., None] if a.ndim == 2 else a
+            t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).permute(0, 3, 1, 2)
+        elif isinstance(m, torch.Tensor):
+            t = m[None, None] if m.dim() == 2 else m[:, None] if m.dim() == 3 else m
+            t = t.float()
+        else:
+            raise TypeError(f"mask_image must be PIL images, numpy arrays or tensors, got {type(m).__name__}")
+        if t.dim() != 4 or t.shape[1] != 1:
+            raise ValueError(f"mask_image must have one channel: (H, W), (B, H, W) or (B, 1, H, W), got "
+                             f"{tuple(m.shape)}")
+        parts.append(t)
+    return F.interpolate(torch.cat(parts).cpu(), size=(height, width))[:, 0] >= 0.5
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _check_sampler(sampler: str) -> str:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    return sampler
+
+
+def _steps(num_inference_steps, num_steps) -> int:
+    if num_inference_steps is not None and num_steps is not None and num_inference_steps != num_steps:
+        raise ValueError(f"num_inference_steps={num_inference_steps} and num_steps={num_steps} disagree")
+    steps = num_inference_steps if num_inference_steps is not None else num_steps if num_steps is not None else 12
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"num_inference_steps must be an int >= 1, got {steps!r}")
+    return steps
+
+
+def _resolve_seed(seed, generator) -> int:
+    """The fused sampler's Philox seed: ``seed``, else one drawn from ``generator`` (or from
+    torch's global RNG, so torch.manual_seed governs it too)."""
+    if seed is None:
+        return seed_from_generator(generator)
+    if generator is not None:
+        raise ValueError("pass seed or generator, not both")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+    return seed
+
+
+def _as_list(value, name: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise TypeError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
+
+
+def _embeddings(pooled, hidden, pooled_name: str, hidden_name: str):
+    """(pooled (B, P), hidden (B, L, E)) from diffusers' pair of arguments or a TextEmbeddings."""
+    if isinstance(pooled, TextEmbeddings):
+        if hidden is not None:
+            raise ValueError(f"{pooled_name} is a TextEmbeddings: do not also pass {hidden_name}")
+        if pooled.pooled is None:
+            raise ValueError(f"{pooled_name} has no pooled vector; aMUSEd needs CLIP's projected text_embeds")
+        return pooled.pooled, pooled.hidden
+    if pooled is None and hidden is None:
+        return None, None
+    if pooled is None or hidden is None:
+        raise ValueError(f"pass either both {pooled_name} and {hidden_name} or neither")
+    if pooled.dim() != 2 or hidden.dim() != 3 or pooled.shape[0] != hidden.shape[0]:
+        raise ValueError(f"{pooled_name} must be (B, P) and {hidden_name} (B, L, E) with one B, got "
+                         f"{tuple(pooled.shape)} and {tuple(hidden.shape)}")
+    return pooled, hidden
+
+
+def _check_latents(latents, shape, device) -> torch.Tensor:
+    if not isinstance(latents, torch.Tensor) or latents.dtype != torch.int64:
+        raise TypeError("latents must be an int64 tensor of token ids (B, h, w)")
+    if tuple(latents.shape) != tuple(shape):
+        raise ValueError(f"latents must have shape {tuple(shape)}, got {tuple(latents.shape)}")
+    return latents.to(device)
+
+
+def _match_batch(tokens: torch.Tensor, n: int) -> torch.Tensor:
+    """Image tokens (Bi, h, w) for n prompts: Bi must be n, or 1 (shared by every prompt)."""
+    if tokens.shape[0] == n:
+        return tokens
+    if tokens.shape[0] == 1:
+        return tokens.expand(n, -1, -1).clone()
+    raise ValueError(f"{tokens.shape[0]} images for {n} prompts: pass one image per prompt, or one image")
+
+
+def _progress(steps, enabled: bool):
+    if not enabled:
+        return steps
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, desc="aMUSEd decoding", leave=False)
+
+
+def _resolve(folder_or_hub_id, variant: str | None, local_files_only: bool) -> Path:
+    path = Path(folder_or_hub_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or not _HUB_ID.match(str(folder_or_hub_id)):
+        raise FileNotFoundError(f"{folder_or_hub_id!r} is neither a local folder nor a hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    ignore = ["*.bin", "*.ckpt", "*.msgpack", "*.onnx", "*.h5"]
+    # full-precision files are <stem>.safetensors, variants <stem>.<variant>.safetensors
+    ignore += ["*model.safetensors"] if variant else ["*.*.safetensors"]
+    return Path(snapshot_download(str(folder_or_hub_id), ignore_patterns=ignore, local_files_only=local_files_only))
+
+
+def _present(variant: str | None, folder: Path) -> str | None:
+    """``variant`` if ``folder`` has files of it, else None (then the full-precision files)."""
+    return variant if variant and any(folder.glob(f"*.{variant}.safetensors*")) else None
+
+
+def _load_clip(folder: Path, variant: str | None, device, dtype) -> CLIPTextEncoder:
+    """CLIP text encoder + tokenizer of an aMUSEd folder, preferring the weight ``variant``."""
+    te = folder / "text_encoder"
+    variants = sorted(p.name.split(".")[1] for p in te.glob("model.*.safetensors") if p.name.count(".") == 2)
+    full = any((te / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"))
+    use = variant if variant in variants else (variants[0] if not full and len(variants) == 1 else None)
+    if use is None:
+        return CLIPTextEncoder.from_pretrained(folder, subfolder="text_encoder", tokenizer_subfolder="tokenizer",
+                                               device=device, dtype=dtype)
+    import transformers
+
+    model = transformers.CLIPTextModelWithProjection.from_pretrained(
+        te, variant=use, local_files_only=True, **({"dtype": dtype} if dtype is not None else {}))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    encoder = CLIPTextEncoder(model, tokenizer)
+    return encoder.to(device) if device is not None else encoder
