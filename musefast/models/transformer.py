@@ -5,6 +5,10 @@ embedding, ``depth`` pre-norm blocks of self-attention, cross-attention to the p
 text, and an MLP; final norm; a head over the codebook (the [MASK] id is never predicted).
 Class-conditional mode (``num_classes`` set, ``text_dim`` None): a class token is prepended
 to the sequence instead of cross-attention (id ``num_classes`` is the null class for CFG).
+Optional config fields reproduce other ports (defaults keep the layout above): l2 q/k norm,
+null K/V, MLP inner norm (lucidrains); NormFormer post-attention norms, a LayerNorm before the
+MLP in rmsnorm models, projected+normed or unprojected text, no final norm and a BERT-style
+MLM head (open-muse's MaskGitTransformer).
 
 ``SuperResTransformer``: the low-res tokens pass through a transformer encoder; its output,
 concatenated with the projected text, is the cross-attention memory of a high-res
@@ -24,6 +28,9 @@ from torch import nn
 from musefast.nn.attention import Attention, CrossAttention, CrossAttentionKV
 from musefast.nn.feedforward import FeedForward, make_norm
 from musefast.models.serialization import register_component
+
+
+TEXT_PROJ_KINDS = ("linear", "linear_norm", "none")
 
 
 @dataclass
@@ -48,6 +55,12 @@ class MuseTransformerConfig:
     null_kv: bool = False  # learned null key/value prepended in every attention
     mlp_hidden_dim: int | None = None  # overrides int(dim * mlp_ratio)
     mlp_inner_norm: bool = False  # a norm on the MLP hidden activations (before proj_out)
+    post_norm: bool = False  # NormFormer: a norm on each attention output before the residual add
+    mlp_norm: str | None = None  # kind of the norm before the MLP (None = ``norm``)
+    text_proj: str = "linear"  # "linear", "linear_norm" (Linear then norm) or "none" (K/V read text_dim)
+    final_norm: bool = True  # False: no norm before the head
+    head_mlp: bool = False  # BERT-style MLM head: Linear(dim, dim) -> GELU -> [norm] -> head
+    head_mlp_norm: bool = True  # the norm inside ``head_mlp``
 
     def __post_init__(self):
         if (self.text_dim is None) == (self.num_classes is None):
@@ -55,6 +68,8 @@ class MuseTransformerConfig:
         for name in ("codebook_size", "grid_size", "dim", "depth", "num_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.text_proj not in TEXT_PROJ_KINDS:
+            raise ValueError(f"text_proj must be one of {TEXT_PROJ_KINDS}, got {self.text_proj!r}")
 
     @property
     def mask_token_id(self) -> int:
@@ -66,25 +81,32 @@ class MuseTransformerConfig:
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: x += SelfAttn(norm(x)); [x += CrossAttn(norm(x), memory)]; x += MLP(norm(x))."""
+    """Pre-norm block: x += SelfAttn(norm(x)); [x += CrossAttn(norm(x), memory)]; x += MLP(norm(x)).
+    With ``post_norm`` (NormFormer) each attention output is normed before its residual add."""
 
     def __init__(self, cfg: MuseTransformerConfig, *, cross: bool):
         super().__init__()
         kw = dict(head_dim=cfg.head_dim, bias=cfg.bias, qk_norm=cfg.qk_norm, backend=cfg.backend,
                   scale=cfg.attn_scale, null_kv=cfg.null_kv)
+        context_dim = cfg.text_dim if cfg.text_proj == "none" else None
+        post = cfg.post_norm
         self.norm1 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg.dim, cfg.num_heads, **kw)
+        self.post_norm1 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps) if post else None
         self.norm2 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps) if cross else None
-        self.cross_attn = CrossAttention(cfg.dim, cfg.num_heads, **kw) if cross else None
-        self.norm3 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps)
+        self.cross_attn = CrossAttention(cfg.dim, cfg.num_heads, context_dim=context_dim, **kw) if cross else None
+        self.post_norm2 = make_norm(cfg.norm, cfg.dim, cfg.norm_eps) if cross and post else None
+        self.norm3 = make_norm(cfg.mlp_norm or cfg.norm, cfg.dim, cfg.norm_eps)
         hidden = cfg.mlp_hidden_dim if cfg.mlp_hidden_dim is not None else int(cfg.dim * cfg.mlp_ratio)
         inner_norm = make_norm(cfg.norm, hidden, cfg.norm_eps) if cfg.mlp_inner_norm else None
         self.mlp = FeedForward(cfg.dim, hidden, cfg.mlp, bias=cfg.bias, inner_norm=inner_norm)
 
     def forward(self, x, kv: CrossAttentionKV | None = None, memory_mask: torch.Tensor | None = None):
-        x = x + self.attn(self.norm1(x))
+        h = self.attn(self.norm1(x))
+        x = x + (h if self.post_norm1 is None else self.post_norm1(h))
         if self.cross_attn is not None:
-            x = x + self.cross_attn(self.norm2(x), kv=kv, key_padding_mask=memory_mask)
+            h = self.cross_attn(self.norm2(x), kv=kv, key_padding_mask=memory_mask)
+            x = x + (h if self.post_norm2 is None else self.post_norm2(h))
         return x + self.mlp(self.norm3(x))
 
 
@@ -126,10 +148,15 @@ class MuseTransformer(nn.Module):
         self.token_embed = nn.Embedding(cfg.codebook_size + 1, cfg.dim)
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.seq_len, cfg.dim) * 0.02)
         text = cfg.text_dim is not None
-        self.text_proj = nn.Linear(cfg.text_dim, cfg.dim) if text else None
+        self.text_proj = nn.Linear(cfg.text_dim, cfg.dim) if text and cfg.text_proj != "none" else None
+        self.text_norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps) if text and cfg.text_proj == "linear_norm" else None
         self.class_embed = nn.Embedding(cfg.num_classes + 1, cfg.dim) if not text else None
         self.blocks = nn.ModuleList(TransformerBlock(cfg, cross=text) for _ in range(cfg.depth))
-        self.norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps)
+        self.norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps) if cfg.final_norm else nn.Identity()
+        self.head_mlp = None
+        if cfg.head_mlp:
+            head_norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps) if cfg.head_mlp_norm else nn.Identity()
+            self.head_mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias), nn.GELU(), head_norm)
         self.head = nn.Linear(cfg.dim, cfg.codebook_size)
         nn.init.normal_(self.token_embed.weight, std=0.02)
 
@@ -138,14 +165,17 @@ class MuseTransformer(nn.Module):
         return self.config.mask_token_id
 
     def project_text(self, text_hidden: torch.Tensor) -> torch.Tensor:
-        if self.text_proj is None:
+        if self.config.text_dim is None:
             raise ValueError("this transformer is class-conditional: pass class_labels, not text")
         if text_hidden.dim() != 3 or text_hidden.shape[-1] != self.config.text_dim:
             raise ValueError(f"text embeddings must be (B, L, {self.config.text_dim}), got {tuple(text_hidden.shape)}")
-        return self.text_proj(text_hidden)
+        if self.text_proj is None:  # text_proj="none": the cross-attention K/V read the text itself
+            return text_hidden
+        h = self.text_proj(text_hidden)
+        return h if self.text_norm is None else self.text_norm(h)
 
     def context_from_memory(self, memory: torch.Tensor, mask: torch.Tensor | None) -> Context:
-        """Memory already in model width (B, Lk, dim) -> per-layer K/V."""
+        """Memory already projected (B, Lk, dim; text_dim with ``text_proj="none"``) -> per-layer K/V."""
         return Context([blk.cross_attn.precompute_kv(memory) for blk in self.blocks], mask)
 
     def prepare_context(self, text_hidden: torch.Tensor, text_mask: torch.Tensor | None = None) -> Context:
@@ -184,7 +214,10 @@ class MuseTransformer(nn.Module):
                 context = self.prepare_context(text_hidden, text_mask)
             for blk, kv in zip(self.blocks, context.kvs):
                 x = blk(x, kv, context.mask)
-        return self.head(self.norm(x))
+        x = self.norm(x)
+        if self.head_mlp is not None:
+            x = self.head_mlp(x)
+        return self.head(x)
 
 
 @dataclass
@@ -211,6 +244,9 @@ class SuperResTransformer(nn.Module):
         super().__init__()
         if cfg.high.text_dim is None:
             raise ValueError("the super-res transformer is text-conditional: set high.text_dim")
+        if cfg.high.text_proj == "none":
+            raise ValueError("the super-res memory concatenates low-res embeddings with the projected text: "
+                             "high.text_proj='none' is not supported")
         self.config = cfg
         high = cfg.high
         self.low_embed = nn.Embedding(cfg.low_codebook_size, high.dim)

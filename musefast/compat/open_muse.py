@@ -1,0 +1,243 @@
+"""Drop-in for huggingface/open-muse: load its ``MaskGitTransformer`` into musefast.
+
+open-muse is not on PyPI and is never imported here: the converter reads what open-muse's
+``save_pretrained`` writes — ``config.json`` (every constructor argument) and
+``pytorch_model.safetensors`` / ``model.safetensors`` / ``pytorch_model.bin`` — or a state dict
+plus that config as a dict.
+
+What maps to what (open-muse ``muse/modeling_transformer.py``):
+
+==========================================  ===================================================
+open-muse ``MaskGitTransformer``            musefast ``MuseTransformer``
+==========================================  ===================================================
+embed.word_embeddings (vocab_size rows,     token_embed: the codebook rows + the [MASK] row;
+  [MASK] = vocab_size − 1)                    musefast's [MASK] id is codebook_size
+embed.position_embeddings                   pos_embed (text) / rows 1.. (class-conditional)
+class token (id codebook_size + c, pos 0)   class_embed[c] = its word + position-0 embeddings
+encoder_proj + encoder_proj_layer_norm      text_proj + text_norm (``text_proj="linear_norm"``)
+no projection                               ``text_proj="none"`` (K/V read the text width)
+attn_layer_norm, attention.query/key/value  norm1, attn.to_qkv = [query; key; value], to_out
+post_attn_layer_norm (normformer)           post_norm1 (``post_norm=True``)
+crossattn_layer_norm, crossattention.*      norm2, cross_attn.to_q / to_kv = [key; value]
+post_crossattn_layer_norm                   post_norm2
+ffn.pre_mlp_layer_norm (always LayerNorm)   norm3 (``mlp_norm="layernorm"``)
+ffn.wi_0 (GELU), ffn.wi_1 (linear)          mlp.proj_in = [wi_1; wi_0] (geglu: value · GELU(gate))
+ffn.mid_mlp_layer_norm (normformer)         mlp.inner_norm
+ffn.wo                                      mlp.proj_out
+encoder_layer_norm                          norm (``final_norm``)
+mlm_layer.mlm_dense → GELU → mlm_ln         head_mlp (``head_mlp``, ``head_mlp_norm``)
+mlm_layer.to_logits / to_logits             head: its first codebook_size rows
+==========================================  ===================================================
+
+Bias-free LayerNorms and Linears (``use_bias=False``) get zero biases where musefast's module has
+one. The logits are open-muse's logits restricted to the codebook (``logits[..., :codebook_size]``,
+what its ``generate`` samples from), at the image positions (its class token's row dropped).
+
+Token ids: open-muse's [MASK] id is ``vocab_size − 1`` (e.g. 8255 with vocab_size 8256);
+musefast's is ``codebook_size`` — map ids with :func:`to_musefast_ids`. Class ids are plain
+0..num_classes−1 (open-muse adds codebook_size itself); musefast's extra null class
+(``num_classes``, for guidance) is open-muse's [MASK] embedding in the class slot.
+
+Conditioning: open-muse's ``encoder_attention_mask`` path cannot run (its ``make_attention_mask``
+is called with an unknown ``dtype`` argument), so its models attend every text token: call the
+musefast model with ``text_mask=None``. Its unconditional branch is all-zero text embeddings
+(``generate``) or ``negative_embeds`` (``generate2``).
+
+Not supported (raise): ``use_conv_in_out`` models (ConvEmbed / ConvMlmLayer), unconditional
+models (no cross-attention and no classes). ``MaskGiTUViT`` and the VQGAN tokenizers are not
+converted yet.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from musefast.compat._convert import ConversionError, check_keys, load_strict
+from musefast.models.transformer import MuseTransformer, MuseTransformerConfig
+
+__all__ = ["load_transformer", "convert_transformer", "read_folder", "to_musefast_ids", "PRESET"]
+
+# the musefast.sampling preset nearest open-muse's generate2 (google maskgit's decoding: tau = 1,
+# cosine schedule, maskgit mask counts); generate2 anneals its choice temperature cumulatively
+# (t <- t * (1 - r) at every step), which no preset reproduces exactly
+PRESET = "maskgit"
+
+_WEIGHT_FILES = ("pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.safetensors",
+                 "pytorch_model.bin")
+# MaskGitTransformer's constructor defaults (a config.json written by it holds every one of them)
+_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                 max_position_embeddings=256, add_cross_attention=False, encoder_hidden_size=1024,
+                 project_encoder_hidden_states=False, norm_type="layernorm", layer_norm_eps=1e-5,
+                 use_normformer=True, use_encoder_layernorm=True, use_mlm_layer=True, use_mlm_layernorm=True,
+                 use_bias=False, codebook_size=1024, num_vq_tokens=256, num_classes=None,
+                 use_codebook_size_for_output=False, use_conv_in_out=False)
+
+
+def read_folder(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, config) of an open-muse model folder (``config.json`` + one weight file).
+    ``.bin`` weights are read with ``torch.load(weights_only=True)``."""
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    for name in _WEIGHT_FILES:
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            break
+    else:
+        raise FileNotFoundError(f"{folder}: no weight file (looked for {', '.join(_WEIGHT_FILES)})")
+    if path.endswith(".bin"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    return state, config
+
+
+def to_musefast_ids(ids: torch.Tensor, config: Mapping[str, Any]) -> torch.Tensor:
+    """open-muse image token ids ([MASK] = vocab_size − 1) -> musefast ids ([MASK] = codebook_size)."""
+    cfg = {**_DEFAULTS, **config}
+    mask_id = config.get("mask_token_id", cfg["vocab_size"] - 1)
+    bad = (ids >= cfg["codebook_size"]) & (ids != mask_id)
+    if bad.any():
+        raise ValueError(f"ids must be codebook ids (< {cfg['codebook_size']}) or the [MASK] id {mask_id}, "
+                         f"got {ids[bad].unique().tolist()[:8]}")
+    return torch.where(ids == mask_id, cfg["codebook_size"], ids)
+
+
+def _musefast_config(cfg: Mapping[str, Any], backend: str | None) -> MuseTransformerConfig:
+    if cfg["use_conv_in_out"]:
+        raise ValueError("open-muse transformers with use_conv_in_out=True (ConvEmbed/ConvMlmLayer) are not supported")
+    classes = cfg["num_classes"]
+    if cfg["add_cross_attention"] and classes:
+        raise ValueError("open-muse config has both add_cross_attention and num_classes: ambiguous conditioning")
+    if not cfg["add_cross_attention"] and not classes:
+        raise ValueError("unconditional open-muse transformers (no cross-attention, no num_classes) are not supported")
+    K, V, seq = cfg["codebook_size"], cfg["vocab_size"], cfg["num_vq_tokens"]
+    if V - 1 < K + (classes or 0):
+        raise ValueError(f"vocab_size={V} leaves no [MASK] id after {K} codebook ids and {classes or 0} classes")
+    grid = math.isqrt(seq)
+    if grid * grid != seq:
+        raise ValueError(f"num_vq_tokens={seq} is not a square grid")
+    if cfg["max_position_embeddings"] < seq + (1 if classes else 0):
+        raise ValueError(f"max_position_embeddings={cfg['max_position_embeddings']} < the sequence length")
+    text = bool(cfg["add_cross_attention"])
+    project = text and cfg["project_encoder_hidden_states"]
+    return MuseTransformerConfig(
+        codebook_size=K, grid_size=grid, dim=cfg["hidden_size"], depth=cfg["num_hidden_layers"],
+        num_heads=cfg["num_attention_heads"], text_dim=cfg["encoder_hidden_size"] if text else None,
+        num_classes=None if text else classes, mlp="geglu", mlp_hidden_dim=cfg["intermediate_size"],
+        mlp_inner_norm=cfg["use_normformer"], norm=cfg["norm_type"], norm_eps=cfg["layer_norm_eps"],
+        bias=cfg["use_bias"], post_norm=cfg["use_normformer"], mlp_norm="layernorm",
+        text_proj=("linear_norm" if project else "none") if text else "linear",
+        final_norm=cfg["use_encoder_layernorm"], head_mlp=cfg["use_mlm_layer"],
+        head_mlp_norm=cfg["use_mlm_layernorm"], backend=backend,
+    )
+
+
+def _convert_state(state: Mapping[str, torch.Tensor], cfg: Mapping[str, Any],
+                   mcfg: MuseTransformerConfig, model: MuseTransformer) -> dict[str, torch.Tensor]:
+    used: set[str] = set()
+    own = model.state_dict()
+
+    def take(key):
+        if key not in state:
+            raise ConversionError(f"open-muse MaskGitTransformer: missing key {key!r} "
+                                  f"(found {len(state)} keys, e.g. {sorted(state)[:5]})")
+        used.add(key)
+        return state[key]
+
+    def linear(src, dst):
+        out[f"{dst}.weight"] = take(f"{src}.weight")
+        if f"{dst}.bias" in own:  # bias-free open-muse Linear -> zero bias
+            out[f"{dst}.bias"] = take(f"{src}.bias") if f"{src}.bias" in state else torch.zeros(own[f"{dst}.bias"].shape)
+
+    def norm(src, dst):
+        out[f"{dst}.weight"] = take(f"{src}.weight")
+        if f"{dst}.bias" in own:  # open-muse's LayerNorm has no bias unless use_bias
+            out[f"{dst}.bias"] = take(f"{src}.bias") if f"{src}.bias" in state else torch.zeros(own[f"{dst}.bias"].shape)
+
+    K, V, classes, seq = cfg["codebook_size"], cfg["vocab_size"], cfg["num_classes"], mcfg.seq_len
+    mask_id = cfg.get("mask_token_id", V - 1)
+    words, pos = take("embed.word_embeddings.weight"), take("embed.position_embeddings.weight")
+    out: dict[str, torch.Tensor] = {"token_embed.weight": torch.cat([words[:K], words[mask_id: mask_id + 1]])}
+    if classes:  # class token at position 0, image tokens at 1..seq
+        class_rows = torch.cat([words[K: K + classes], words[mask_id: mask_id + 1]])
+        out["class_embed.weight"] = class_rows + pos[0]
+        out["pos_embed"] = pos[None, 1: 1 + seq]
+    else:
+        out["pos_embed"] = pos[None, :seq]
+        if mcfg.text_proj == "linear_norm":
+            linear("encoder_proj", "text_proj")
+            norm("encoder_proj_layer_norm", "text_norm")
+    for i in range(mcfg.depth):
+        src, dst = f"transformer_layers.{i}", f"blocks.{i}"
+        norm(f"{src}.attn_layer_norm", f"{dst}.norm1")
+        qkv = [f"{src}.attention.{n}" for n in ("query", "key", "value")]
+        out[f"{dst}.attn.to_qkv.weight"] = torch.cat([take(f"{k}.weight") for k in qkv])
+        if mcfg.bias:
+            out[f"{dst}.attn.to_qkv.bias"] = torch.cat([take(f"{k}.bias") for k in qkv])
+        linear(f"{src}.attention.out", f"{dst}.attn.to_out")
+        if mcfg.post_norm:
+            norm(f"{src}.post_attn_layer_norm", f"{dst}.post_norm1")
+        if mcfg.text_dim is not None:
+            a = f"{src}.crossattention"
+            norm(f"{src}.crossattn_layer_norm", f"{dst}.norm2")
+            linear(f"{a}.query", f"{dst}.cross_attn.to_q")
+            out[f"{dst}.cross_attn.to_kv.weight"] = torch.cat([take(f"{a}.key.weight"), take(f"{a}.value.weight")])
+            if mcfg.bias:
+                out[f"{dst}.cross_attn.to_kv.bias"] = torch.cat([take(f"{a}.key.bias"), take(f"{a}.value.bias")])
+            linear(f"{a}.out", f"{dst}.cross_attn.to_out")
+            if mcfg.post_norm:
+                norm(f"{src}.post_crossattn_layer_norm", f"{dst}.post_norm2")
+        ff = f"{src}.ffn"
+        norm(f"{ff}.pre_mlp_layer_norm", f"{dst}.norm3")
+        out[f"{dst}.mlp.proj_in.weight"] = torch.cat([take(f"{ff}.wi_1.weight"), take(f"{ff}.wi_0.weight")])
+        if mcfg.bias:
+            out[f"{dst}.mlp.proj_in.bias"] = torch.cat([take(f"{ff}.wi_1.bias"), take(f"{ff}.wi_0.bias")])
+        if mcfg.mlp_inner_norm:
+            norm(f"{ff}.mid_mlp_layer_norm", f"{dst}.mlp.inner_norm")
+        linear(f"{ff}.wo", f"{dst}.mlp.proj_out")
+    if mcfg.final_norm:
+        norm("encoder_layer_norm", "norm")
+    head = "to_logits"
+    if mcfg.head_mlp:
+        linear("mlm_layer.mlm_dense", "head_mlp.0")
+        if mcfg.head_mlp_norm:
+            norm("mlm_layer.mlm_ln", "head_mlp.2")
+        head = "mlm_layer.to_logits"
+    logits_w = take(f"{head}.weight")
+    out["head.weight"] = logits_w[:K]
+    out["head.bias"] = take(f"{head}.bias")[:K] if f"{head}.bias" in state else torch.zeros(K)
+    # an encoder_proj exists (unused) when project_encoder_hidden_states is set without cross-attention
+    ignored = {k for k in state if k.startswith(("encoder_proj.", "encoder_proj_layer_norm.")) and not mcfg.text_dim}
+    check_keys("open-muse MaskGitTransformer", state, used=used, ignored=ignored)
+    return out
+
+
+def convert_transformer(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], *,
+                        backend: str | None = None) -> MuseTransformer:
+    """An open-muse ``MaskGitTransformer`` state dict + its config (the ``config.json`` dict or
+    constructor kwargs) -> a musefast :class:`MuseTransformer` with the same logits (over the
+    codebook, at the image positions). Unknown keys or shape mismatches raise
+    :class:`~musefast.compat._convert.ConversionError` listing them."""
+    name = config.get("_class_name", "MaskGitTransformer")
+    if name != "MaskGitTransformer":
+        raise ValueError(f"expected an open-muse MaskGitTransformer config, got _class_name={name!r}")
+    if "vocab_size" not in config:
+        raise ValueError("config needs vocab_size (codebook ids + classes + [MASK])")
+    cfg = {**_DEFAULTS, **config}
+    mcfg = _musefast_config(cfg, backend)
+    model = MuseTransformer(mcfg)
+    load_strict(model, _convert_state(state, cfg, mcfg, model), source="open-muse MaskGitTransformer -> MuseTransformer")
+    return model.eval()
+
+
+def load_transformer(folder: str | os.PathLike, *, backend: str | None = None) -> MuseTransformer:
+    """An open-muse ``MaskGitTransformer`` folder (``config.json`` + weights) -> :class:`MuseTransformer`."""
+    state, config = read_folder(folder)
+    return convert_transformer(state, config, backend=backend)

@@ -1,0 +1,127 @@
+"""Parity with huggingface/open-muse's ``MaskGitTransformer`` from committed fixtures.
+
+open-muse is not on PyPI, so its logits were computed once, offline, and committed:
+``tests/fixtures/open_muse/<variant>/`` holds what open-muse's ``save_pretrained`` writes
+(``config.json`` + ``pytorch_model.safetensors`` or ``pytorch_model.bin``) and ``io.safetensors``
+(``input_ids`` in open-muse's ids, ``encoder_hidden_states`` or ``class_ids``, and the model's
+full output ``logits`` in fp32). How they were made: open-muse at commit
+64e1afe033717d795866ab8204484705cd4dc3f7 (``muse/modeling_transformer.py`` and the modules it
+imports, run from a checkout with torch 2.14.1, einops and accelerate); for each variant
+``torch.manual_seed(1234 + i)``, ``MaskGitTransformer(hidden_size=32, num_hidden_layers=2,
+num_attention_heads=4, intermediate_size=48, codebook_size=16, num_vq_tokens=16, dropouts 0,
+**variant)`` in eval mode, every norm parameter perturbed by N(0, 0.2) and every Linear bias
+drawn from N(0, 0.05) (the init would leave norms at 1/0 and biases at 0, hiding mapping
+errors); ids uniform over the codebook with half of them set to the [MASK] id (vocab_size − 1),
+batch 2, text length 5. Variants:
+
+* ``maskgit_text_rmsnorm``: cc12m.yaml-like — rmsnorm, no normformer, unprojected text (K/V
+  read the 24-wide text), MLM head, logits over the codebook, padded vocabulary (mask id 23).
+* ``maskgit_text_layernorm``: LayerNorm with biases (``use_bias``), normformer, projected text
+  (encoder_proj + LN), no final norm, a plain ``to_logits`` over the whole vocabulary; weights
+  as ``pytorch_model.bin``.
+* ``maskgit_class``: imagenet.yaml-like class-conditional — class ids inside the vocabulary,
+  class token prepended at position 0.
+
+Tolerance: fp32 against fp32 (DESIGN §6: the error of a same-dtype recomputation, ~1e-7 here,
+times 2 plus a small eps).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from musefast.compat import open_muse as om
+from musefast.compat._convert import ConversionError
+from musefast.models.serialization import load_component, save_component
+
+FIXTURES = Path(__file__).parent / "fixtures" / "open_muse"
+VARIANTS = ("maskgit_text_rmsnorm", "maskgit_text_layernorm", "maskgit_class")
+
+
+def _case(name):
+    folder = FIXTURES / name
+    config = json.loads((folder / "config.json").read_text())
+    return folder, config, load_file(folder / "io.safetensors")
+
+
+def _logits(model, io, config):
+    ids = om.to_musefast_ids(io["input_ids"], config)
+    if "class_ids" in io:
+        return model(ids, class_labels=io["class_ids"])
+    return model(ids, io["encoder_hidden_states"])
+
+
+def _expected(io, config):
+    want = io["logits"][..., : config["codebook_size"]]
+    return want[:, 1:] if "class_ids" in io else want  # drop the class token's row
+
+
+@pytest.mark.parametrize("backend", ["reference", None])
+@pytest.mark.parametrize("name", VARIANTS)
+def test_logits_match_open_muse(name, backend):
+    folder, config, io = _case(name)
+    model = om.load_transformer(folder, backend=backend)
+    with torch.no_grad():
+        got = _logits(model, io, config)
+    torch.testing.assert_close(got, _expected(io, config), rtol=1e-5, atol=1e-5)
+
+
+def test_prepared_context_and_saved_model_give_the_same_logits(tmp_path):
+    folder, config, io = _case("maskgit_text_rmsnorm")
+    model = om.load_transformer(folder, backend="reference")
+    ids = om.to_musefast_ids(io["input_ids"], config)
+    with torch.no_grad():
+        want = model(ids, io["encoder_hidden_states"])
+        ctx = model.prepare_context(io["encoder_hidden_states"])
+        torch.testing.assert_close(model(ids, context=ctx), want)
+        save_component(model, tmp_path / "m")  # the new config fields round-trip
+        again = load_component(tmp_path / "m")
+        torch.testing.assert_close(again(ids, io["encoder_hidden_states"]), want)
+
+
+def test_ids_map_the_open_muse_mask_id():
+    _, config, _ = _case("maskgit_text_rmsnorm")  # codebook 16, vocab 24: mask id 23
+    ids = torch.tensor([[0, 15, 23]])
+    assert om.to_musefast_ids(ids, config).tolist() == [[0, 15, 16]]
+    with pytest.raises(ValueError, match="codebook ids"):
+        om.to_musefast_ids(torch.tensor([[17]]), config)
+
+
+def test_unknown_missing_and_mismatched_keys_are_listed():
+    folder, config, _ = _case("maskgit_text_rmsnorm")
+    state, _ = om.read_folder(folder)
+    extra = dict(state, **{"transformer_layers.0.extra.weight": torch.zeros(3)})
+    with pytest.raises(ConversionError, match=r"unknown keys \(1\): transformer_layers\.0\.extra\.weight"):
+        om.convert_transformer(extra, config)
+    missing = {k: v for k, v in state.items() if k != "transformer_layers.1.ffn.wo.weight"}
+    with pytest.raises(ConversionError, match="missing key 'transformer_layers.1.ffn.wo.weight'"):
+        om.convert_transformer(missing, config)
+    wrong = dict(state, **{"transformer_layers.1.ffn.wo.weight": torch.zeros(32, 40)})
+    with pytest.raises(ConversionError, match=r"blocks\.1\.mlp\.proj_out\.weight: checkpoint \(32, 40\) vs model \(32, 48\)"):
+        om.convert_transformer(wrong, config)
+    with pytest.raises(ConversionError, match="shape mismatches"):  # config and weights disagree
+        om.convert_transformer(state, dict(config, hidden_size=64))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"use_conv_in_out": True}, "use_conv_in_out"),
+    ({"add_cross_attention": False}, "unconditional"),
+    ({"vocab_size": 16}, "no \\[MASK\\] id"),
+    ({"_class_name": "MaskGiTUViT"}, "MaskGitTransformer"),
+])
+def test_unsupported_configs_raise(change, message):
+    folder, config, _ = _case("maskgit_text_rmsnorm")
+    state, _ = om.read_folder(folder)
+    with pytest.raises(ValueError, match=message):
+        om.convert_transformer(state, {**config, **change})
+
+
+def test_folder_without_weights_raises(tmp_path):
+    shutil.copy(FIXTURES / "maskgit_class" / "config.json", tmp_path / "config.json")
+    with pytest.raises(FileNotFoundError, match="no weight file"):
+        om.load_transformer(tmp_path)
