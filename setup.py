@@ -13,7 +13,10 @@ from setuptools import find_packages, setup
 # musefast package: `kernels` is another PyPI project's top-level name.
 packages = find_packages(include=["musefast", "musefast.*"]) + ["musefast.kernels", "musefast.csrc"]
 package_dir = {"musefast.kernels": "kernels", "musefast.csrc": "csrc"}
-package_data = {"musefast.csrc": ["*.cpp", "*.h", "cuda/*.cu", "cuda/*.cpp", "cuda/*.h"]}
+package_data = {
+    "musefast.csrc": ["*.cpp", "*.h", "cuda/*.cu", "cuda/*.cpp", "cuda/*.h"],
+    "musefast": ["assets/**/*"],  # the embedded demo model (musefast.load("demo"))
+}
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("MUSEFAST_AOT") == "1":

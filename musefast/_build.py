@@ -73,11 +73,26 @@ def _flags(with_cuda: bool, native: bool) -> tuple[list[str], list[str]]:
     return cflags, cuda_flags
 
 
+def _host_isa_tag() -> str:
+    """Machine + a hash of the CPU's feature flags: JIT builds use -march=native, so a cache
+    shared between hosts (an NFS home) must not hand one host's binary to another."""
+    import hashlib
+    import platform
+
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return f"{platform.machine()}-{hashlib.sha1(flags.encode()).hexdigest()[:8]}"
+
+
 def cache_dir(with_cuda: bool) -> Path:
     import torch
 
     base = Path(os.environ.get("MUSEFAST_CACHE", Path.home() / ".cache" / "musefast"))
-    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
+    tag = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}-{_host_isa_tag()}"
     tag += f"-cu{torch.version.cuda}" if with_cuda else "-cpu"
     path = base / "ext" / tag.replace("+", "_")
     path.mkdir(parents=True, exist_ok=True)

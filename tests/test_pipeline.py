@@ -58,10 +58,10 @@ def test_reference_and_fast_backends_agree(pipe, monkeypatch):
     fast = pipe(prompts, seed=7, output_type="tokens", **FAST)
     monkeypatch.setenv("MUSEFAST_BACKEND", "reference")
     ref = pipe(prompts, seed=7, output_type="tokens", **FAST)
-    # identical except at floating-point near-ties, which propagate through later steps:
-    # count them and bound them
+    # identical except at floating-point near-ties (which propagate through later steps):
+    # count them; on these inputs none was seen, so more than one is a bug, not a near-tie
     differ = (fast != ref).sum().item()
-    assert differ <= 0.05 * ref.numel(), f"{differ} of {ref.numel()} tokens differ"
+    assert differ <= 1, f"{differ} of {ref.numel()} tokens differ"
 
 
 def test_prompt_embeds_equal_prompts(pipe, t5):
@@ -90,8 +90,7 @@ def test_inpaint_keeps_unmasked_tokens(which, request):
     image = _image(size)
     mask = torch.zeros(size, size)
     mask[: size // 2, : size // 2] = 1.0  # repaint the top-left quarter
-    high = p.super_res is not None
-    before = p.encode(image, high_res=high)
+    before = p.encode(image)  # the output-size image: encoded by the output's tokenizer
     after = p.inpaint(image, mask, "a red cat", seed=0, output_type="tokens", **FAST)
     assert after.shape == before.shape
     f = size // before.shape[-1]
@@ -118,6 +117,21 @@ def test_outpaint_keeps_original_region(pipe):
         pipe.outpaint(image, "a tree", left=4, **FAST)
 
 
+def test_edit_resamples_exactly_the_fraction_each_iteration(pipe, monkeypatch):
+    from musefast.sampling import MaskGitSampler
+
+    masked_counts = []
+    original = MaskGitSampler.__call__
+
+    def spy(self, model_fn, tokens, masked=None, **kw):
+        masked_counts.append(int(masked.sum()))
+        return original(self, model_fn, tokens, masked, **kw)
+
+    monkeypatch.setattr(MaskGitSampler, "__call__", spy)
+    pipe.edit(_image(32), "a blue dog", iterations=3, fraction=0.25, seed=0, progress=False)
+    assert masked_counts == [4, 4, 4]  # 25% of 16 tokens, every iteration
+
+
 def test_edit_changes_at_most_the_fraction_per_iteration(pipe):
     image = _image(32)
     before = pipe.encode(image)
@@ -140,6 +154,51 @@ def test_save_load_round_trip_is_bit_exact(sr_pipe, tmp_path):
     assert torch.equal(a, b)
 
 
+def test_encode_decode_round_trip_uses_one_tokenizer(sr_pipe):
+    tokens = sr_pipe.encode(_image(64))  # output-size image: the high-res tokenizer
+    assert tokens.shape == (1, 8, 8)
+    assert torch.equal(tokens, sr_pipe.vqgan_high.encode(_image(64)))
+    assert torch.equal(sr_pipe.decode(tokens), sr_pipe.vqgan_high.decode(tokens).float().clamp(0, 1))
+    assert sr_pipe.encode(_image(32)).shape == (1, 4, 4)  # base-size image: the base tokenizer
+
+
+@pytest.mark.parametrize("mask_value", [1, 255, 1.0, 0.2, True])
+def test_any_nonzero_mask_value_repaints(pipe, mask_value):
+    from musefast.pipelines.images import to_mask
+
+    mask = torch.zeros(32, 32, dtype=torch.tensor(mask_value).dtype)
+    mask[:8, :8] = mask_value
+    assert int(to_mask(mask).sum()) == 64
+    image = _image(32)
+    before = pipe.encode(image)
+    after = pipe.inpaint(image, mask, "a red cat", seed=0, output_type="tokens", **FAST)
+    keep = torch.ones(1, 4, 4, dtype=torch.bool)
+    keep[0, 0, 0] = False  # the 8x8 pixel square is token (0, 0)
+    assert torch.equal(after[keep], before[keep])
+
+
+def test_pipeline_backend_applies_to_every_op(pipe, monkeypatch):
+    from musefast.ops.registry import Op
+
+    seen = []
+    real_select = Op.select
+
+    def spy(self, backend, device_type, *a, **k):
+        chosen = real_select(self, backend, device_type, *a, **k)
+        seen.append((self.name, chosen.name))
+        return chosen
+
+    monkeypatch.setattr(Op, "select", spy)
+    pipe("a cat", seed=0, backend="reference", output_type="tokens", **FAST)
+    assert {op for op, _ in seen} == {"attention", "cfg_sample_remask"}
+    assert {name for _, name in seen} == {"reference"}
+    seen.clear()
+    pipe.inpaint(_image(32), torch.ones(32, 32), "a cat", seed=0, backend="reference", output_type="tokens", **FAST)
+    assert "vq_nearest" in {op for op, _ in seen} and {name for _, name in seen} == {"reference"}
+    with pytest.raises(ValueError, match="no op has a backend named 'refrence'"):
+        pipe("a cat", backend="refrence", **FAST)
+
+
 def test_bad_inputs(pipe):
     with pytest.raises(ValueError, match="prompt"):
         pipe(**FAST)
@@ -157,6 +216,10 @@ def test_bad_inputs(pipe):
         pipe(["a", "b"], negative_prompt=["x", "y", "z"], **FAST)
     with pytest.raises(TypeError, match="unexpected"):
         pipe.inpaint(_image(32), torch.ones(32, 32), "a cat", colour="red", **FAST)
+    with pytest.raises(ValueError, match="2 prompts for 1 images"):
+        pipe.inpaint(_image(32), torch.ones(32, 32), ["a", "b"], **FAST)
+    with pytest.raises(ValueError, match="negative_prompt_embeds has 7 tokens"):
+        pipe(prompt_embeds=torch.randn(1, 5, 32), negative_prompt_embeds=torch.randn(1, 7, 32), **FAST)
     with pytest.raises(FileNotFoundError, match="neither a local folder nor a hub id"):
         musefast.load("no/such/folder/x")
 

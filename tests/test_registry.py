@@ -3,12 +3,19 @@ import pytest
 import torch
 
 from musefast import ops
+from musefast.ops import registry
 from musefast.ops.registry import BackendUnavailableError, Op
+
+
+@pytest.fixture(autouse=True)
+def _forget_toy_ops():
+    yield
+    registry._OPS.pop("toy", None)
 
 
 def _toy_op():
     calls = []
-    the_op = Op("toy")
+    the_op = registry.op("toy")
     the_op.register("fast", lambda x: calls.append("fast") or x + 1, lambda x: [] if x.numel() < 10 else ["too big"])
     the_op.register("gpu_only", lambda x: calls.append("gpu_only"), lambda x: [], auto_devices=("cuda",))
     the_op.register("reference", lambda x: calls.append("reference") or x + 1, lambda x: [])
@@ -37,12 +44,36 @@ def test_env_var_single_name_and_per_op(monkeypatch):
     the_op(torch.zeros(3), device_type="cpu")
     monkeypatch.setenv("MUSEFAST_BACKEND", "sdpa")  # a name this op lacks: auto-select
     the_op(torch.zeros(3), device_type="cpu")
-    monkeypatch.setenv("MUSEFAST_BACKEND", "other=fast,toy=reference")
+    monkeypatch.setenv("MUSEFAST_BACKEND", "vq_nearest=cpu,toy=reference")
     the_op(torch.zeros(3), device_type="cpu")
     assert calls == ["reference", "fast", "reference"]
     monkeypatch.setenv("MUSEFAST_BACKEND", "toy=fast")
     with pytest.raises(BackendUnavailableError, match="too big"):
         the_op(torch.zeros(30), device_type="cpu")
+
+
+def test_unknown_names_are_errors_not_silent_auto_selection(monkeypatch):
+    _toy_op()
+    z, cb = torch.randn(4, 8), torch.randn(16, 8)
+    for value, words in [("refrence", "no op has a backend named 'refrence'"),
+                         ("attn=reference", "unknown op 'attn'"),
+                         ("vq_nearest=sdpa", "op 'vq_nearest' has no backend 'sdpa'")]:
+        monkeypatch.setenv("MUSEFAST_BACKEND", value)
+        with pytest.raises(ValueError, match=words):
+            ops.vq_nearest(z, cb)
+    monkeypatch.delenv("MUSEFAST_BACKEND")
+    with pytest.raises(ValueError, match="refrence"):
+        with ops.use_backend("refrence"):
+            pass
+
+
+def test_use_backend_scopes_and_wins_over_env(monkeypatch):
+    the_op, calls = _toy_op()
+    monkeypatch.setenv("MUSEFAST_BACKEND", "toy=fast")
+    with ops.use_backend("reference"):
+        the_op(torch.zeros(3), device_type="cpu")
+    the_op(torch.zeros(3), device_type="cpu")
+    assert calls == ["reference", "fast"]
 
 
 def test_env_var_drives_public_op(monkeypatch):

@@ -1,7 +1,7 @@
 """The public ops of musefast and their backend registry (DESIGN §3, §4)."""
 from musefast.ops.attention import attention
-from musefast.ops.registry import BackendUnavailableError, backends, op
+from musefast.ops.registry import BackendUnavailableError, backends, op, use_backend
 from musefast.ops.remask import cfg_sample_remask
 from musefast.ops.vq import vq_lookup, vq_nearest
 
-__all__ = ["vq_nearest", "vq_lookup", "attention", "cfg_sample_remask", "backends", "op", "BackendUnavailableError"]
+__all__ = ["vq_nearest", "vq_lookup", "attention", "cfg_sample_remask", "backends", "op", "use_backend", "BackendUnavailableError"]

@@ -8,9 +8,14 @@ listing its reasons: never a silent fallback.
 
 ``MUSEFAST_BACKEND`` is either one backend name (``triton``: applies to every op that has a
 backend of that name, the others auto-select) or per-op pairs (``vq_nearest=cpu,attention=sdpa``).
+:func:`use_backend` sets the same kind of value for a block of code (it wins over the
+environment); pipelines and the CLI use it for their ``backend=`` argument. A name that no op
+has, or a pair naming an unknown op, is an error — a typo must not silently auto-select.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 from dataclasses import dataclass, field
@@ -90,17 +95,52 @@ def op(name: str) -> Op:
     return _OPS.setdefault(name, Op(name))
 
 
-def _env_backend(the_op: Op) -> str | None:
-    value = os.environ.get("MUSEFAST_BACKEND", "").strip()
-    if not value:
-        return None
+_OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("musefast_backend", default=None)
+
+
+@contextlib.contextmanager
+def use_backend(value: str | None):
+    """Within the block, ops pick backends as if ``MUSEFAST_BACKEND=value`` (None: no change)."""
+    if value is None:
+        yield
+        return
+    _parse(value, source="backend")  # validate now, not at the first op call
+    token = _OVERRIDE.set(value)
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
+
+
+def _parse(value: str, *, source: str) -> tuple[str | None, dict[str, str]]:
+    """'name' -> (name, {}); 'op=name,op2=name2' -> (None, {op: name}); errors name the source."""
+    value = value.strip()
     if "=" not in value:
-        return value if value in the_op.backends else None
+        if not any(value in o.backends for o in _OPS.values()):
+            known = sorted({b for o in _OPS.values() for b in o.backends})
+            raise ValueError(f"{source}: no op has a backend named {value!r}; backends: {known}")
+        return value, {}
+    pairs = {}
     for pair in value.split(","):
-        key, _, name = pair.partition("=")
-        if key.strip() == the_op.name:
-            return name.strip() or None
-    return None
+        key, _, name = (part.strip() for part in pair.partition("="))
+        if key not in _OPS:
+            raise ValueError(f"{source}: unknown op {key!r} in {value!r}; ops: {sorted(_OPS)}")
+        if name not in _OPS[key].backends:
+            raise ValueError(f"{source}: op {key!r} has no backend {name!r}; choose one of {list(_OPS[key].backends)}")
+        pairs[key] = name
+    return None, pairs
+
+
+def _env_backend(the_op: Op) -> str | None:
+    override = _OVERRIDE.get()
+    value, source = (override, "backend") if override is not None else (
+        os.environ.get("MUSEFAST_BACKEND", ""), "MUSEFAST_BACKEND")
+    if not value.strip():
+        return None
+    single, pairs = _parse(value, source=source)
+    if single is not None:
+        return single if single in the_op.backends else None
+    return pairs.get(the_op.name)
 
 
 def backends(device: str | torch.device | None = None) -> dict:
@@ -112,6 +152,8 @@ def backends(device: str | torch.device | None = None) -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     table = {}
     for name, the_op in _OPS.items():
+        if the_op.probe is None:
+            continue
         args, kwargs = the_op.probe(device)
         table[name] = {
             b: ("ok" if not reasons else "; ".join(reasons))

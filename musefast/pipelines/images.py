@@ -48,10 +48,11 @@ def to_tensor(image, *, name: str = "image") -> torch.Tensor:
 
 
 def to_mask(mask, *, name: str = "mask") -> torch.Tensor:
-    """Any image-like mask -> bool (B, H, W): True (white / nonzero) = repaint.
+    """Any image-like mask -> bool (B, H, W): True (white / nonzero) = repaint (DESIGN §3).
 
     PIL images (any mode), numpy (H, W) or (H, W, C), tensors (H, W), (B, H, W) or
-    (B, C, H, W); a pixel is repainted if any of its channels is above half range.
+    (B, C, H, W), of any dtype (0/1, 0/255 or floats); a pixel is repainted if any of its
+    channels is nonzero.
     """
     if isinstance(mask, Image.Image):
         mask = np.asarray(mask.convert("L"))
@@ -63,10 +64,7 @@ def to_mask(mask, *, name: str = "mask") -> torch.Tensor:
     m = mask[None] if mask.dim() == 2 else mask.amax(dim=1) if mask.dim() == 4 else mask
     if m.dim() != 3:
         raise ValueError(f"{name} must be (H, W), (B, H, W) or (B, C, H, W), got {tuple(mask.shape)}")
-    if m.dtype == torch.bool:
-        return m
-    half = 0.5 if m.is_floating_point() else 127
-    return m > half
+    return m != 0
 
 
 def token_mask(pixel_mask: torch.Tensor, factor: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ cross-attention K/V are projected once per generation.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass, fields, replace
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from musefast.models.serialization import load_component, save_component
+from musefast.ops.registry import use_backend
 from musefast.models.text import TextEmbeddings, as_text_embeddings, load_text_encoder
 from musefast.models.transformer import Context, MuseTransformer, SuperResTransformer
 from musefast.models.vqgan import VQGAN
@@ -22,6 +24,18 @@ from musefast.pipelines.images import OUTPUT_TYPES, format_output, to_mask, to_t
 from musefast.sampling import MaskGitSampler
 
 PIPELINE_INDEX = "model_index.json"
+
+
+def _scoped_backend(method):
+    """``backend=`` of a pipeline call applies to every op inside it (attention, VQ and the
+    decoding step), with MUSEFAST_BACKEND's meaning: one name, or ``op=name`` pairs."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, backend=None, **kwargs):
+        with use_backend(backend):
+            return method(self, *args, backend=None, **kwargs)
+
+    return wrapper
 
 
 @dataclass
@@ -128,6 +142,9 @@ class MusePipeline:
             if len(negatives) != n:
                 raise ValueError(f"negative_prompt has {len(negatives)} entries for {n} prompts")
             uncond = self._text_encoder().encode_cached(negatives)  # "" and negatives repeat: cached
+        if uncond.seq_len != cond.seq_len:
+            raise ValueError(f"negative_prompt_embeds has {uncond.seq_len} tokens but prompt_embeds has "
+                             f"{cond.seq_len}: pad both to one length (with a mask)")
         return cond.to(self.device, self.dtype), uncond.to(self.device, self.dtype)
 
     def _text_encoder(self):
@@ -138,12 +155,19 @@ class MusePipeline:
     # -- tokens <-> images -----------------------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, image, *, high_res: bool = False) -> torch.Tensor:
-        """Image(s) -> tokens (B, h, w) int64 of the base (or high-res) tokenizer."""
-        vq = self.vqgan_high if high_res else self.vqgan
-        if vq is None:
+    def encode(self, image, *, high_res: bool | None = None) -> torch.Tensor:
+        """Image(s) -> tokens (B, h, w) int64.
+
+        ``high_res=None``: an image of the output size is encoded by the tokenizer that decodes
+        the output (the high-res one when there is a super-res stage), so ``decode(encode(x))``
+        round-trips and ``inpaint`` keeps exactly the unmasked tokens of ``encode(image)``.
+        """
+        img = to_tensor(image).to(self.device)
+        if high_res is None:
+            high_res = self.super_res is not None and img.shape[-1] == self.output_size
+        if high_res and self.vqgan_high is None:
             raise ValueError("this pipeline has no super-res stage")
-        return vq.encode(to_tensor(image).to(self.device))
+        return (self.vqgan_high if high_res else self.vqgan).encode(img)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, *, high_res: bool | None = None) -> torch.Tensor:
@@ -220,6 +244,15 @@ class MusePipeline:
                                           negative_prompt_embeds=negative_prompt_embeds)
         return cond.repeat_interleave(num_images_per_prompt), uncond.repeat_interleave(num_images_per_prompt)
 
+    def _prompts_for_images(self, num_images, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds):
+        """Text for editing ``num_images`` images: one prompt for all, or one per image."""
+        cond, uncond = self._prepare(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, 1)
+        if cond.batch_size == num_images:
+            return cond, uncond
+        if cond.batch_size == 1:
+            return cond.repeat_interleave(num_images), uncond.repeat_interleave(num_images)
+        raise ValueError(f"{cond.batch_size} prompts for {num_images} images: pass one prompt, or one per image")
+
     def _run(self, cond, uncond, s, seed, backend, progress, *, base_tokens=None, base_masked=None,
              high_tokens=None, high_masked=None):
         """Base stage (from the given state, or all masked), then super-res if present."""
@@ -250,6 +283,7 @@ class MusePipeline:
             return tokens
         return format_output(self.decode(tokens), output_type)
 
+    @_scoped_backend
     def __call__(self, prompt=None, *, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
                  num_steps=None, super_res_steps=None, guidance_scale=None, guidance_schedule=None,
                  temperature=None, choice_temperature=None, seed=None, num_images_per_prompt=1,
@@ -296,6 +330,7 @@ class MusePipeline:
             state[name] = (tokens.masked_fill(tmask, model.mask_token_id), tmask)
         return state
 
+    @_scoped_backend
     def inpaint(self, image, mask, prompt=None, *, negative_prompt=None, prompt_embeds=None,
                 negative_prompt_embeds=None, seed=None, output_type="pil", backend=None, progress=True, **overrides):
         """Repaint the region under ``mask`` (white / nonzero = repaint) following ``prompt``.
@@ -306,13 +341,8 @@ class MusePipeline:
         pixel_mask = to_mask(mask)
         state = self._edit_state(image, pixel_mask)
         s = self._settings(overrides)
-        B = state["base"][0].shape[0]
-        if prompt is not None and not isinstance(prompt, str) and len(prompt) == 1 and B > 1:
-            prompt = prompt * B
-        cond, uncond = self._prepare(prompt if prompt is not None else None, negative_prompt, prompt_embeds,
-                                     negative_prompt_embeds, 1)
-        if cond.batch_size == 1 and B > 1:
-            cond, uncond = cond.repeat_interleave(B), uncond.repeat_interleave(B)
+        cond, uncond = self._prompts_for_images(state["base"][0].shape[0], prompt, negative_prompt, prompt_embeds,
+                                                negative_prompt_embeds)
         high = state.get("high", (None, None))
         tokens = self._run(cond, uncond, s, seed, backend, progress, base_tokens=state["base"][0],
                            base_masked=state["base"][1], high_tokens=high[0], high_masked=high[1])
@@ -340,6 +370,7 @@ class MusePipeline:
         mask[:, top:top + img.shape[-2], left:left + img.shape[-1]] = False
         return self.inpaint(canvas, mask, prompt, **kw)
 
+    @_scoped_backend
     @torch.no_grad()
     def edit(self, image, prompt=None, *, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
              iterations=None, fraction=None, guidance_scale=None, top_k=None, seed=None, output_type="pil",
@@ -359,9 +390,7 @@ class MusePipeline:
                              f"got {img.shape[-2]}x{img.shape[-1]}")
         tokens = self.vqgan.encode(img).flatten(1)
         B, N = tokens.shape
-        cond, uncond = self._prepare(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, 1)
-        if cond.batch_size == 1 and B > 1:
-            cond, uncond = cond.repeat_interleave(B), uncond.repeat_interleave(B)
+        cond, uncond = self._prompts_for_images(B, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         count = max(1, round(fraction * N))
         seed = _resolve_seed(seed)
         gen = torch.Generator().manual_seed(seed)
