@@ -116,12 +116,6 @@ class Context(NamedTuple):
     kvs: list
     mask: torch.Tensor | None
 
-    def repeat(self, n: int) -> "Context":
-        """Each batch entry repeated n times (images per prompt)."""
-        kvs = [CrossAttentionKV(kv.k.repeat_interleave(n, 0), kv.v.repeat_interleave(n, 0)) for kv in self.kvs]
-        mask = None if self.mask is None else self.mask.repeat_interleave(n, 0)
-        return Context(kvs, mask)
-
     @staticmethod
     def cat(contexts: list["Context"]) -> "Context":
         """Batch-concatenate contexts (e.g. cond + uncond for one CFG forward)."""
