@@ -125,3 +125,45 @@ def test_folder_without_weights_raises(tmp_path):
     shutil.copy(FIXTURES / "maskgit_class" / "config.json", tmp_path / "config.json")
     with pytest.raises(FileNotFoundError, match="no weight file"):
         om.load_transformer(tmp_path)
+
+
+# -- MaskGitVQGAN ------------------------------------------------------------------------------
+# Fixture ``maskgit_vqgan``: the same open-muse commit, ``torch.manual_seed(4321)``,
+# ``MaskGitVQGAN(resolution=16, hidden_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+# z_channels=16, num_embeddings=24, quantized_embed_dim=16)``, norms perturbed and biases drawn as
+# above, the codebook drawn from N(0, 1), then every parameter rounded to a multiple of 1/256 and
+# stored as fp16 (a small fixture; the outputs were computed from those values in fp32).
+# ``io.safetensors``: ``pixel_values`` U[0, 1) (2, 3, 16, 16), the encoder's ``features``,
+# ``tokens`` (B, 64) of ``encode``, the codebook ``distances`` and ``decoded = decode_code(tokens)``.
+
+
+def test_maskgit_vqgan_tokens_features_and_reconstructions_match():
+    folder = FIXTURES / "maskgit_vqgan"
+    io = load_file(folder / "io.safetensors")
+    vq = om.load_vqgan(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(vq.encode_features(io["pixel_values"]), io["features"], rtol=1e-5, atol=1e-5)
+        tokens = vq.encode(io["pixel_values"]).flatten(1)
+        differ = tokens != io["tokens"]
+        if differ.any():  # only legal at near-ties of the open-muse distances
+            d = io["distances"]
+            ours = d.gather(1, tokens.reshape(-1, 1))[:, 0]
+            theirs = d.gather(1, io["tokens"].reshape(-1, 1))[:, 0]
+            assert (ours - theirs).abs().max() < 1e-4
+        assert differ.sum() <= 1
+        grid = io["tokens"].view(2, 8, 8)
+        torch.testing.assert_close(vq.decode_features(vq.quantize.lookup(grid)), io["decoded"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(vq.decode(grid), io["decoded"].clamp(0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_maskgit_vqgan_unknown_keys_and_bad_configs_raise():
+    folder = FIXTURES / "maskgit_vqgan"
+    state, config = om.read_folder(folder)
+    with pytest.raises(ConversionError, match=r"unknown keys \(1\): encoder\.down\.0\.attn\.weight"):
+        om.convert_vqgan(dict(state, **{"encoder.down.0.attn.weight": torch.zeros(1)}), config)
+    with pytest.raises(ConversionError, match="shape mismatches"):
+        om.convert_vqgan(state, dict(config, num_embeddings=32))
+    with pytest.raises(ValueError, match="quantized_embed_dim"):
+        om.convert_vqgan(state, dict(config, quantized_embed_dim=8))
+    with pytest.raises(ValueError, match="MaskGitVQGAN config"):
+        om.convert_vqgan(state, dict(config, _class_name="VQGANModel"))

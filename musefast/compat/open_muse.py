@@ -44,14 +44,24 @@ musefast model with ``text_mask=None``. Its unconditional branch is all-zero tex
 (``generate``) or ``negative_embeds`` (``generate2``).
 
 Not supported (raise): ``use_conv_in_out`` models (ConvEmbed / ConvMlmLayer), unconditional
-models (no cross-attention and no classes). ``MaskGiTUViT`` and the VQGAN tokenizers are not
-converted yet.
+models (no cross-attention and no classes).
+
+Tokenizer: ``MaskGitVQGAN`` (open-muse's port of google maskgit's VQGAN) -> musefast
+:class:`~musefast.models.vqgan.VQGAN` with ``downsample="avgpool"``, ``shortcut="output"`` (its
+1x1 skip conv reads the block's output), ``decoder_res_blocks=num_res_blocks``,
+``num_mid_blocks=num_res_blocks``, pixels in [0, 1] (``signed_pixels=False``). Its bias-free
+convs get zero biases, its 1x1 encoder ``conv_out`` becomes the centre of a 3x3 kernel, and the
+absent ``quant_conv`` / ``post_quant_conv`` are identities. Its decoder's ``up`` list is stored
+shallowest first; musefast's ``levels`` run deepest first.
+
+Not converted yet: ``MaskGiTUViT`` (v2), the taming ``VQGANModel`` tokenizer.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,8 +69,10 @@ import torch
 
 from musefast.compat._convert import ConversionError, check_keys, load_strict
 from musefast.models.transformer import MuseTransformer, MuseTransformerConfig
+from musefast.models.vqgan import VQGAN, VQGANConfig
 
-__all__ = ["load_transformer", "convert_transformer", "read_folder", "to_musefast_ids", "PRESET"]
+__all__ = ["load_transformer", "convert_transformer", "load_vqgan", "convert_vqgan", "read_folder",
+           "to_musefast_ids", "PRESET"]
 
 # the musefast.sampling preset nearest open-muse's generate2 (google maskgit's decoding: tau = 1,
 # cosine schedule, maskgit mask counts); generate2 anneals its choice temperature cumulatively
@@ -241,3 +253,84 @@ def load_transformer(folder: str | os.PathLike, *, backend: str | None = None) -
     """An open-muse ``MaskGitTransformer`` folder (``config.json`` + weights) -> :class:`MuseTransformer`."""
     state, config = read_folder(folder)
     return convert_transformer(state, config, backend=backend)
+
+
+# MaskGitVQGAN's constructor defaults
+_VQ_DEFAULTS = dict(num_channels=3, hidden_channels=128, channel_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+                    z_channels=256, num_embeddings=1024, quantized_embed_dim=256, commitment_cost=0.25)
+
+
+def _vqgan_config(cfg: Mapping[str, Any]) -> VQGANConfig:
+    if cfg["quantized_embed_dim"] != cfg["z_channels"]:
+        raise ValueError(f"MaskGitVQGAN has no quant_conv: quantized_embed_dim ({cfg['quantized_embed_dim']}) "
+                         f"must equal z_channels ({cfg['z_channels']})")
+    if cfg["channel_mult"][0] != 1:  # its conv_in outputs hidden_channels, musefast's channels * channel_mult[0]
+        raise ValueError(f"MaskGitVQGAN with channel_mult[0] != 1 is not supported, got {tuple(cfg['channel_mult'])}")
+    n = cfg["num_res_blocks"]
+    return VQGANConfig(in_channels=cfg["num_channels"], channels=cfg["hidden_channels"],
+                       channel_mult=tuple(cfg["channel_mult"]), num_res_blocks=n, num_mid_blocks=n,
+                       z_channels=cfg["z_channels"], embed_dim=cfg["quantized_embed_dim"],
+                       codebook_size=cfg["num_embeddings"], norm_groups=32, downsample="avgpool",
+                       signed_pixels=False, commitment_beta=cfg["commitment_cost"], shortcut="output",
+                       decoder_res_blocks=n)
+
+
+def _vqgan_key(key: str, levels: int) -> str | None:
+    """MaskGitVQGAN key -> VQGAN key (None: not a key of MaskGitVQGAN's layout)."""
+    m = re.fullmatch(r"encoder\.down\.(\d+)\.block\.(\d+)\.(.+)", key)
+    if m:
+        return f"encoder.levels.{m[1]}.blocks.{m[2]}.{m[3]}".replace("nin_shortcut", "shortcut")
+    m = re.fullmatch(r"decoder\.up\.(\d+)\.(block\.(\d+)\.(.+)|upsample_conv\.(weight|bias))", key)
+    if m:  # open-muse keeps up[i] = level i (shallowest first); musefast runs deepest first
+        level = levels - 1 - int(m[1])
+        if m[5]:
+            return f"decoder.levels.{level}.resample.conv.{m[5]}"
+        return f"decoder.levels.{level}.blocks.{m[3]}.{m[4]}".replace("nin_shortcut", "shortcut")
+    m = re.fullmatch(r"(encoder|decoder)\.mid\.(\d+)\.(.+)", key)
+    if m:
+        return f"{m[1]}.mid.{m[2]}.{m[3]}".replace("nin_shortcut", "shortcut")
+    if key in ("encoder.conv_in.weight", "encoder.norm_out.weight", "encoder.norm_out.bias", "encoder.conv_out.weight",
+               "encoder.conv_out.bias", "decoder.conv_in.weight", "decoder.conv_in.bias", "decoder.norm_out.weight",
+               "decoder.norm_out.bias", "decoder.conv_out.weight", "decoder.conv_out.bias", "quantize.embedding.weight"):
+        return key
+    return None
+
+
+def convert_vqgan(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], *,
+                  vq_backend: str | None = None) -> VQGAN:
+    """An open-muse ``MaskGitVQGAN`` state dict + its config -> a musefast :class:`VQGAN` with the
+    same tokens and reconstructions (images in [0, 1], as open-muse feeds them)."""
+    name = config.get("_class_name", "MaskGitVQGAN")
+    if name != "MaskGitVQGAN":
+        raise ValueError(f"expected an open-muse MaskGitVQGAN config, got _class_name={name!r}")
+    cfg = {**_VQ_DEFAULTS, **config}
+    vcfg = _vqgan_config(cfg)
+    model = VQGAN(vcfg, vq_backend=vq_backend)
+    own = model.state_dict()
+    levels = len(vcfg.channel_mult)
+    out, unknown = {}, []
+    for key, value in state.items():
+        new = _vqgan_key(key, levels)
+        if new is None:
+            unknown.append(key)
+        else:
+            out[new] = value
+    check_keys("open-muse MaskGitVQGAN", state, used=set(state) - set(unknown))
+    conv_out = out.get("encoder.conv_out.weight")
+    if conv_out is not None and conv_out.shape[-2:] == (1, 1):  # 1x1 conv = centre of a zero 3x3 kernel
+        out["encoder.conv_out.weight"] = torch.nn.functional.pad(conv_out, (1, 1, 1, 1))
+    for key in own:  # open-muse's residual convs and encoder conv_in carry no bias
+        bias_free = re.search(r"\.(conv1|conv2|shortcut)\.bias$", key) or key == "encoder.conv_in.bias"
+        if bias_free and key not in out and key[: -len("bias")] + "weight" in out:
+            out[key] = torch.zeros(own[key].shape)
+    for conv in ("quant_conv", "post_quant_conv"):  # absent in MaskGitVQGAN: identities
+        out[f"{conv}.weight"] = torch.eye(vcfg.embed_dim)[:, :, None, None]
+        out[f"{conv}.bias"] = torch.zeros(vcfg.embed_dim)
+    load_strict(model, out, source="open-muse MaskGitVQGAN -> VQGAN")
+    return model.eval()
+
+
+def load_vqgan(folder: str | os.PathLike, *, vq_backend: str | None = None) -> VQGAN:
+    """An open-muse ``MaskGitVQGAN`` folder (``config.json`` + weights) -> :class:`VQGAN`."""
+    state, config = read_folder(folder)
+    return convert_vqgan(state, config, vq_backend=vq_backend)

@@ -56,6 +56,11 @@ class VQGANConfig:
             bfloat16 (half-precision VQ decoders overflow to inf/NaN); outputs are cast back.
         vq_metric: ``"l2"`` or ``"cosine"`` nearest-code search.
         commitment_beta: weight of the commitment loss when training.
+        shortcut: where a residual block's 1x1 skip conv (when the width changes) reads:
+            ``"input"`` (the block input: taming, diffusers) or ``"output"`` (the block's own
+            output, added to itself: google maskgit and open-muse's MaskGitVQGAN).
+        decoder_res_blocks: residual blocks per decoder level (None = ``num_res_blocks + 1``,
+            taming/diffusers; MaskGIT uses ``num_res_blocks``).
     """
 
     in_channels: int = 3
@@ -73,6 +78,8 @@ class VQGANConfig:
     force_upcast: bool = True
     vq_metric: str = "l2"
     commitment_beta: float = 0.25
+    shortcut: str = "input"
+    decoder_res_blocks: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
@@ -89,6 +96,10 @@ class VQGANConfig:
                                  f"{width} is not divisible")
         if self.downsample not in ("conv", "avgpool"):
             raise ValueError(f"VQGANConfig.downsample must be 'conv' or 'avgpool', got {self.downsample!r}")
+        if self.shortcut not in ("input", "output"):
+            raise ValueError(f"VQGANConfig.shortcut must be 'input' or 'output', got {self.shortcut!r}")
+        if self.decoder_res_blocks is not None and self.decoder_res_blocks < 1:
+            raise ValueError(f"VQGANConfig.decoder_res_blocks must be >= 1 or None, got {self.decoder_res_blocks}")
         if self.vq_metric not in ("l2", "cosine"):
             raise ValueError(f"VQGANConfig.vq_metric must be 'l2' or 'cosine', got {self.vq_metric!r}")
 
@@ -99,21 +110,25 @@ class VQGANConfig:
 
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv3x3 -> GroupNorm -> SiLU -> dropout -> conv3x3, plus a skip
-    (1x1 conv ``shortcut`` when the width changes)."""
+    (1x1 conv ``shortcut`` when the width changes; ``shortcut_on_output``: the skip conv reads
+    the block's output instead of its input, as in google maskgit)."""
 
-    def __init__(self, in_ch: int, out_ch: int, groups: int, dropout: float = 0.0):
+    def __init__(self, in_ch: int, out_ch: int, groups: int, dropout: float = 0.0, *,
+                 shortcut_on_output: bool = False):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_ch, eps=1e-6)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.norm2 = nn.GroupNorm(groups, out_ch, eps=1e-6)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.shortcut_on_output = shortcut_on_output and in_ch != out_ch
+        skip_in = out_ch if shortcut_on_output else in_ch
+        self.shortcut = nn.Conv2d(skip_in, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.shortcut(x) + h
+        return self.shortcut(h if self.shortcut_on_output else x) + h
 
 
 class Downsample(nn.Module):
@@ -168,7 +183,7 @@ class Encoder(nn.Module):
         for i, width in enumerate(widths):
             blocks = []
             for _ in range(c.num_res_blocks):
-                blocks.append(ResBlock(ch, width, c.norm_groups, c.dropout))
+                blocks.append(ResBlock(ch, width, c.norm_groups, c.dropout, shortcut_on_output=c.shortcut == "output"))
                 ch = width
             last = i == len(widths) - 1
             levels.append(Level(blocks, None if last else Downsample(ch, c.downsample)))
@@ -196,8 +211,8 @@ class Decoder(nn.Module):
         levels = []
         for i, width in enumerate(widths):
             blocks = []
-            for _ in range(c.num_res_blocks + 1):
-                blocks.append(ResBlock(ch, width, c.norm_groups, c.dropout))
+            for _ in range(c.num_res_blocks + 1 if c.decoder_res_blocks is None else c.decoder_res_blocks):
+                blocks.append(ResBlock(ch, width, c.norm_groups, c.dropout, shortcut_on_output=c.shortcut == "output"))
                 ch = width
             last = i == len(widths) - 1
             levels.append(Level(blocks, None if last else Upsample(ch)))
