@@ -167,3 +167,38 @@ def test_maskgit_vqgan_unknown_keys_and_bad_configs_raise():
         om.convert_vqgan(state, dict(config, quantized_embed_dim=8))
     with pytest.raises(ValueError, match="MaskGitVQGAN config"):
         om.convert_vqgan(state, dict(config, _class_name="VQGANModel"))
+
+
+# -- MaskGiTUViT_v2 ----------------------------------------------------------------------------
+# Fixture ``uvit_v2``: the same open-muse commit, ``torch.manual_seed(999)``,
+# ``MaskGiTUViT_v2(hidden_size=32, use_bias=True, cond_embed_dim=16, micro_cond_encode_dim=4,
+# micro_cond_embed_dim=20, encoder_hidden_size=24, vocab_size=24, codebook_size=16, in_channels=8,
+# block_out_channels=[16], num_res_blocks=2, force_down_up_sample=True, block_num_heads=2,
+# num_hidden_layers=2, num_attention_heads=4, intermediate_size=40, norm_type="rmsnorm")``, every
+# parameter plus N(0, 0.05) noise (N(0, 0.2) for norms: its init zeroes the AdaLN mappers, the GRN
+# and the first MLM conv). ``io.safetensors``: ``input_ids`` (2, 16) (half [MASK] = 23),
+# ``encoder_hidden_states`` (2, 5, 24), ``cond_embeds`` (2, 16), ``micro_conds`` (2, 5), ``logits``.
+
+
+@pytest.mark.parametrize("backend", ["reference", None])
+def test_uvit_v2_logits_match_open_muse(backend):
+    folder = FIXTURES / "uvit_v2"
+    io = load_file(folder / "io.safetensors")
+    model = om.load_uvit(folder, backend=backend)
+    ids = io["input_ids"].view(2, 4, 4)
+    cond = (io["encoder_hidden_states"], io["cond_embeds"], io["micro_conds"])
+    with torch.no_grad():
+        got = model(ids, *cond)
+        torch.testing.assert_close(got.reshape(2, 16, -1), io["logits"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(ids, context=model.prepare_context(*cond)), got)
+
+
+def test_uvit_v2_unknown_keys_and_unsupported_configs_raise():
+    folder = FIXTURES / "uvit_v2"
+    state, config = om.read_folder(folder)
+    with pytest.raises(ConversionError, match=r"unknown keys \(1\): transformer_layers\.0\.extra"):
+        om.convert_uvit(dict(state, **{"transformer_layers.0.extra": torch.zeros(1)}), config)
+    with pytest.raises(ConversionError, match="shape mismatches"):
+        om.convert_uvit(state, dict(config, intermediate_size=48))
+    with pytest.raises(ValueError, match="norm_type='layernorm'.*use_fused_mlp"):
+        om.convert_uvit(state, dict(config, norm_type="layernorm", use_fused_mlp=True))

@@ -54,7 +54,15 @@ convs get zero biases, its 1x1 encoder ``conv_out`` becomes the centre of a 3x3 
 absent ``quant_conv`` / ``post_quant_conv`` are identities. Its decoder's ``up`` list is stored
 shallowest first; musefast's ``levels`` run deepest first.
 
-Not converted yet: ``MaskGiTUViT`` (v2), the taming ``VQGANModel`` tokenizer.
+U-ViT: ``MaskGiTUViT_v2`` (``MaskGiTUViT``) is the layout diffusers' ``UVit2DModel`` (aMUSEd)
+was made from -> musefast :class:`~musefast.models.uvit.UVit2D`, a key mapping: its fused-residual
+norms compute the ordinary pre-norm residuals, ``force_down_up_sample`` is ``downsample`` and
+``upsample``, 1x1 convs become Linears, q/k/v concatenate; ids, the [MASK] id (vocab_size − 1)
+and the conditioning (``encoder_hidden_states``, pooled ``cond_embeds``, ``micro_conds``) are
+the same. Logits come as (B, h, w, K) instead of (B, h·w, K). Supported: ``norm_type="rmsnorm"``
+with affine norms and eps 1e-6 (the aMUSEd layout), without ``use_fused_mlp``.
+
+Not converted yet: the taming ``VQGANModel`` tokenizer.
 """
 from __future__ import annotations
 
@@ -69,10 +77,11 @@ import torch
 
 from musefast.compat._convert import ConversionError, check_keys, load_strict
 from musefast.models.transformer import MuseTransformer, MuseTransformerConfig
+from musefast.models.uvit import UVit2D, UVit2DConfig
 from musefast.models.vqgan import VQGAN, VQGANConfig
 
-__all__ = ["load_transformer", "convert_transformer", "load_vqgan", "convert_vqgan", "read_folder",
-           "to_musefast_ids", "PRESET"]
+__all__ = ["load_transformer", "convert_transformer", "load_vqgan", "convert_vqgan", "load_uvit", "convert_uvit",
+           "read_folder", "to_musefast_ids", "PRESET"]
 
 # the musefast.sampling preset nearest open-muse's generate2 (google maskgit's decoding: tau = 1,
 # cosine schedule, maskgit mask counts); generate2 anneals its choice temperature cumulatively
@@ -334,3 +343,141 @@ def load_vqgan(folder: str | os.PathLike, *, vq_backend: str | None = None) -> V
     """An open-muse ``MaskGitVQGAN`` folder (``config.json`` + weights) -> :class:`VQGAN`."""
     state, config = read_folder(folder)
     return convert_vqgan(state, config, vq_backend=vq_backend)
+
+
+# MaskGiTUViT_v2Config's defaults
+_UVIT_DEFAULTS = dict(hidden_size=1024, use_bias=False, hidden_dropout=0.0, cond_embed_dim=768, micro_cond_encode_dim=256,
+                      micro_cond_embed_dim=1280, encoder_hidden_size=768, vocab_size=8256, codebook_size=8192,
+                      in_channels=768, block_out_channels=(768,), num_res_blocks=3, force_down_up_sample=False,
+                      block_num_heads=12, num_hidden_layers=22, num_attention_heads=16, attention_dropout=0.0,
+                      intermediate_size=2816, use_fused_mlp=False, norm_type="rmsnorm", layer_norm_eps=1e-6,
+                      ln_elementwise_affine=True)
+_UVIT_CLASSES = ("MaskGiTUViT_v2", "MaskGiTUViT")
+
+
+def _uvit_config(cfg: Mapping[str, Any], backend: str | None) -> UVit2DConfig:
+    problems = []
+    if cfg["norm_type"] != "rmsnorm":
+        problems.append(f"norm_type={cfg['norm_type']!r} (only 'rmsnorm')")
+    if cfg["use_fused_mlp"]:
+        problems.append("use_fused_mlp=True (a tanh-GELU MLP, not the GLU one)")
+    if not cfg["ln_elementwise_affine"]:
+        problems.append("ln_elementwise_affine=False")
+    if cfg["layer_norm_eps"] != 1e-6:
+        problems.append(f"layer_norm_eps={cfg['layer_norm_eps']} (only 1e-6)")
+    blocks = cfg["block_out_channels"]
+    blocks = list(blocks) if isinstance(blocks, (list, tuple)) else [blocks]
+    if len(blocks) != 1:
+        problems.append(f"block_out_channels={blocks} (one block width)")
+    heads = cfg["block_num_heads"]
+    heads = heads[0] if isinstance(heads, (list, tuple)) and len(heads) == 1 else heads
+    if problems:
+        raise ValueError("unsupported open-muse MaskGiTUViT_v2 config: " + "; ".join(problems))
+    return UVit2DConfig(
+        hidden_size=cfg["hidden_size"], use_bias=cfg["use_bias"], hidden_dropout=cfg["hidden_dropout"],
+        cond_embed_dim=cfg["cond_embed_dim"], micro_cond_encode_dim=cfg["micro_cond_encode_dim"],
+        micro_cond_embed_dim=cfg["micro_cond_embed_dim"], encoder_hidden_size=cfg["encoder_hidden_size"],
+        vocab_size=cfg["vocab_size"], codebook_size=cfg["codebook_size"], in_channels=cfg["in_channels"],
+        block_out_channels=blocks[0], num_res_blocks=cfg["num_res_blocks"],
+        downsample=cfg["force_down_up_sample"], upsample=cfg["force_down_up_sample"], block_num_heads=heads,
+        num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
+        attention_dropout=cfg["attention_dropout"], intermediate_size=cfg["intermediate_size"],
+        layer_norm_eps=cfg["layer_norm_eps"], ln_elementwise_affine=True, backend=backend)
+
+
+def _uvit_state(state: Mapping[str, torch.Tensor], ucfg: UVit2DConfig) -> dict[str, torch.Tensor]:
+    used: set[str] = set()
+    out: dict[str, torch.Tensor] = {}
+    leaves = ("weight", "bias") if ucfg.use_bias else ("weight",)
+
+    def take(key):
+        if key not in state:
+            raise ConversionError(f"open-muse MaskGiTUViT_v2: missing key {key!r} "
+                                  f"(found {len(state)} keys, e.g. {sorted(state)[:5]})")
+        used.add(key)
+        return state[key]
+
+    def copy(src, dst, *, conv1x1=False, norm=False):
+        for leaf in ("weight",) if norm else leaves:
+            value = take(f"{src}.{leaf}")
+            out[f"{dst}.{leaf}"] = value[:, :, 0, 0] if conv1x1 and leaf == "weight" else value
+
+    def attention(src, dst, fused_qkv):
+        for leaf in leaves:
+            q, k, v = (take(f"{src}.{n}.{leaf}") for n in ("query", "key", "value"))
+            if fused_qkv:
+                out[f"{dst}.to_qkv.{leaf}"] = torch.cat([q, k, v])
+            else:
+                out[f"{dst}.to_q.{leaf}"], out[f"{dst}.to_kv.{leaf}"] = q, torch.cat([k, v])
+        copy(f"{src}.out", f"{dst}.to_out")
+
+    copy("encoder_proj", "encoder_proj")
+    copy("encoder_proj_layer_norm", "encoder_proj_layer_norm", norm=True)
+    out["embed.embeddings.weight"] = take("embed.embeddings.weight")
+    copy("embed.layer_norm", "embed.layer_norm", norm=True)
+    copy("embed.conv", "embed.conv", conv1x1=True)
+    copy("cond_embed.0", "cond_embed.linear_1")
+    copy("cond_embed.2", "cond_embed.linear_2")
+    for src, dst in (("down_blocks.0", "down_block"), ("up_blocks.0", "up_block")):
+        for i in range(ucfg.num_res_blocks):
+            r, m = f"{src}.res_blocks.{i}", f"{dst}.res_blocks.{i}"
+            copy(f"{r}.depthwise", f"{m}.depthwise")
+            copy(f"{r}.norm.norm", f"{m}.norm", norm=True)
+            copy(f"{r}.channelwise.0", f"{m}.channelwise_linear_1")
+            for leaf in ("gamma", "beta"):
+                out[f"{m}.channelwise_norm.{leaf}"] = take(f"{r}.channelwise.2.{leaf}")
+            copy(f"{r}.channelwise.4", f"{m}.channelwise_linear_2")
+            copy(f"{r}.adaLN_modulation.mapper", f"{m}.cond_embeds_mapper")
+            a, m = f"{src}.attention_blocks.{i}", f"{dst}.attention_blocks.{i}"
+            if ucfg.hidden_size != ucfg.block_out_channels:
+                copy(f"{a}.kv_mapper", f"{m}.kv_mapper")
+            copy(f"{a}.attn_layer_norm", f"{m}.norm1", norm=True)
+            attention(f"{a}.attention", f"{m}.attn1", fused_qkv=False)
+            copy(f"{a}.crossattn_layer_norm", f"{m}.norm2", norm=True)
+            attention(f"{a}.crossattention", f"{m}.attn2", fused_qkv=False)
+    if ucfg.downsample:
+        copy("down_blocks.0.downsample.0.norm", "down_block.downsample.norm", norm=True)
+        copy("down_blocks.0.downsample.1", "down_block.downsample.conv")
+    if ucfg.upsample:
+        copy("up_blocks.0.upsample.0.norm", "up_block.upsample.norm", norm=True)
+        copy("up_blocks.0.upsample.1", "up_block.upsample.conv")
+    for name in ("project_to_hidden", "project_from_hidden"):
+        copy(f"{name}_norm", f"{name}_norm", norm=True)
+        copy(name, name)
+    for i in range(ucfg.num_hidden_layers):
+        t, m = f"transformer_layers.{i}", f"transformer_layers.{i}"
+        copy(f"{t}.attn_layer_norm", f"{m}.norm1.norm", norm=True)
+        copy(f"{t}.self_attn_adaLN_modulation.mapper", f"{m}.norm1.linear")
+        attention(f"{t}.attention", f"{m}.attn1", fused_qkv=True)
+        copy(f"{t}.crossattn_layer_norm", f"{m}.norm2.norm", norm=True)
+        copy(f"{t}.cross_attn_adaLN_modulation.mapper", f"{m}.norm2.linear")
+        attention(f"{t}.crossattention", f"{m}.attn2", fused_qkv=False)
+        copy(f"{t}.ffn.pre_mlp_layer_norm", f"{m}.norm3.norm")  # a LayerNorm (bias with use_bias)
+        copy(f"{t}.ffn.adaLN_modulation.mapper", f"{m}.norm3.linear")
+        for leaf in leaves:  # open-muse: GELU(wi_0) * wi_1; musefast geglu: value * GELU(gate)
+            out[f"{m}.ff.proj_in.{leaf}"] = torch.cat([take(f"{t}.ffn.wi_1.{leaf}"), take(f"{t}.ffn.wi_0.{leaf}")])
+        copy(f"{t}.ffn.wo", f"{m}.ff.proj_out")
+    copy("mlm_layer.conv1", "mlm_layer.conv1", conv1x1=True)
+    copy("mlm_layer.layer_norm.norm", "mlm_layer.layer_norm", norm=True)
+    copy("mlm_layer.conv2", "mlm_layer.conv2", conv1x1=True)
+    check_keys("open-muse MaskGiTUViT_v2", state, used=used)
+    return out
+
+
+def convert_uvit(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], *,
+                 backend: str | None = None) -> UVit2D:
+    """An open-muse ``MaskGiTUViT_v2`` state dict + its config -> a musefast :class:`UVit2D` with
+    the same logits (reshaped to (B, h, w, K))."""
+    name = config.get("_class_name", "MaskGiTUViT_v2")
+    if name not in _UVIT_CLASSES:
+        raise ValueError(f"expected an open-muse MaskGiTUViT_v2 config, got _class_name={name!r}")
+    ucfg = _uvit_config({**_UVIT_DEFAULTS, **config}, backend)
+    model = UVit2D(ucfg)
+    load_strict(model, _uvit_state(state, ucfg), source="open-muse MaskGiTUViT_v2 -> UVit2D")
+    return model.eval()
+
+
+def load_uvit(folder: str | os.PathLike, *, backend: str | None = None) -> UVit2D:
+    """An open-muse ``MaskGiTUViT_v2`` folder (``config.json`` + weights) -> :class:`UVit2D`."""
+    state, config = read_folder(folder)
+    return convert_uvit(state, config, backend=backend)
