@@ -127,7 +127,7 @@ def test_folder_without_weights_raises(tmp_path):
         om.load_transformer(tmp_path)
 
 
-# -- MaskGitVQGAN ------------------------------------------------------------------------------
+# -- MaskGitVQGAN and VQGANModel --------------------------------------------------------------
 # Fixture ``maskgit_vqgan``: the same open-muse commit, ``torch.manual_seed(4321)``,
 # ``MaskGitVQGAN(resolution=16, hidden_channels=32, channel_mult=(1, 2), num_res_blocks=1,
 # z_channels=16, num_embeddings=24, quantized_embed_dim=16)``, norms perturbed and biases drawn as
@@ -135,10 +135,16 @@ def test_folder_without_weights_raises(tmp_path):
 # stored as fp16 (a small fixture; the outputs were computed from those values in fp32).
 # ``io.safetensors``: ``pixel_values`` U[0, 1) (2, 3, 16, 16), the encoder's ``features``,
 # ``tokens`` (B, 64) of ``encode``, the codebook ``distances`` and ``decoded = decode_code(tokens)``.
+# Fixture ``taming_vqgan``: likewise with ``torch.manual_seed(2468)``, the taming
+# ``VQGANModel(resolution=16, hidden_channels=32, channel_mult=(1, 1), num_res_blocks=1,
+# attn_resolutions=(), no_attn_mid_block=True, z_channels=8, num_embeddings=24,
+# quantized_embed_dim=4)`` (convolutional, as the aMUSEd VQ), codebook from N(0, 0.5);
+# its ``features`` are after ``quant_conv``.
 
 
-def test_maskgit_vqgan_tokens_features_and_reconstructions_match():
-    folder = FIXTURES / "maskgit_vqgan"
+@pytest.mark.parametrize("name", ["maskgit_vqgan", "taming_vqgan"])
+def test_vqgan_tokens_features_and_reconstructions_match(name):
+    folder = FIXTURES / name
     io = load_file(folder / "io.safetensors")
     vq = om.load_vqgan(folder)
     with torch.no_grad():
@@ -156,7 +162,7 @@ def test_maskgit_vqgan_tokens_features_and_reconstructions_match():
         torch.testing.assert_close(vq.decode(grid), io["decoded"].clamp(0, 1), rtol=1e-5, atol=1e-5)
 
 
-def test_maskgit_vqgan_unknown_keys_and_bad_configs_raise():
+def test_vqgan_unknown_keys_and_bad_configs_raise():
     folder = FIXTURES / "maskgit_vqgan"
     state, config = om.read_folder(folder)
     with pytest.raises(ConversionError, match=r"unknown keys \(1\): encoder\.down\.0\.attn\.weight"):
@@ -165,8 +171,20 @@ def test_maskgit_vqgan_unknown_keys_and_bad_configs_raise():
         om.convert_vqgan(state, dict(config, num_embeddings=32))
     with pytest.raises(ValueError, match="quantized_embed_dim"):
         om.convert_vqgan(state, dict(config, quantized_embed_dim=8))
-    with pytest.raises(ValueError, match="MaskGitVQGAN config"):
-        om.convert_vqgan(state, dict(config, _class_name="VQGANModel"))
+    with pytest.raises(ConversionError, match=r"unknown keys \(2\): post_quant_conv\.weight, quant_conv\.weight"):
+        extra = {"quant_conv.weight": torch.zeros(16, 16, 1, 1), "post_quant_conv.weight": torch.zeros(16, 16, 1, 1)}
+        om.convert_vqgan(dict(state, **extra), config)
+    with pytest.raises(ValueError, match="MaskGitVQGAN or VQGANModel config"):
+        om.convert_vqgan(state, dict(config, _class_name="MOVQ"))
+    taming, taming_config = om.read_folder(FIXTURES / "taming_vqgan")
+    with pytest.raises(ValueError, match=r"attention at resolutions \[8\]"):
+        om.convert_vqgan(taming, dict(taming_config, attn_resolutions=[8]))
+    with pytest.raises(ValueError, match="no_attn_mid_block=False"):
+        om.convert_vqgan(taming, dict(taming_config, no_attn_mid_block=False))
+    with pytest.raises(ValueError, match="resample_with_conv=False"):
+        om.convert_vqgan(taming, dict(taming_config, resample_with_conv=False))
+    with pytest.raises(ValueError, match=r"channel_mult\[0\] != 1"):
+        om.convert_vqgan(taming, dict(taming_config, channel_mult=[2, 1]))
 
 
 # -- MaskGiTUViT_v2 ----------------------------------------------------------------------------

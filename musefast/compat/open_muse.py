@@ -62,7 +62,10 @@ and the conditioning (``encoder_hidden_states``, pooled ``cond_embeds``, ``micro
 the same. Logits come as (B, h, w, K) instead of (B, h·w, K). Supported: ``norm_type="rmsnorm"``
 with affine norms and eps 1e-6 (the aMUSEd layout), without ``use_fused_mlp``.
 
-Not converted yet: the taming ``VQGANModel`` tokenizer.
+The taming ``VQGANModel`` tokenizer is musefast's VQGAN layout (a key rename: ``mid.block_1``/
+``block_2``, ``downsample.conv``, ``upsample.conv``, ``nin_shortcut``) when it is convolutional
+(``no_attn_mid_block=True`` and no level resolution in ``attn_resolutions``, as the aMUSEd VQ);
+with attention blocks it raises. Both VQGANs need ``channel_mult[0] == 1``.
 """
 from __future__ import annotations
 
@@ -264,83 +267,98 @@ def load_transformer(folder: str | os.PathLike, *, backend: str | None = None) -
     return convert_transformer(state, config, backend=backend)
 
 
-# MaskGitVQGAN's constructor defaults
-_VQ_DEFAULTS = dict(num_channels=3, hidden_channels=128, channel_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
-                    z_channels=256, num_embeddings=1024, quantized_embed_dim=256, commitment_cost=0.25)
+# MaskGitVQGAN's and VQGANModel's constructor defaults (the same numbers)
+_VQ_DEFAULTS = dict(resolution=256, num_channels=3, hidden_channels=128, channel_mult=(1, 1, 2, 2, 4),
+                    num_res_blocks=2, attn_resolutions=(16,), no_attn_mid_block=False, z_channels=256,
+                    num_embeddings=1024, quantized_embed_dim=256, resample_with_conv=True, commitment_cost=0.25)
+_VQ_CLASSES = ("MaskGitVQGAN", "VQGANModel")
 
 
-def _vqgan_config(cfg: Mapping[str, Any]) -> VQGANConfig:
-    if cfg["quantized_embed_dim"] != cfg["z_channels"]:
-        raise ValueError(f"MaskGitVQGAN has no quant_conv: quantized_embed_dim ({cfg['quantized_embed_dim']}) "
-                         f"must equal z_channels ({cfg['z_channels']})")
+def _vqgan_config(cfg: Mapping[str, Any], maskgit: bool) -> VQGANConfig:
     if cfg["channel_mult"][0] != 1:  # its conv_in outputs hidden_channels, musefast's channels * channel_mult[0]
-        raise ValueError(f"MaskGitVQGAN with channel_mult[0] != 1 is not supported, got {tuple(cfg['channel_mult'])}")
+        raise ValueError(f"open-muse VQGANs with channel_mult[0] != 1 are not supported, got {tuple(cfg['channel_mult'])}")
     n = cfg["num_res_blocks"]
-    return VQGANConfig(in_channels=cfg["num_channels"], channels=cfg["hidden_channels"],
-                       channel_mult=tuple(cfg["channel_mult"]), num_res_blocks=n, num_mid_blocks=n,
-                       z_channels=cfg["z_channels"], embed_dim=cfg["quantized_embed_dim"],
-                       codebook_size=cfg["num_embeddings"], norm_groups=32, downsample="avgpool",
-                       signed_pixels=False, commitment_beta=cfg["commitment_cost"], shortcut="output",
-                       decoder_res_blocks=n)
+    common = dict(in_channels=cfg["num_channels"], channels=cfg["hidden_channels"],
+                  channel_mult=tuple(cfg["channel_mult"]), num_res_blocks=n, z_channels=cfg["z_channels"],
+                  embed_dim=cfg["quantized_embed_dim"], codebook_size=cfg["num_embeddings"], norm_groups=32,
+                  signed_pixels=False, commitment_beta=cfg["commitment_cost"])
+    if maskgit:
+        if cfg["quantized_embed_dim"] != cfg["z_channels"]:
+            raise ValueError(f"MaskGitVQGAN has no quant_conv: quantized_embed_dim ({cfg['quantized_embed_dim']}) "
+                             f"must equal z_channels ({cfg['z_channels']})")
+        return VQGANConfig(**common, num_mid_blocks=n, downsample="avgpool", shortcut="output", decoder_res_blocks=n)
+    levels = len(cfg["channel_mult"])  # VQGANModel: attention where a level's resolution is listed
+    attn = sorted({cfg["resolution"] // 2**i for i in range(levels)} & set(cfg["attn_resolutions"] or ()))
+    if attn or not cfg["no_attn_mid_block"]:
+        raise ValueError("VQGANModel with attention blocks is not supported (musefast's VQGAN is convolutional): "
+                         f"attention at resolutions {attn}, no_attn_mid_block={cfg['no_attn_mid_block']}")
+    if not cfg["resample_with_conv"]:
+        raise ValueError("VQGANModel with resample_with_conv=False (upsampling without a conv) is not supported")
+    return VQGANConfig(**common, num_mid_blocks=2, downsample="conv")
 
 
 def _vqgan_key(key: str, levels: int) -> str | None:
-    """MaskGitVQGAN key -> VQGAN key (None: not a key of MaskGitVQGAN's layout)."""
-    m = re.fullmatch(r"encoder\.down\.(\d+)\.block\.(\d+)\.(.+)", key)
+    """MaskGitVQGAN / VQGANModel key -> VQGAN key (None: not a key of either layout)."""
+    m = re.fullmatch(r"encoder\.down\.(\d+)\.(block\.(\d+)\.(.+)|downsample\.conv\.(weight|bias))", key)
     if m:
-        return f"encoder.levels.{m[1]}.blocks.{m[2]}.{m[3]}".replace("nin_shortcut", "shortcut")
-    m = re.fullmatch(r"decoder\.up\.(\d+)\.(block\.(\d+)\.(.+)|upsample_conv\.(weight|bias))", key)
+        if m[5]:
+            return f"encoder.levels.{m[1]}.resample.conv.{m[5]}"
+        return f"encoder.levels.{m[1]}.blocks.{m[3]}.{m[4]}".replace("nin_shortcut", "shortcut")
+    m = re.fullmatch(r"decoder\.up\.(\d+)\.(block\.(\d+)\.(.+)|upsample_conv\.(weight|bias)|upsample\.conv\.(weight|bias))", key)
     if m:  # open-muse keeps up[i] = level i (shallowest first); musefast runs deepest first
         level = levels - 1 - int(m[1])
-        if m[5]:
-            return f"decoder.levels.{level}.resample.conv.{m[5]}"
+        if m[5] or m[6]:
+            return f"decoder.levels.{level}.resample.conv.{m[5] or m[6]}"
         return f"decoder.levels.{level}.blocks.{m[3]}.{m[4]}".replace("nin_shortcut", "shortcut")
-    m = re.fullmatch(r"(encoder|decoder)\.mid\.(\d+)\.(.+)", key)
-    if m:
-        return f"{m[1]}.mid.{m[2]}.{m[3]}".replace("nin_shortcut", "shortcut")
-    if key in ("encoder.conv_in.weight", "encoder.norm_out.weight", "encoder.norm_out.bias", "encoder.conv_out.weight",
-               "encoder.conv_out.bias", "decoder.conv_in.weight", "decoder.conv_in.bias", "decoder.norm_out.weight",
-               "decoder.norm_out.bias", "decoder.conv_out.weight", "decoder.conv_out.bias", "quantize.embedding.weight"):
+    m = re.fullmatch(r"(encoder|decoder)\.mid\.(\d+|block_1|block_2)\.(.+)", key)
+    if m:  # MaskGitVQGAN: mid.<j>; VQGANModel: mid.block_1 / mid.block_2
+        index = {"block_1": "0", "block_2": "1"}.get(m[2], m[2])
+        return f"{m[1]}.mid.{index}.{m[3]}".replace("nin_shortcut", "shortcut")
+    if re.fullmatch(r"(encoder|decoder)\.(conv_in|norm_out|conv_out)\.(weight|bias)|quantize\.embedding\.weight"
+                    r"|(post_)?quant_conv\.(weight|bias)", key):
         return key
     return None
 
 
 def convert_vqgan(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], *,
                   vq_backend: str | None = None) -> VQGAN:
-    """An open-muse ``MaskGitVQGAN`` state dict + its config -> a musefast :class:`VQGAN` with the
-    same tokens and reconstructions (images in [0, 1], as open-muse feeds them)."""
+    """An open-muse ``MaskGitVQGAN`` or (convolutional) ``VQGANModel`` state dict + its config ->
+    a musefast :class:`VQGAN` with the same tokens and reconstructions (images in [0, 1], as
+    open-muse feeds them)."""
     name = config.get("_class_name", "MaskGitVQGAN")
-    if name != "MaskGitVQGAN":
-        raise ValueError(f"expected an open-muse MaskGitVQGAN config, got _class_name={name!r}")
+    if name not in _VQ_CLASSES:
+        raise ValueError(f"expected an open-muse MaskGitVQGAN or VQGANModel config, got _class_name={name!r}")
+    maskgit = name == "MaskGitVQGAN"
     cfg = {**_VQ_DEFAULTS, **config}
-    vcfg = _vqgan_config(cfg)
+    vcfg = _vqgan_config(cfg, maskgit)
     model = VQGAN(vcfg, vq_backend=vq_backend)
     own = model.state_dict()
     levels = len(vcfg.channel_mult)
     out, unknown = {}, []
     for key, value in state.items():
         new = _vqgan_key(key, levels)
-        if new is None:
+        if new is None or (maskgit and "quant_conv" in new):
             unknown.append(key)
         else:
             out[new] = value
-    check_keys("open-muse MaskGitVQGAN", state, used=set(state) - set(unknown))
-    conv_out = out.get("encoder.conv_out.weight")
-    if conv_out is not None and conv_out.shape[-2:] == (1, 1):  # 1x1 conv = centre of a zero 3x3 kernel
-        out["encoder.conv_out.weight"] = torch.nn.functional.pad(conv_out, (1, 1, 1, 1))
-    for key in own:  # open-muse's residual convs and encoder conv_in carry no bias
-        bias_free = re.search(r"\.(conv1|conv2|shortcut)\.bias$", key) or key == "encoder.conv_in.bias"
-        if bias_free and key not in out and key[: -len("bias")] + "weight" in out:
-            out[key] = torch.zeros(own[key].shape)
-    for conv in ("quant_conv", "post_quant_conv"):  # absent in MaskGitVQGAN: identities
-        out[f"{conv}.weight"] = torch.eye(vcfg.embed_dim)[:, :, None, None]
-        out[f"{conv}.bias"] = torch.zeros(vcfg.embed_dim)
-    load_strict(model, out, source="open-muse MaskGitVQGAN -> VQGAN")
+    check_keys(f"open-muse {name}", state, used=set(state) - set(unknown))
+    if maskgit:
+        conv_out = out.get("encoder.conv_out.weight")
+        if conv_out is not None and conv_out.shape[-2:] == (1, 1):  # 1x1 conv = centre of a zero 3x3 kernel
+            out["encoder.conv_out.weight"] = torch.nn.functional.pad(conv_out, (1, 1, 1, 1))
+        for key in own:  # its residual convs and encoder conv_in carry no bias
+            bias_free = re.search(r"\.(conv1|conv2|shortcut)\.bias$", key) or key == "encoder.conv_in.bias"
+            if bias_free and key not in out and key[: -len("bias")] + "weight" in out:
+                out[key] = torch.zeros(own[key].shape)
+        for conv in ("quant_conv", "post_quant_conv"):  # absent in MaskGitVQGAN: identities
+            out[f"{conv}.weight"] = torch.eye(vcfg.embed_dim)[:, :, None, None]
+            out[f"{conv}.bias"] = torch.zeros(vcfg.embed_dim)
+    load_strict(model, out, source=f"open-muse {name} -> VQGAN")
     return model.eval()
 
 
 def load_vqgan(folder: str | os.PathLike, *, vq_backend: str | None = None) -> VQGAN:
-    """An open-muse ``MaskGitVQGAN`` folder (``config.json`` + weights) -> :class:`VQGAN`."""
+    """An open-muse ``MaskGitVQGAN`` / ``VQGANModel`` folder (``config.json`` + weights) -> :class:`VQGAN`."""
     state, config = read_folder(folder)
     return convert_vqgan(state, config, vq_backend=vq_backend)
 
