@@ -38,6 +38,9 @@ from safetensors.torch import load_file
 from musefast.compat import open_muse as om
 from musefast.compat._convert import ConversionError
 from musefast.models.serialization import load_component, save_component
+from musefast.models.transformer import MuseTransformer
+from musefast.models.uvit import UVit2D
+from musefast.models.vqgan import VQGAN
 
 FIXTURES = Path(__file__).parent / "fixtures" / "open_muse"
 VARIANTS = ("maskgit_text_rmsnorm", "maskgit_text_layernorm", "maskgit_class")
@@ -220,3 +223,18 @@ def test_uvit_v2_unknown_keys_and_unsupported_configs_raise():
         om.convert_uvit(state, dict(config, intermediate_size=48))
     with pytest.raises(ValueError, match="norm_type='layernorm'.*use_fused_mlp"):
         om.convert_uvit(state, dict(config, norm_type="layernorm", use_fused_mlp=True))
+
+
+@pytest.mark.parametrize("name, cls", [("maskgit_class", MuseTransformer), ("uvit_v2", UVit2D),
+                                       ("maskgit_vqgan", VQGAN), ("taming_vqgan", VQGAN)])
+def test_load_picks_the_converter_by_class_name(name, cls):
+    assert type(om.load(FIXTURES / name)) is cls
+
+
+def test_load_rejects_other_open_muse_classes(tmp_path):
+    for name in ("config.json", "pytorch_model.safetensors"):
+        shutil.copy(FIXTURES / "maskgit_vqgan" / name, tmp_path / name)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, _class_name="PaellaVQModel")))
+    with pytest.raises(ValueError, match="unsupported open-muse model _class_name='PaellaVQModel'"):
+        om.load(tmp_path)

@@ -83,8 +83,8 @@ from musefast.models.transformer import MuseTransformer, MuseTransformerConfig
 from musefast.models.uvit import UVit2D, UVit2DConfig
 from musefast.models.vqgan import VQGAN, VQGANConfig
 
-__all__ = ["load_transformer", "convert_transformer", "load_vqgan", "convert_vqgan", "load_uvit", "convert_uvit",
-           "read_folder", "to_musefast_ids", "PRESET"]
+__all__ = ["load", "load_transformer", "convert_transformer", "load_vqgan", "convert_vqgan", "load_uvit",
+           "convert_uvit", "read_folder", "to_musefast_ids", "PRESET"]
 
 # the musefast.sampling preset nearest open-muse's generate2 (google maskgit's decoding: tau = 1,
 # cosine schedule, maskgit mask counts); generate2 anneals its choice temperature cumulatively
@@ -499,3 +499,18 @@ def load_uvit(folder: str | os.PathLike, *, backend: str | None = None) -> UVit2
     """An open-muse ``MaskGiTUViT_v2`` folder (``config.json`` + weights) -> :class:`UVit2D`."""
     state, config = read_folder(folder)
     return convert_uvit(state, config, backend=backend)
+
+
+def load(folder: str | os.PathLike, *, backend: str | None = None) -> MuseTransformer | UVit2D | VQGAN:
+    """Any supported open-muse model folder, converted by its ``config.json``'s ``_class_name``
+    (``backend``: of the attention op for transformers, of the vq op for VQGANs)."""
+    state, config = read_folder(folder)
+    name = config.get("_class_name")
+    if name == "MaskGitTransformer":
+        return convert_transformer(state, config, backend=backend)
+    if name in _UVIT_CLASSES:
+        return convert_uvit(state, config, backend=backend)
+    if name in _VQ_CLASSES:
+        return convert_vqgan(state, config, vq_backend=backend)
+    raise ValueError(f"{folder}: unsupported open-muse model _class_name={name!r}; supported: MaskGitTransformer, "
+                     f"{', '.join(_UVIT_CLASSES + _VQ_CLASSES)}")
