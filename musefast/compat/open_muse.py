@@ -1,4 +1,6 @@
-"""Drop-in for huggingface/open-muse: load its ``MaskGitTransformer`` into musefast.
+"""Drop-in for huggingface/open-muse: load its ``MaskGitTransformer``, ``MaskGiTUViT_v2``,
+``MaskGitVQGAN`` and (convolutional) ``VQGANModel`` into musefast models (:func:`load` picks by
+``_class_name``).
 
 open-muse is not on PyPI and is never imported here: the converter reads what open-muse's
 ``save_pretrained`` writes — ``config.json`` (every constructor argument) and
