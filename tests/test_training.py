@@ -1,0 +1,185 @@
+"""The demo training path on tiny models: objectives, loss going down, the train-demo run and
+the evaluation script."""
+import json
+import math
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+
+from musefast.demo_data.shapes import ShapesDataset, to_tensor, vocabulary
+from musefast.models.transformer import MuseTransformer, MuseTransformerConfig
+from musefast.models.vqgan import VQGAN, VQGANConfig
+from musefast.training import demo
+from musefast.training.text import TextTrainConfig, build_text_encoder, build_tokenizer, train_text_encoder
+from musefast.training.transformer import (TextTable, TransformerTrainConfig, attention_backend, cosine_mask,
+                                           masked_token_loss, train_transformer)
+from musefast.training.vqgan import VQGANTrainConfig, train_vqgan, vqgan_step
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_TEXT = TextTrainConfig(d_model=16, num_layers=1, num_heads=2, d_ff=32, batch_size=32, lr=5e-3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models train faster on one thread (no OpenMP hand-offs), most of all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def text_encoder():
+    return build_text_encoder(TINY_TEXT, seed=0)
+
+
+def test_cosine_mask_counts_and_rate():
+    gen = torch.Generator().manual_seed(0)
+    masked = cosine_mask(4000, 16, generator=gen)
+    counts = masked.sum(1)
+    assert counts.min() >= 1 and counts.max() <= 16
+    # E[ceil(16 cos(pi r / 2))] / 16 with r ~ U[0, 1): 2/pi plus the ceiling's ~1/32
+    rate = counts.float().mean().item() / 16
+    assert abs(rate - (2 / math.pi + 1 / 32)) < 0.01, rate
+    # the masked positions are spread over the whole sequence
+    assert masked.float().mean(0).min() > 0.55
+
+
+def test_tokenizer_has_every_caption_word():
+    tok = build_tokenizer()
+    for word in vocabulary():
+        ids = tok(word, add_special_tokens=False).input_ids
+        assert len(ids) == 1 and ids[0] != tok.unk_token_id, word
+    assert tok("").input_ids == [tok.eos_token_id]
+    ids = tok("a red circle on the right of an orange square").input_ids
+    assert len(ids) <= 16 and tok.unk_token_id not in ids
+
+
+def test_text_encoder_training_reduces_loss_and_freezes(text_encoder):
+    ds = ShapesDataset(0)
+    first = train_text_encoder(text_encoder, ds.captions, TextTrainConfig(**{**vars(TINY_TEXT), "steps": 1}),
+                               progress=False)
+    last = train_text_encoder(text_encoder, ds.captions, TextTrainConfig(**{**vars(TINY_TEXT), "steps": 30}),
+                              progress=False)
+    assert last["loss"] < 0.8 * first["loss"], (first, last)
+    assert not any(p.requires_grad for p in text_encoder.model.parameters())
+    assert not text_encoder.model.training
+
+
+def test_vqgan_training_reduces_loss():
+    cfg = VQGANConfig(channels=4, channel_mult=(1, 2, 2, 2), num_res_blocks=1, num_mid_blocks=0, z_channels=8,
+                      embed_dim=4, codebook_size=32, norm_groups=2)
+    torch.manual_seed(0)
+    vqgan = VQGAN(cfg)
+    ds = ShapesDataset(0, size=32)
+    fixed = to_tensor(ds.batch(0, 8)[0])
+    with torch.no_grad():
+        before = vqgan_step(vqgan, fixed)[0].item()
+    metrics = train_vqgan(vqgan, lambda step, b: fixed[:b], VQGANTrainConfig(steps=40, batch_size=8, lr=3e-3, warmup=2,
+                                                                             restart_every=10), progress=False)
+    with torch.no_grad():
+        after = vqgan_step(vqgan, fixed)[0].item()
+    assert after < 0.7 * before, (before, after)
+    assert metrics["codes_used"] > 1
+    assert not vqgan.training
+    assert vqgan.encoder.conv_in.weight.is_contiguous()  # back in the standard layout for saving
+
+
+def test_transformer_training_reduces_masked_token_loss(text_encoder):
+    cfg = MuseTransformerConfig(codebook_size=32, grid_size=4, dim=32, depth=1, num_heads=2,
+                                text_dim=text_encoder.hidden_size)
+    torch.manual_seed(0)
+    model = MuseTransformer(cfg)
+    tokens = torch.randint(0, 32, (8, 16), generator=torch.Generator().manual_seed(1))
+    prompts = ShapesDataset(0).captions(0, 8)
+    table, rows = TextTable.build(text_encoder, prompts)
+    assert table.hidden.shape[0] == len(set(prompts)) + 1 and rows[""] == table.empty_id
+    prompt_ids = torch.tensor([rows[p] for p in prompts])
+    masked = torch.ones(8, 16, dtype=torch.bool)
+
+    def eval_loss():
+        with torch.no_grad():
+            return masked_token_loss(model, tokens, masked, table.hidden[prompt_ids], table.mask[prompt_ids])[0].item()
+
+    before = eval_loss()
+    train_transformer(model, tokens, prompt_ids, table,
+                      TransformerTrainConfig(steps=60, batch_size=16, lr=3e-3, warmup=5, cond_dropout=0.0),
+                      progress=False)
+    after = eval_loss()
+    assert after < 0.8 * before, (before, after)
+    assert not model.training
+
+
+def test_attention_backend_is_restored_and_loss_only_on_masked_positions(text_encoder):
+    cfg = MuseTransformerConfig(codebook_size=16, grid_size=2, dim=16, depth=1, num_heads=2,
+                                text_dim=text_encoder.hidden_size, backend="reference")
+    model = MuseTransformer(cfg)
+    with attention_backend(model, "sdpa"):
+        assert model.blocks[0].attn.backend == "sdpa" and model.blocks[0].cross_attn.backend == "sdpa"
+    assert model.blocks[0].attn.backend == "reference"
+    emb = text_encoder.encode(["a red circle on the left"])
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    masked = torch.tensor([[True, False, False, False]])
+    loss, _ = masked_token_loss(model, tokens, masked, emb.hidden, emb.mask)
+    logits = model(tokens.masked_fill(masked, model.mask_token_id), emb.hidden, emb.mask)
+    expected = torch.nn.functional.cross_entropy(logits[0, :1], tokens[0, :1])
+    torch.testing.assert_close(loss, expected)
+
+
+def test_train_demo_tiny_writes_a_loadable_pipeline(tmp_path):
+    import musefast
+    from musefast.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["train-demo", "--preset", "tiny", "-o", str(out), "-q", "--seed", "1"]) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert set(summary["seconds"]) == {"text_encoder", "vqgan", "tokenize", "transformer"}
+    assert summary["weights_within_limit"] and summary["weights_bytes"] > 0
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in rows} == {"text_encoder", "vqgan", "transformer"}
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["seed"] == 1 and demo.DemoConfig.from_dict(config).transformer_train.steps == 3
+    pipe = musefast.load(out)
+    assert pipe.settings.num_steps == 4
+    images = pipe("a red circle on the left", seed=0, output_type="pt", progress=False)
+    assert images.shape == (1, 3, 32, 32)
+
+
+def test_estimate_projects_every_stage():
+    result = demo.estimate(demo.tiny_config(), probe_steps=3, probe_images=8)
+    for stage in ("text_encoder", "vqgan", "transformer", "tokenize"):
+        assert result[stage]["projected_s"] >= 0
+    assert result["total_projected_s"] > 0
+
+
+def test_full_config_fits_the_weights_budget():
+    cfg = demo.full_config()
+    vqgan = VQGAN(VQGANConfig(**cfg.vqgan))
+    model = MuseTransformer(MuseTransformerConfig(codebook_size=cfg.vqgan["codebook_size"], grid_size=8,
+                                                  text_dim=cfg.text.d_model, **cfg.transformer))
+    params = sum(p.numel() for m in (vqgan, model) for p in m.parameters())
+    assert params * 4 < demo.WEIGHTS_LIMIT_BYTES * 0.9
+    assert cfg.image_size // vqgan.downsampling_factor == 8
+
+
+def test_eval_script_runs_on_a_tiny_random_pipeline(tmp_path, text_encoder):
+    from musefast.pipelines.random_init import random_pipeline
+
+    folder = tmp_path / "pipe"
+    random_pipeline("tiny", text_encoder=text_encoder).save_pretrained(folder)
+    script = runpy.run_path(str(REPO / "scripts" / "eval_demo.py"))
+    out = tmp_path / "eval.json"
+    grid = tmp_path / "grid.png"
+    assert script["main"](["--model", str(folder), "--count", "6", "--batch-size", "4", "--steps", "2",
+                           "-o", str(out), "--grid", str(grid)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["runs"]) == {"cfg", "no_cfg", "reference"}
+    for run in report["runs"].values():
+        assert run["n_images"] == 6 and 0.0 <= run["colour"] <= 1.0
+    assert report["runs"]["no_cfg"]["guidance_scale"] == 1.0
+    assert 0.0 <= report["fast_reference_token_agreement"] <= 1.0
+    assert isinstance(report["gate"]["passed"], bool)
+    assert grid.is_file() and grid.with_suffix(".txt").read_text().count("\n") == 6
