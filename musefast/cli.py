@@ -1,4 +1,4 @@
-"""The ``musefast`` command line: generate | inpaint | outpaint | edit | doctor."""
+"""The ``musefast`` command line: generate | inpaint | outpaint | edit | doctor | train-demo."""
 from __future__ import annotations
 
 import argparse
@@ -63,9 +63,11 @@ def _common_kwargs(args) -> dict:
 
 
 def _run(args, call) -> int:
+    from musefast.ops import BackendUnavailableError
+
     try:
         images = call()
-    except ValueError as exc:  # bad sizes, masks, arguments: say it plainly, no traceback
+    except (ValueError, BackendUnavailableError) as exc:  # bad sizes, masks, backends: no traceback
         raise SystemExit(f"musefast {args.command}: {exc}") from None
     _save(images, args.output)
     return 0
@@ -92,9 +94,16 @@ def _outpaint(args) -> int:
 def _edit(args) -> int:
     image = _open_image(args.image, "image")
     pipe = _load(args)
+    if args.steps is not None:
+        raise SystemExit("musefast edit: --steps does not apply (each iteration is one step); use --iterations")
     kw = _common_kwargs(args)
-    kw.pop("num_steps", None)
     return _run(args, lambda: pipe.edit(image, args.prompt, iterations=args.iterations, fraction=args.fraction, **kw))
+
+
+def _train_demo(args) -> int:
+    from musefast.training.demo import run
+
+    return run(args)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -110,7 +119,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="musefast", description="Muse-style masked generative image models, fast.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="show what was built and which backends are usable").set_defaults(func=_doctor)
@@ -143,13 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fraction", type=float, default=None, help="fraction of tokens resampled per iteration")
     _add_common(e)
     e.set_defaults(func=_edit)
+
+    t = sub.add_parser("train-demo", help="train the demo model from scratch (a pipeline folder)")
+    words = sys.argv[1:] if argv is None else argv
+    if "train-demo" in words:
+        # imported only when asked for: the other commands must not depend on the training code
+        from musefast.training.demo import add_arguments
+
+        add_arguments(t)
+    t.set_defaults(func=_train_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     import os
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     backend = getattr(args, "backend", None)
     if not backend:
         return args.func(args)

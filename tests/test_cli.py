@@ -42,7 +42,8 @@ def test_inpaint_outpaint_edit(model_dir, image_and_mask, tmp_path):
     common = ["--model", model_dir, "--steps", "2", "-q", "--seed", "0"]
     assert main(["inpaint", str(img), str(mask), "a dog", *common, "-o", str(tmp_path / "i.png")]) == 0
     assert main(["outpaint", str(small), "a tree", "--left", "8", *common, "-o", str(tmp_path / "o.png")]) == 0
-    assert main(["edit", str(img), "a blue dog", "--iterations", "2", *common, "-o", str(tmp_path / "e.png")]) == 0
+    edit_args = ["--model", model_dir, "-q", "--seed", "0", "--iterations", "2"]
+    assert main(["edit", str(img), "a blue dog", *edit_args, "-o", str(tmp_path / "e.png")]) == 0
     for name in "ioe":
         assert Image.open(tmp_path / f"{name}.png").size == (32, 32)
 
@@ -55,6 +56,10 @@ def test_clear_errors(model_dir, image_and_mask, tmp_path, capsys):
         main(["inpaint", str(img), str(small), "x", "--model", model_dir, "-q"])
     with pytest.raises(SystemExit, match="32x32"):
         main(["edit", str(small), "x", "--model", model_dir, "-q"])
+    with pytest.raises(SystemExit, match="--steps does not apply"):
+        main(["edit", str(img), "x", "--model", model_dir, "--steps", "3"])
+    with pytest.raises(SystemExit, match="cannot run these inputs"):
+        main(["generate", "x", "--model", model_dir, "-q", "--backend", "cfg_sample_remask=cuda"])
     with pytest.raises(SystemExit, match="cannot load model"):
         main(["generate", "x", "--model", str(tmp_path / "missing")])
 
