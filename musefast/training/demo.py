@@ -58,6 +58,8 @@ class DemoConfig:
     image_size: int = 64
     threads: int | None = None  # torch.set_num_threads (None: torch's default)
     log_every: int = 10
+    # ShapesDataset settings of the training images (two_object_prob, size_range, jitter)
+    dataset: dict = field(default_factory=dict)
     text: TextTrainConfig = field(default_factory=TextTrainConfig)
     # VQGAN architecture (musefast.models.vqgan.VQGANConfig fields)
     vqgan: dict = field(default_factory=lambda: dict(
@@ -126,7 +128,7 @@ PRESETS = {"full": full_config, "quick": quick_config, "tiny": tiny_config}
 def _dataset(cfg: DemoConfig, offset: int):
     from musefast.demo_data.shapes import ShapesDataset
 
-    return ShapesDataset(cfg.seed * 1000 + offset, split="train", size=cfg.image_size)
+    return ShapesDataset(cfg.seed * 1000 + offset, split="train", size=cfg.image_size, **cfg.dataset)
 
 
 def _image_batches(dataset):
