@@ -15,7 +15,7 @@ from musefast.training import demo
 from musefast.training.text import TextTrainConfig, build_text_encoder, build_tokenizer, train_text_encoder
 from musefast.training.transformer import (TextTable, TransformerTrainConfig, attention_backend, cosine_mask,
                                            masked_token_loss, train_transformer)
-from musefast.training.vqgan import VQGANTrainConfig, train_vqgan, vqgan_step
+from musefast.training.vqgan import VQGANTrainConfig, foreground_mask, train_vqgan, vqgan_step
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_TEXT = TextTrainConfig(d_model=16, num_layers=1, num_heads=2, d_ff=32, batch_size=32, lr=5e-3)
@@ -87,6 +87,17 @@ def test_vqgan_training_reduces_loss():
     assert vqgan.encoder.conv_in.weight.is_contiguous()  # back in the standard layout for saving
 
 
+def test_foreground_mask_marks_exactly_the_shapes():
+    import numpy as np
+
+    from musefast.demo_data.shapes import BACKGROUNDS
+
+    images, _, scenes = ShapesDataset(2).batch(0, 6)
+    mask = foreground_mask(to_tensor(images))[:, 0].bool().numpy()
+    for image, scene, m in zip(images, scenes, mask):
+        assert np.array_equal(m, (image != np.array(BACKGROUNDS[scene.background], dtype=np.uint8)).any(-1))
+
+
 def test_transformer_training_reduces_masked_token_loss(text_encoder):
     cfg = MuseTransformerConfig(codebook_size=32, grid_size=4, dim=32, depth=1, num_heads=2,
                                 text_dim=text_encoder.hidden_size)
@@ -137,6 +148,8 @@ def test_train_demo_tiny_writes_a_loadable_pipeline(tmp_path):
     summary = json.loads((out / "train_summary.json").read_text())
     assert set(summary["seconds"]) == {"text_encoder", "vqgan", "tokenize", "transformer"}
     assert summary["weights_within_limit"] and summary["weights_bytes"] > 0
+    recon = summary["final_metrics"]["vqgan_reconstruction"]
+    assert recon["n_images"] == 64 and 0.0 <= recon["colour"] <= 1.0 and recon["l1"] >= 0
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in rows} == {"text_encoder", "vqgan", "transformer"}
     assert all(math.isfinite(r["loss"]) for r in rows)
