@@ -1,13 +1,18 @@
 """The optional transformer details that the ports need (muse-maskgit-pytorch's l2-normed q/k
 with learned scales, null key/value, fixed softmax scale, MLP inner norm, un-normed low-res
-memory), checked against a direct computation, without the peer installed."""
+memory; google maskgit's BERT post-norm, embedding norm and tanh GELU), checked against a direct
+computation, without the peer installed."""
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 import torch.nn.functional as F
 
 from musefast.models.transformer import Context, MuseTransformer, MuseTransformerConfig, SuperResConfig, SuperResTransformer
 from musefast.nn.attention import Attention, CrossAttention
+from musefast.nn.feedforward import FeedForward
 
 
 def _naive(q, k, v, scale, mask=None):
@@ -83,3 +88,53 @@ def test_superres_without_low_norm():
     with torch.no_grad():
         ctx = model.prepare_context(low, torch.randn(2, 3, 12))
     assert ctx.kvs[0].k.shape[2] == 1 + 1 + 3  # null slot, low-res token, text
+
+
+def _ln(norm, x):
+    return F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps)
+
+
+def test_bert_post_norm_embedding_norm_and_tanh_gelu():
+    """google maskgit's layout: x = LN(x + f(x)) residuals, a LayerNorm over the embeddings (class
+    token included), tanh GELU in the MLPs and the MLM head."""
+    torch.manual_seed(3)
+    cfg = MuseTransformerConfig(codebook_size=10, grid_size=2, dim=16, depth=2, num_heads=2, text_dim=None,
+                                num_classes=3, mlp_hidden_dim=24, norm_eps=1e-12, final_norm=False, head_mlp=True,
+                                norm_position="post", embed_norm=True, gelu_approximate="tanh", backend="reference")
+    model = MuseTransformer(cfg).eval()
+    with torch.no_grad():  # norms away from 1/0, so a misplaced one shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.startswith("head_mlp.2"):
+                p.add_(torch.randn_like(p) * 0.3)
+    tok, labels = torch.randint(0, 11, (2, 4)), torch.tensor([0, 3])
+    with torch.no_grad():
+        x = torch.cat([model.class_embed(labels)[:, None], model.token_embed(tok) + model.pos_embed], 1)
+        x = _ln(model.embed_norm, x)
+        for blk in model.blocks:
+            q, k, v = blk.attn.to_qkv(x).view(2, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            x = _ln(blk.norm1, x + blk.attn.to_out(_naive(q, k, v, 8 ** -0.5).transpose(1, 2).reshape(2, 5, 16)))
+            x = _ln(blk.norm3, x + blk.mlp.proj_out(F.gelu(blk.mlp.proj_in(x), approximate="tanh")))
+        h = F.gelu(model.head_mlp[0](x[:, 1:]), approximate="tanh")
+        want = model.head(_ln(model.head_mlp[2], h))
+        got = model(tok, class_labels=labels)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        exact = MuseTransformer(dataclasses.replace(cfg, gelu_approximate="none")).eval()
+        exact.load_state_dict(model.state_dict())
+        assert not torch.allclose(exact(tok, class_labels=labels), got, rtol=0, atol=1e-7)
+
+
+def test_post_norm_text_model_and_defaults_unchanged():
+    model = MuseTransformer(_cfg(norm_position="post", embed_norm=True, qk_norm=False, null_kv=False)).eval()
+    tok, text = torch.randint(0, 11, (2, 4)), torch.randn(2, 3, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tok, context=model.prepare_context(text)), model(tok, text))
+    assert "embed_norm.weight" in model.state_dict()
+    default = MuseTransformerConfig(text_dim=12)
+    assert (default.norm_position, default.embed_norm, default.gelu_approximate) == ("pre", False, "none")
+    assert not any(k.startswith("embed_norm") for k in MuseTransformer(_cfg()).state_dict())
+    with pytest.raises(ValueError, match="norm_position"):
+        _cfg(norm_position="middle")
+    with pytest.raises(ValueError, match="NormFormer"):
+        _cfg(norm_position="post", post_norm=True)
+    with pytest.raises(ValueError, match="gelu_approximate"):
+        FeedForward(4, 8, gelu_approximate="sigmoid")

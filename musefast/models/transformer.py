@@ -8,7 +8,8 @@ to the sequence instead of cross-attention (id ``num_classes`` is the null class
 Optional config fields reproduce other ports (defaults keep the layout above): l2 q/k norm,
 null K/V, MLP inner norm (lucidrains); NormFormer post-attention norms, a LayerNorm before the
 MLP in rmsnorm models, projected+normed or unprojected text, no final norm and a BERT-style
-MLM head (open-muse's MaskGitTransformer).
+MLM head (open-muse's MaskGitTransformer); BERT's post-norm residuals, a norm over the input
+embeddings and the tanh GELU (google maskgit).
 
 ``SuperResTransformer``: the low-res tokens pass through a transformer encoder; its output,
 concatenated with the projected text, is the cross-attention memory of a high-res
@@ -61,6 +62,9 @@ class MuseTransformerConfig:
     final_norm: bool = True  # False: no norm before the head
     head_mlp: bool = False  # BERT-style MLM head: Linear(dim, dim) -> GELU -> [norm] -> head
     head_mlp_norm: bool = True  # the norm inside ``head_mlp``
+    norm_position: str = "pre"  # "post": BERT's x = norm(x + f(x)) instead of x + f(norm(x))
+    embed_norm: bool = False  # a norm over the input embeddings (class token included) before the blocks
+    gelu_approximate: str = "none"  # "tanh": the tanh GELU (jax.nn.gelu's default) in the MLPs and head_mlp
 
     def __post_init__(self):
         if (self.text_dim is None) == (self.num_classes is None):
@@ -70,6 +74,10 @@ class MuseTransformerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.text_proj not in TEXT_PROJ_KINDS:
             raise ValueError(f"text_proj must be one of {TEXT_PROJ_KINDS}, got {self.text_proj!r}")
+        if self.norm_position not in ("pre", "post"):
+            raise ValueError(f"norm_position must be 'pre' or 'post', got {self.norm_position!r}")
+        if self.norm_position == "post" and self.post_norm:
+            raise ValueError("post_norm (NormFormer) norms are for pre-norm blocks: not with norm_position='post'")
 
     @property
     def mask_token_id(self) -> int:
@@ -82,7 +90,8 @@ class MuseTransformerConfig:
 
 class TransformerBlock(nn.Module):
     """Pre-norm block: x += SelfAttn(norm(x)); [x += CrossAttn(norm(x), memory)]; x += MLP(norm(x)).
-    With ``post_norm`` (NormFormer) each attention output is normed before its residual add."""
+    With ``post_norm`` (NormFormer) each attention output is normed before its residual add.
+    With ``norm_position="post"`` (BERT) each sub-layer is x = norm(x + f(x)), same norms."""
 
     def __init__(self, cfg: MuseTransformerConfig, *, cross: bool):
         super().__init__()
@@ -99,9 +108,16 @@ class TransformerBlock(nn.Module):
         self.norm3 = make_norm(cfg.mlp_norm or cfg.norm, cfg.dim, cfg.norm_eps)
         hidden = cfg.mlp_hidden_dim if cfg.mlp_hidden_dim is not None else int(cfg.dim * cfg.mlp_ratio)
         inner_norm = make_norm(cfg.norm, hidden, cfg.norm_eps) if cfg.mlp_inner_norm else None
-        self.mlp = FeedForward(cfg.dim, hidden, cfg.mlp, bias=cfg.bias, inner_norm=inner_norm)
+        self.mlp = FeedForward(cfg.dim, hidden, cfg.mlp, bias=cfg.bias, inner_norm=inner_norm,
+                               gelu_approximate=cfg.gelu_approximate)
+        self.norm_after = cfg.norm_position == "post"
 
     def forward(self, x, kv: CrossAttentionKV | None = None, memory_mask: torch.Tensor | None = None):
+        if self.norm_after:
+            x = self.norm1(x + self.attn(x))
+            if self.cross_attn is not None:
+                x = self.norm2(x + self.cross_attn(x, kv=kv, key_padding_mask=memory_mask))
+            return self.norm3(x + self.mlp(x))
         h = self.attn(self.norm1(x))
         x = x + (h if self.post_norm1 is None else self.post_norm1(h))
         if self.cross_attn is not None:
@@ -145,12 +161,14 @@ class MuseTransformer(nn.Module):
         self.text_proj = nn.Linear(cfg.text_dim, cfg.dim) if text and cfg.text_proj != "none" else None
         self.text_norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps) if text and cfg.text_proj == "linear_norm" else None
         self.class_embed = nn.Embedding(cfg.num_classes + 1, cfg.dim) if not text else None
+        self.embed_norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps) if cfg.embed_norm else nn.Identity()
         self.blocks = nn.ModuleList(TransformerBlock(cfg, cross=text) for _ in range(cfg.depth))
         self.norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps) if cfg.final_norm else nn.Identity()
         self.head_mlp = None
         if cfg.head_mlp:
             head_norm = make_norm(cfg.norm, cfg.dim, cfg.norm_eps) if cfg.head_mlp_norm else nn.Identity()
-            self.head_mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias), nn.GELU(), head_norm)
+            self.head_mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias),
+                                          nn.GELU(approximate=cfg.gelu_approximate), head_norm)
         self.head = nn.Linear(cfg.dim, cfg.codebook_size)
         nn.init.normal_(self.token_embed.weight, std=0.02)
 
@@ -197,7 +215,7 @@ class MuseTransformer(nn.Module):
         if self.class_embed is not None:
             if class_labels is None:
                 raise ValueError("class-conditional transformer: pass class_labels (B,) (num_classes = null class)")
-            x = torch.cat([self.class_embed(class_labels)[:, None], x], dim=1)
+            x = self.embed_norm(torch.cat([self.class_embed(class_labels)[:, None], x], dim=1))
             for blk in self.blocks:
                 x = blk(x)
             x = x[:, 1:]
@@ -206,6 +224,7 @@ class MuseTransformer(nn.Module):
                 if text_hidden is None:
                     raise ValueError("pass text_hidden (B, L, text_dim) or a prepared context")
                 context = self.prepare_context(text_hidden, text_mask)
+            x = self.embed_norm(x)
             for blk, kv in zip(self.blocks, context.kvs):
                 x = blk(x, kv, context.mask)
         x = self.norm(x)

@@ -7,19 +7,25 @@ from torch.nn import functional as F
 
 MLP_KINDS = ("gelu", "geglu")
 NORM_KINDS = ("layernorm", "rmsnorm")
+GELU_APPROXIMATIONS = ("none", "tanh")
 
 
 class FeedForward(nn.Module):
     """``gelu``: Linear → GELU → Linear. ``geglu``: one Linear to [value; gate] (the layout of
     diffusers' GELU-gated projection: concat([linear, gate]) rows), value · GELU(gate) → Linear.
-    ``inner_norm`` (optional module) normalises the hidden activations before the last Linear."""
+    ``inner_norm`` (optional module) normalises the hidden activations before the last Linear.
+    ``gelu_approximate``: ``"none"`` (exact erf GELU) or ``"tanh"`` (the tanh approximation,
+    ``jax.nn.gelu``'s default), as in ``F.gelu``."""
 
     def __init__(self, dim: int, hidden_dim: int, kind: str = "gelu", *, bias: bool = True,
-                 inner_norm: nn.Module | None = None):
+                 inner_norm: nn.Module | None = None, gelu_approximate: str = "none"):
         super().__init__()
         if kind not in MLP_KINDS:
             raise ValueError(f"mlp kind must be one of {MLP_KINDS}, got {kind!r}")
+        if gelu_approximate not in GELU_APPROXIMATIONS:
+            raise ValueError(f"gelu_approximate must be one of {GELU_APPROXIMATIONS}, got {gelu_approximate!r}")
         self.kind = kind
+        self.gelu_approximate = gelu_approximate
         self.proj_in = nn.Linear(dim, hidden_dim * (2 if kind == "geglu" else 1), bias=bias)
         self.inner_norm = inner_norm
         self.proj_out = nn.Linear(hidden_dim, dim, bias=bias)
@@ -28,9 +34,9 @@ class FeedForward(nn.Module):
         h = self.proj_in(x)
         if self.kind == "geglu":
             value, gate = h.chunk(2, dim=-1)
-            h = value * F.gelu(gate)
+            h = value * F.gelu(gate, approximate=self.gelu_approximate)
         else:
-            h = F.gelu(h)
+            h = F.gelu(h, approximate=self.gelu_approximate)
         if self.inner_norm is not None:
             h = self.inner_norm(h)
         return self.proj_out(h)
