@@ -16,6 +16,7 @@ import shutil
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 EXTENSION_NAME = "musefast_C"
@@ -99,11 +100,33 @@ def cache_dir(with_cuda: bool) -> Path:
     return path
 
 
+# torch's JIT loader serialises builds with a ``lock`` file in the build folder and waits for it
+# to disappear; a build killed half-way (Ctrl-C, OOM, a killed job) leaves it behind and every
+# later import would wait forever. No build of this extension takes anywhere near this long.
+STALE_LOCK_SECONDS = 20 * 60
+
+
+def clear_stale_build_lock(build_dir: Path, max_age_s: float = STALE_LOCK_SECONDS) -> bool:
+    """Remove ``build_dir/lock`` when it is older than ``max_age_s``; True if removed."""
+    lock = Path(build_dir) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < max_age_s:
+        return False
+    warnings.warn(f"removing a stale extension build lock ({lock}, {age / 60:.0f} min old) left by an "
+                  "interrupted build", RuntimeWarning, stacklevel=2)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 def _jit_build():
     from torch.utils.cpp_extension import load
 
     with_cuda = cuda_unavailable_reason() is None
     cflags, cuda_flags = _flags(with_cuda, native=True)
+    clear_stale_build_lock(cache_dir(with_cuda))
     return load(
         name=EXTENSION_NAME,
         sources=sources(with_cuda),

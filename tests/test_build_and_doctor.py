@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import musefast
@@ -40,3 +41,21 @@ def test_disabled_extension_still_works_and_says_why():
     lines = out.stdout.strip().splitlines()
     assert lines[0] == "[0, 1, 2]"
     assert "not built" in lines[1] and "MUSEFAST_NO_EXT" in lines[1]
+
+
+def test_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    """A build killed half-way leaves torch's ``lock`` file; an old one must not hang imports."""
+    import os
+    import time
+
+    from musefast._build import STALE_LOCK_SECONDS, clear_stale_build_lock
+
+    assert clear_stale_build_lock(tmp_path) is False  # no lock at all
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert clear_stale_build_lock(tmp_path) is False and lock.exists()  # a build may be running
+    old = time.time() - STALE_LOCK_SECONDS - 5
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="stale extension build lock"):
+        assert clear_stale_build_lock(tmp_path) is True
+    assert not lock.exists()

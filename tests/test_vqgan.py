@@ -180,3 +180,45 @@ def test_training_smoke_loss_decreases():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("patch_size,mult", [(8, (1,)), (4, (1, 2)), (2, (1, 2, 2))])
+def test_patch_size_folds_pixels_into_channels(patch_size, mult):
+    """patch_size p: levels run at 1/p resolution, the factor is p * 2**(levels-1), and the
+    decoder draws every pixel of a patch from its own output channel (PixelShuffle)."""
+    model = VQGAN(VQGANConfig(**{**TINY, "channel_mult": mult, "patch_size": patch_size})).eval()
+    assert model.downsampling_factor == 8
+    image = torch.rand(2, 3, 16, 24)
+    tokens = model.encode(image)
+    assert tokens.shape == (2, 2, 3)
+    assert model.decode(tokens).shape == image.shape
+    assert model.encoder.conv_in.in_channels == 3 * patch_size ** 2
+    assert model.decoder.conv_out.out_channels == 3 * patch_size ** 2
+    # space-to-depth: a change inside one patch of the input moves only that patch's
+    # encoder input channels; depth-to-space: one decoder output channel is one pixel.
+    folded = model.encoder.fold(image)
+    assert folded.shape == (2, 3 * patch_size ** 2, 16 // patch_size, 24 // patch_size)
+    assert torch.equal(model.decoder.unfold(folded), image)
+
+
+def test_norm_none_has_no_normalisation_layers_and_matches_groupnorm_keys_otherwise():
+    plain = tiny(8, norm="none")
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in plain.modules())
+    grouped_keys = set(tiny(8).state_dict())
+    plain_keys = set(plain.state_dict())
+    assert plain_keys < grouped_keys and all("norm" in k for k in grouped_keys - plain_keys)
+    image = torch.rand(1, 3, 16, 16)
+    assert plain.decode(plain.encode(image)).shape == image.shape
+    with pytest.raises(ValueError, match="norm"):
+        VQGANConfig(**{**TINY, "norm": "batch"})
+    with pytest.raises(ValueError, match="patch_size"):
+        VQGANConfig(**{**TINY, "patch_size": 0})
+
+
+def test_patch_and_norm_options_survive_save_load(tmp_path):
+    model = VQGAN(VQGANConfig(**{**TINY, "channel_mult": (1,), "patch_size": 8, "norm": "none"})).eval()
+    model.save_pretrained(tmp_path)
+    loaded = VQGAN.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    image = torch.rand(1, 3, 16, 16)
+    assert torch.equal(loaded.encode(image), model.encode(image))

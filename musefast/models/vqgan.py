@@ -47,6 +47,17 @@ class VQGANConfig:
         embed_dim: codebook vector size (the quant_conv maps z_channels to it).
         codebook_size: number of codebook entries K.
         norm_groups: GroupNorm groups (must divide every level's width).
+        patch_size: pixels are first folded into channels in ``patch_size`` x ``patch_size`` patches
+            (space-to-depth; the decoder unfolds them at the end), so every level runs at
+            1/patch_size resolution and ``downsampling_factor`` is ``patch_size * 2 ** (levels - 1)``.
+            1 (default) is the taming/diffusers VQGAN; ``patch_size=f`` with one level gives a
+            tokenizer whose convolutions all run on the token grid (the demo model's: flat-colour
+            shapes need exact edges inside a patch, which the unfolded channels can draw, and
+            64x fewer positions make it cheap to train on a CPU).
+        norm: ``"group"`` (GroupNorm, as taming / diffusers / MaskGIT) or ``"none"`` (no
+            normalisation layers). Per-image GroupNorm over few channels per group subtracts each
+            image's mean feature, which at small widths erases the absolute background and shape
+            colours of flat-colour images (the demo model's tokenizer uses ``"none"``).
         downsample: ``"conv"`` (3x3 stride-2 conv after right/bottom zero padding, as taming and
             diffusers) or ``"avgpool"`` (2x2 average pooling with no weights, as MaskGIT).
         dropout: dropout inside the residual blocks (training only).
@@ -72,6 +83,8 @@ class VQGANConfig:
     embed_dim: int = 256
     codebook_size: int = 8192
     norm_groups: int = 32
+    norm: str = "group"
+    patch_size: int = 1
     downsample: str = "conv"
     dropout: float = 0.0
     signed_pixels: bool = True
@@ -83,7 +96,7 @@ class VQGANConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
-        for name in ("in_channels", "channels", "z_channels", "embed_dim", "codebook_size", "norm_groups"):
+        for name in ("in_channels", "channels", "z_channels", "embed_dim", "codebook_size", "norm_groups", "patch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"VQGANConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not self.channel_mult or min(self.channel_mult) < 1:
@@ -94,6 +107,8 @@ class VQGANConfig:
             if width % self.norm_groups:
                 raise ValueError(f"VQGANConfig.norm_groups={self.norm_groups} must divide every level width; "
                                  f"{width} is not divisible")
+        if self.norm not in ("group", "none"):
+            raise ValueError(f"VQGANConfig.norm must be 'group' or 'none', got {self.norm!r}")
         if self.downsample not in ("conv", "avgpool"):
             raise ValueError(f"VQGANConfig.downsample must be 'conv' or 'avgpool', got {self.downsample!r}")
         if self.shortcut not in ("input", "output"):
@@ -105,7 +120,16 @@ class VQGANConfig:
 
     @property
     def downsampling_factor(self) -> int:
-        return 2 ** (len(self.channel_mult) - 1)
+        return self.patch_size * 2 ** (len(self.channel_mult) - 1)
+
+
+def _norm(groups: int, channels: int) -> nn.Module:
+    """GroupNorm with ``groups`` groups, or no normalisation when ``groups`` is 0."""
+    return nn.GroupNorm(groups, channels, eps=1e-6) if groups else nn.Identity()
+
+
+def _groups(c: VQGANConfig) -> int:
+    return c.norm_groups if c.norm == "group" else 0
 
 
 class ResBlock(nn.Module):
@@ -116,9 +140,9 @@ class ResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, groups: int, dropout: float = 0.0, *,
                  shortcut_on_output: bool = False):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_ch, eps=1e-6)
+        self.norm1 = _norm(groups, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, out_ch, eps=1e-6)
+        self.norm2 = _norm(groups, out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.shortcut_on_output = shortcut_on_output and in_ch != out_ch
@@ -178,22 +202,23 @@ class Encoder(nn.Module):
     def __init__(self, c: VQGANConfig):
         super().__init__()
         widths = [c.channels * m for m in c.channel_mult]
-        self.conv_in = nn.Conv2d(c.in_channels, widths[0], 3, padding=1)
+        self.fold = nn.PixelUnshuffle(c.patch_size) if c.patch_size > 1 else nn.Identity()
+        self.conv_in = nn.Conv2d(c.in_channels * c.patch_size ** 2, widths[0], 3, padding=1)
         levels, ch = [], widths[0]
         for i, width in enumerate(widths):
             blocks = []
             for _ in range(c.num_res_blocks):
-                blocks.append(ResBlock(ch, width, c.norm_groups, c.dropout, shortcut_on_output=c.shortcut == "output"))
+                blocks.append(ResBlock(ch, width, _groups(c), c.dropout, shortcut_on_output=c.shortcut == "output"))
                 ch = width
             last = i == len(widths) - 1
             levels.append(Level(blocks, None if last else Downsample(ch, c.downsample)))
         self.levels = nn.ModuleList(levels)
-        self.mid = nn.Sequential(*[ResBlock(ch, ch, c.norm_groups, c.dropout) for _ in range(c.num_mid_blocks)])
-        self.norm_out = nn.GroupNorm(c.norm_groups, ch, eps=1e-6)
+        self.mid = nn.Sequential(*[ResBlock(ch, ch, _groups(c), c.dropout) for _ in range(c.num_mid_blocks)])
+        self.norm_out = _norm(_groups(c), ch)
         self.conv_out = nn.Conv2d(ch, c.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(x)
+        x = self.conv_in(self.fold(x))
         for level in self.levels:
             x = level(x)
         return self.conv_out(F.silu(self.norm_out(self.mid(x))))
@@ -207,24 +232,25 @@ class Decoder(nn.Module):
         widths = [c.channels * m for m in reversed(c.channel_mult)]  # deepest level first
         ch = widths[0]
         self.conv_in = nn.Conv2d(c.z_channels, ch, 3, padding=1)
-        self.mid = nn.Sequential(*[ResBlock(ch, ch, c.norm_groups, c.dropout) for _ in range(c.num_mid_blocks)])
+        self.mid = nn.Sequential(*[ResBlock(ch, ch, _groups(c), c.dropout) for _ in range(c.num_mid_blocks)])
         levels = []
         for i, width in enumerate(widths):
             blocks = []
             for _ in range(c.num_res_blocks + 1 if c.decoder_res_blocks is None else c.decoder_res_blocks):
-                blocks.append(ResBlock(ch, width, c.norm_groups, c.dropout, shortcut_on_output=c.shortcut == "output"))
+                blocks.append(ResBlock(ch, width, _groups(c), c.dropout, shortcut_on_output=c.shortcut == "output"))
                 ch = width
             last = i == len(widths) - 1
             levels.append(Level(blocks, None if last else Upsample(ch)))
         self.levels = nn.ModuleList(levels)
-        self.norm_out = nn.GroupNorm(c.norm_groups, ch, eps=1e-6)
-        self.conv_out = nn.Conv2d(ch, c.in_channels, 3, padding=1)
+        self.norm_out = _norm(_groups(c), ch)
+        self.conv_out = nn.Conv2d(ch, c.in_channels * c.patch_size ** 2, 3, padding=1)
+        self.unfold = nn.PixelShuffle(c.patch_size) if c.patch_size > 1 else nn.Identity()
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.mid(self.conv_in(z))
         for level in self.levels:
             x = level(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
+        return self.unfold(self.conv_out(F.silu(self.norm_out(x))))
 
 
 @register_component

@@ -70,13 +70,14 @@ class DemoConfig:
     threads: int | None = None  # torch.set_num_threads (None: torch's default)
     log_every: int = 10
     # ShapesDataset settings of the training images (two_object_prob, size_range, jitter)
-    dataset: dict = field(default_factory=dict)
+    dataset: dict = field(default_factory=lambda: dict(size_range=(0.375, 0.375), jitter=0.0))
     text: TextTrainConfig = field(default_factory=TextTrainConfig)
     # VQGAN architecture (musefast.models.vqgan.VQGANConfig fields)
     vqgan: dict = field(default_factory=lambda: dict(
-        channels=8, channel_mult=(1, 2, 4, 8), num_res_blocks=1, num_mid_blocks=1, z_channels=32, embed_dim=16,
-        codebook_size=512, norm_groups=4))
-    vqgan_train: VQGANTrainConfig = field(default_factory=lambda: VQGANTrainConfig(steps=1500, batch_size=16))
+        patch_size=8, channels=64, channel_mult=(1,), num_res_blocks=2, num_mid_blocks=1, z_channels=32,
+        embed_dim=16, codebook_size=1024, norm="none", norm_groups=4))
+    vqgan_train: VQGANTrainConfig = field(default_factory=lambda: VQGANTrainConfig(
+        steps=4000, batch_size=16, foreground_weight=0.0))
     num_train_images: int = 20000  # tokenized once for the transformer
     # transformer architecture (musefast.models.transformer.MuseTransformerConfig fields)
     transformer: dict = field(default_factory=lambda: dict(dim=128, depth=4, num_heads=4))
@@ -108,7 +109,7 @@ def quick_config(seed: int = 0) -> DemoConfig:
     return DemoConfig(
         seed=seed, log_every=5,
         text=TextTrainConfig(steps=80, batch_size=64),
-        vqgan_train=VQGANTrainConfig(steps=200, batch_size=8, warmup=10, restart_every=25),
+        vqgan_train=VQGANTrainConfig(steps=300, batch_size=16, warmup=10, restart_every=25, foreground_weight=0.0),
         num_train_images=1024,
         transformer=dict(dim=64, depth=2, num_heads=2),
         transformer_train=TransformerTrainConfig(steps=300, batch_size=32, warmup=20, lr=2e-3),
@@ -121,8 +122,8 @@ def tiny_config(seed: int = 0) -> DemoConfig:
     return DemoConfig(
         seed=seed, image_size=32, log_every=1,
         text=TextTrainConfig(d_model=16, num_layers=1, num_heads=2, d_ff=32, steps=3, batch_size=16),
-        vqgan=dict(channels=4, channel_mult=(1, 2, 2, 2), num_res_blocks=1, num_mid_blocks=0, z_channels=8,
-                   embed_dim=4, codebook_size=32, norm_groups=2),
+        vqgan=dict(patch_size=8, channels=8, channel_mult=(1,), num_res_blocks=1, num_mid_blocks=0, z_channels=8,
+                   embed_dim=4, codebook_size=32, norm="none", norm_groups=2),
         vqgan_train=VQGANTrainConfig(steps=3, batch_size=4, warmup=1, restart_every=2),
         num_train_images=16,
         transformer=dict(dim=16, depth=1, num_heads=2),
