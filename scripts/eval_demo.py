@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=None, help="decoding steps (default: the pipeline's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale of the cfg runs (default: the pipeline's)")
-    p.add_argument("--runs", default="cfg,no_cfg,reference", help="comma-separated subset of cfg,no_cfg,reference")
+    p.add_argument("--runs", default="cfg,no_cfg,reference,inpaint,outpaint,edit",
+                   help="comma-separated subset of cfg,no_cfg,reference,inpaint,outpaint,edit")
+    p.add_argument("--edit-count", type=int, default=64, help="cases per editing run (inpaint, outpaint, edit)")
     p.add_argument("--grid", default=None, help="also save the first 32 images of the cfg run as a PNG grid")
     p.add_argument("-o", "--output", default="eval_demo.json", help="JSON report path")
     return p
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = tuple(r.strip() for r in args.runs.split(",") if r.strip())
     pipe = musefast.load(args.model)
     report = evaluate(pipe, count=args.count, seed=args.seed, batch_size=args.batch_size, num_steps=args.steps,
-                      guidance_scale=args.guidance, runs=runs)
+                      guidance_scale=args.guidance, runs=runs, edit_count=args.edit_count)
     report["model"] = str(args.model)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

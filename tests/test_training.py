@@ -187,11 +187,12 @@ def test_eval_script_runs_on_a_tiny_random_pipeline(tmp_path, text_encoder):
     out = tmp_path / "eval.json"
     grid = tmp_path / "grid.png"
     assert script["main"](["--model", str(folder), "--count", "6", "--batch-size", "4", "--steps", "2",
-                           "-o", str(out), "--grid", str(grid)]) == 0
+                           "--edit-count", "2", "-o", str(out), "--grid", str(grid)]) == 0
     report = json.loads(out.read_text())
-    assert set(report["runs"]) == {"cfg", "no_cfg", "reference"}
-    for run in report["runs"].values():
-        assert run["n_images"] == 6 and 0.0 <= run["colour"] <= 1.0
+    assert set(report["runs"]) == {"cfg", "no_cfg", "reference", "inpaint", "outpaint", "edit"}
+    for name, run in report["runs"].items():
+        assert run["n_images"] == (2 if name in ("inpaint", "outpaint", "edit") else 6)
+        assert 0.0 <= run["colour"] <= 1.0
     assert report["runs"]["no_cfg"]["guidance_scale"] == 1.0
     assert 0.0 <= report["fast_reference_token_agreement"] <= 1.0
     assert isinstance(report["gate"]["passed"], bool)

@@ -70,30 +70,42 @@ def evaluate_run(pipe, captions: list[str], *, seed: int = 0, batch_size: int = 
     return result, tokens
 
 
+GENERATION_RUNS = ("cfg", "no_cfg", "reference")
+
+
 def evaluate(pipe, *, count: int = 200, seed: int = 0, batch_size: int = 16, num_steps: int | None = None,
-             guidance_scale: float | None = None, runs: tuple[str, ...] = ("cfg", "no_cfg", "reference")) -> dict:
+             guidance_scale: float | None = None, runs: tuple[str, ...] = GENERATION_RUNS,
+             edit_count: int = 64) -> dict:
     """The quality-gate report of ``pipe`` on ``count`` held-out captions.
 
     Args:
         runs: any of ``cfg`` (the pipeline's guidance, or ``guidance_scale``), ``no_cfg``
-            (guidance 1) and ``reference`` (like ``cfg`` on the reference backend).
+            (guidance 1) and ``reference`` (like ``cfg`` on the reference backend), and the
+            editing runs ``inpaint``, ``outpaint``, ``edit`` (:mod:`musefast.demo_data.editing`,
+            ``edit_count`` cases each, the pipeline's settings).
 
     Returns:
         ``{"count", "seed", "settings", "runs": {name: scores}, "gate": {..., "passed"}}``
         plus ``fast_reference_token_agreement`` when both ``cfg`` and ``reference`` ran.
     """
-    unknown = set(runs) - {"cfg", "no_cfg", "reference"}
+    from musefast.demo_data.editing import KINDS, evaluate_edits
+
+    unknown = set(runs) - set(GENERATION_RUNS) - set(KINDS)
     if unknown:
-        raise ValueError(f"unknown run(s) {sorted(unknown)}; choose from cfg, no_cfg, reference")
+        raise ValueError(f"unknown run(s) {sorted(unknown)}; choose from {', '.join(GENERATION_RUNS + KINDS)}")
     captions = held_out_captions(count, seed=seed)
     g = pipe.settings.guidance_scale if guidance_scale is None else guidance_scale
     common = dict(seed=seed, batch_size=batch_size, num_steps=num_steps)
     spec = {"cfg": dict(guidance_scale=g), "no_cfg": dict(guidance_scale=1.0),
             "reference": dict(guidance_scale=g, backend="reference")}
     results, tokens = {}, {}
-    for name in runs:
+    for name in (r for r in runs if r in GENERATION_RUNS):
         results[name], tokens[name] = evaluate_run(pipe, captions, **common, **spec[name])
         results[name]["guidance_scale"] = spec[name]["guidance_scale"]
+    edits = tuple(r for r in runs if r in KINDS)
+    if edits:
+        for name, result in evaluate_edits(pipe, count=edit_count, seed=seed, kinds=edits).items():
+            results[name] = {**result, "guidance_scale": pipe.settings.guidance_scale}
     report = {"count": count, "seed": seed, "num_steps": num_steps or pipe.settings.num_steps,
               "settings": vars(pipe.settings).copy(), "runs": results}
     if "cfg" in tokens and "reference" in tokens:
