@@ -25,23 +25,30 @@ def check_keys(source: str, keys: Iterable[str], *, used: set[str], ignored: set
         raise ConversionError(f"{source}: " + _listing("unknown keys", unknown))
 
 
-def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> nn.Module:
-    """Copy ``state`` into ``model``; raise one :class:`ConversionError` listing missing keys,
-    unexpected keys and shape mismatches (``name: checkpoint (..) vs model (..)``)."""
-    own = model.state_dict()
+def check_shapes(source: str, found: Mapping[str, tuple], expected: Mapping[str, tuple], *,
+                 extra_label: str = "unexpected keys", expected_label: str = "model") -> None:
+    """Raise one :class:`ConversionError` listing the missing keys, the extra keys (named
+    ``extra_label``) and the shape mismatches of ``found`` (name -> shape) against ``expected``."""
     problems = []
-    missing = set(own) - set(state)
-    unexpected = set(state) - set(own)
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in sorted(set(own) & set(state)) if tuple(own[k].shape) != tuple(state[k].shape)]
+    missing = set(expected) - set(found)
+    extra = set(found) - set(expected)
+    mismatched = [f"{k}: checkpoint {tuple(found[k])} vs {expected_label} {tuple(expected[k])}"
+                  for k in sorted(set(expected) & set(found)) if tuple(found[k]) != tuple(expected[k])]
     if missing:
         problems.append(_listing("missing keys", missing))
-    if unexpected:
-        problems.append(_listing("unexpected keys", unexpected))
+    if extra:
+        problems.append(_listing(extra_label, extra))
     if mismatched:
         problems.append(_listing("shape mismatches", mismatched))
     if problems:
         raise ConversionError(f"{source}: " + "; ".join(problems))
+
+
+def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> nn.Module:
+    """Copy ``state`` into ``model``; raise one :class:`ConversionError` listing missing keys,
+    unexpected keys and shape mismatches (``name: checkpoint (..) vs model (..)``)."""
+    own = model.state_dict()
+    check_shapes(source, {k: v.shape for k, v in state.items()}, {k: v.shape for k, v in own.items()})
     model.load_state_dict({k: v.detach().to(own[k].dtype) for k, v in state.items()})
     return model
 

@@ -87,7 +87,7 @@ import torch
 import torch.nn.functional as F
 
 from musefast.compat import _msgpack
-from musefast.compat._convert import ConversionError, _listing, load_strict
+from musefast.compat._convert import ConversionError, _listing, check_shapes, load_strict
 from musefast.models.transformer import MuseTransformer, MuseTransformerConfig
 from musefast.models.vqgan import VQGAN, VQGANConfig
 
@@ -178,19 +178,8 @@ def read_params(source: Source) -> dict[str, torch.Tensor]:
 
 def _check_tree(params: Mapping[str, torch.Tensor], expected: Mapping[str, tuple], source: str) -> None:
     """One ConversionError for every missing, unknown and wrongly shaped parameter."""
-    problems = []
-    missing = set(expected) - set(params)
-    unknown = set(params) - set(expected)
-    mismatched = [f"{k}: checkpoint {tuple(params[k].shape)} vs expected {tuple(expected[k])}"
-                  for k in sorted(set(expected) & set(params)) if tuple(params[k].shape) != tuple(expected[k])]
-    if missing:
-        problems.append(_listing("missing keys", missing))
-    if unknown:
-        problems.append(_listing("unknown keys", unknown))
-    if mismatched:
-        problems.append(_listing("shape mismatches", mismatched))
-    if problems:
-        raise ConversionError(f"{source}: " + "; ".join(problems))
+    check_shapes(source, {k: v.shape for k, v in params.items()}, expected, extra_label="unknown keys",
+                 expected_label="expected")
 
 
 def _settings(config: Config, sections: tuple[str, ...]) -> dict[str, Any]:
