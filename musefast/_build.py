@@ -164,6 +164,54 @@ def extension():
         return module
 
 
+def _aot_module_present() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("musefast._C") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def needs_first_build() -> bool:
+    """True when using the extension now would compile it first (no ahead-of-time module,
+    nothing in the JIT cache for this torch/host, not disabled, not tried yet)."""
+    if _state["tried"] or os.environ.get("MUSEFAST_NO_EXT") == "1" or _aot_module_present():
+        return False
+    built = cache_dir(cuda_unavailable_reason() is None) / f"{EXTENSION_NAME}.so"
+    return not built.is_file()
+
+
+def build_in_background() -> Path:
+    """Start the first JIT build in a detached process and make *this* process run without the
+    extension (the pure backends: ``sdpa``/``reference``), so a first command does not wait a
+    minute or two for the compiler. The next process finds the build in the cache. Returns the
+    build log's path. A build already running in the background is not started twice."""
+    import subprocess
+
+    folder = cache_dir(cuda_unavailable_reason() is None)
+    log = folder / "background-build.log"
+    pid_file = folder / "background-build.pid"
+    running = False
+    try:
+        os.kill(int(pid_file.read_text().strip()), 0)
+        running = True
+    except (OSError, ValueError):
+        pass
+    if not running:
+        with open(log, "w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", "from musefast import _build; import sys; "
+                 "sys.exit(0 if _build.extension() is not None else print(_build._state['error']) or 1)"],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        pid_file.write_text(str(proc.pid))
+    with _lock:
+        _state.update(tried=True, module=None, how=None,
+                      error=f"being compiled in the background (first use; log: {log}); this process uses "
+                            "the pure PyTorch backends")
+    return log
+
+
 def extension_status() -> dict:
     """What was built, how, and why not; builds the extension if not yet tried."""
     module = extension()

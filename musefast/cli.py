@@ -117,6 +117,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="weights dtype")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--wait-for-build", action="store_true",
+                   help="on first use, wait for the C++ kernels to compile instead of compiling them in the "
+                        "background and running this command on the PyTorch backends")
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -164,11 +167,26 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _first_build_in_background(quiet: bool) -> None:
+    """On first use the C++ kernels would compile for a minute or two before the first image:
+    compile them in a background process instead and run this command on the PyTorch backends
+    (the demo model is small enough that they take seconds). The next command uses the kernels."""
+    from musefast import _build
+
+    if _build.needs_first_build():
+        log = _build.build_in_background()
+        if not quiet:
+            print(f"musefast: compiling the C++ kernels in the background (first use, about 1-2 min; log: {log}); "
+                  "this run uses the PyTorch backends. --wait-for-build waits for them instead.", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
 
     args = build_parser(argv).parse_args(argv)
     backend = getattr(args, "backend", None)
+    if args.func in (_generate, _inpaint, _outpaint, _edit) and not backend and not args.wait_for_build:
+        _first_build_in_background(args.quiet)
     if not backend:
         return args.func(args)
     # Through the environment: it applies to every op that has a backend of that name

@@ -71,3 +71,42 @@ def test_backend_flag_does_not_leak(model_dir, tmp_path, monkeypatch):
     main(["generate", "x", "--model", model_dir, "--steps", "1", "-q", "--backend", "reference",
           "-o", str(tmp_path / "x.png")])
     assert "MUSEFAST_BACKEND" not in os.environ
+
+
+def test_first_use_compiles_in_the_background_and_runs_on_pure_backends(model_dir, tmp_path, monkeypatch, capsys):
+    """A fresh machine: nothing in the JIT cache. The command must not wait for the compiler;
+    it starts the build detached and runs on the PyTorch backends."""
+    import subprocess
+
+    from musefast import _build
+
+    monkeypatch.setenv("MUSEFAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(_build, "_state", {"tried": False, "module": None, "error": None, "how": None,
+                                           "seconds": None})
+    monkeypatch.setattr(_build, "_aot_module_present", lambda: False)
+    started = []
+
+    class FakeBuild:
+        def __init__(self, cmd, **kw):
+            started.append(cmd)
+            self.pid = 2 ** 22 + 12345  # no such process: a later call may start a build again
+
+    monkeypatch.setattr(subprocess, "Popen", FakeBuild)
+    assert _build.needs_first_build()
+    out = tmp_path / "a.png"
+    assert main(["generate", "a red circle", "-o", str(out), "--model", model_dir, "--steps", "2", "-q"]) == 0
+    assert out.is_file() and len(started) == 1 and "_build.extension()" in started[0][-1]
+    assert not _build.needs_first_build()  # tried: this process stays on the pure backends
+    assert "background" in _build.extension_status()["error"]
+    # --quiet silences the note; without it the user is told what happens
+    monkeypatch.setattr(_build, "_state", {"tried": False, "module": None, "error": None, "how": None,
+                                           "seconds": None})
+    assert main(["generate", "a red circle", "-o", str(out), "--model", model_dir, "--steps", "2"]) == 0
+    assert "compiling the C++ kernels in the background" in capsys.readouterr().err
+    # --wait-for-build: no background process
+    monkeypatch.setattr(_build, "_state", {"tried": True, "module": None, "error": "off", "how": None,
+                                           "seconds": None})
+    started.clear()
+    assert main(["generate", "a red circle", "-o", str(out), "--model", model_dir, "--steps", "2", "-q",
+                 "--wait-for-build"]) == 0
+    assert started == []
