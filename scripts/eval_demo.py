@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated subset of cfg,no_cfg,reference,inpaint,outpaint,edit")
     p.add_argument("--edit-count", type=int, default=64, help="cases per editing run (inpaint, outpaint, edit)")
     p.add_argument("--grid", default=None, help="also save the first 32 images of the cfg run as a PNG grid")
+    p.add_argument("--edit-grid", default=None, help="also save inpaint/outpaint/edit examples (input | output) as a PNG")
     p.add_argument("-o", "--output", default="eval_demo.json", help="JSON report path")
     return p
 
@@ -48,6 +49,40 @@ def save_grid(pipe, count: int, seed: int, batch_size: int, path: str, **call_kw
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid).save(path)
     Path(path).with_suffix(".txt").write_text("\n".join(captions) + "\n")
+
+
+def save_edit_grid(pipe, seed: int, path: str, per_kind: int = 4) -> None:
+    """A PNG of editing examples: per kind, ``per_kind`` rows of (input, output); the prompts
+    go to a .txt beside it."""
+    import numpy as np
+    from PIL import Image
+
+    from musefast.demo_data.editing import CASES, KINDS, run_case
+
+    size = pipe.output_size
+    rows, lines = [], []
+    for kind in KINDS:
+        for i, case in enumerate(CASES[kind](per_kind, seed=seed, size=size)):
+            canvas = np.full((size, size, 3), 255, dtype=np.uint8)
+            src = case["image"]
+            if kind == "outpaint":  # show the crop where it sits in the grown canvas
+                side = next(iter(case["margins"]))
+                y = size - src.shape[0] if side == "top" else 0
+                x = size - src.shape[1] if side == "left" else 0
+                canvas[y:y + src.shape[0], x:x + src.shape[1]] = src
+            else:
+                canvas[:] = src
+            if kind == "inpaint":  # grey out the repainted region in the input view
+                canvas[case["mask"] > 0] = canvas[case["mask"] > 0] // 2 + 64
+            out = run_case(pipe, kind, case, seed=seed + i)
+            result = (out.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            gap = np.full((size, 4, 3), 255, dtype=np.uint8)
+            rows.append(np.concatenate([canvas, gap, result], axis=1))
+            lines.append(f"{kind}: {case['prompt']}")
+    grid = np.concatenate([np.pad(r, ((0, 4), (0, 0), (0, 0)), constant_values=255) for r in rows])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+    Path(path).with_suffix(".txt").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.guidance is not None:
             kw["guidance_scale"] = args.guidance
         save_grid(pipe, args.count, args.seed, args.batch_size, args.grid, **kw)
+    if args.edit_grid:
+        save_edit_grid(pipe, args.seed, args.edit_grid)
     print(out)
     return 0
 

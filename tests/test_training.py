@@ -187,7 +187,9 @@ def test_eval_script_runs_on_a_tiny_random_pipeline(tmp_path, text_encoder):
     out = tmp_path / "eval.json"
     grid = tmp_path / "grid.png"
     assert script["main"](["--model", str(folder), "--count", "6", "--batch-size", "4", "--steps", "2",
-                           "--edit-count", "2", "-o", str(out), "--grid", str(grid)]) == 0
+                           "--edit-count", "2", "-o", str(out), "--grid", str(grid),
+                           "--edit-grid", str(tmp_path / "edits.png")]) == 0
+    assert (tmp_path / "edits.png").is_file() and (tmp_path / "edits.txt").read_text().count("\n") == 12
     report = json.loads(out.read_text())
     assert set(report["runs"]) == {"cfg", "no_cfg", "reference", "inpaint", "outpaint", "edit"}
     for name, run in report["runs"].items():
