@@ -165,17 +165,24 @@ def _musefast_config(cfg: Mapping[str, Any], backend: str | None) -> MuseTransfo
     )
 
 
+def _taker(state: Mapping[str, torch.Tensor], used: set[str], source: str):
+    """``take(key)``: ``state[key]``, recorded in ``used``; a missing key raises naming ``source``."""
+
+    def take(key):
+        if key not in state:
+            raise ConversionError(f"{source}: missing key {key!r} (found {len(state)} keys, e.g. {sorted(state)[:5]})")
+        used.add(key)
+        return state[key]
+
+    return take
+
+
 def _convert_state(state: Mapping[str, torch.Tensor], cfg: Mapping[str, Any],
                    mcfg: MuseTransformerConfig, model: MuseTransformer) -> dict[str, torch.Tensor]:
     used: set[str] = set()
     own = model.state_dict()
 
-    def take(key):
-        if key not in state:
-            raise ConversionError(f"open-muse MaskGitTransformer: missing key {key!r} "
-                                  f"(found {len(state)} keys, e.g. {sorted(state)[:5]})")
-        used.add(key)
-        return state[key]
+    take = _taker(state, used, "open-muse MaskGitTransformer")
 
     def linear(src, dst):
         out[f"{dst}.weight"] = take(f"{src}.weight")
@@ -410,12 +417,7 @@ def _uvit_state(state: Mapping[str, torch.Tensor], ucfg: UVit2DConfig) -> dict[s
     out: dict[str, torch.Tensor] = {}
     leaves = ("weight", "bias") if ucfg.use_bias else ("weight",)
 
-    def take(key):
-        if key not in state:
-            raise ConversionError(f"open-muse MaskGiTUViT_v2: missing key {key!r} "
-                                  f"(found {len(state)} keys, e.g. {sorted(state)[:5]})")
-        used.add(key)
-        return state[key]
+    take = _taker(state, used, "open-muse MaskGiTUViT_v2")
 
     def copy(src, dst, *, conv1x1=False, norm=False):
         for leaf in ("weight",) if norm else leaves:
