@@ -6,7 +6,7 @@ import pytest
 
 from musefast.demo_data import checker, shapes
 from musefast.demo_data.shapes import (COLOURS, SHAPES, SLOTS, Scene, ShapesDataset, ShapeSpec, all_combinations,
-                                       caption, is_held_out, parse_caption, render)
+                                       caption, caption_word_objects, is_held_out, parse_caption, render)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -84,6 +84,27 @@ def test_every_caption_parses_back_to_its_scene():
             parse_caption(bad)
     with pytest.raises(ValueError, match="left\\+right"):
         Scene((ShapeSpec("red", "circle", "left"), ShapeSpec("red", "circle", "top")))
+
+
+def test_caption_word_objects_aligns_words_with_their_shape():
+    red_left = ShapeSpec("red", "circle", "left")
+    assert caption_word_objects("a red circle on the left") == [red_left] * 6
+    blue_right = ShapeSpec("blue", "square", "right")
+    for text, first, second in [("A red circle on the left of a blue square.", red_left, blue_right),
+                                ("a blue square on the right of a red circle", blue_right, red_left),
+                                ("a blue square to the right of a red circle", blue_right, red_left)]:
+        assert caption_word_objects(text) == [first] * 3 + [None] * (len(text.split()) - 6) + [second] * 3, text
+    # identical shapes: the relation still tells the slots apart
+    top, bottom = ShapeSpec("red", "ring", "top"), ShapeSpec("red", "ring", "bottom")
+    assert caption_word_objects("a red ring below a red ring") == [bottom] * 3 + [None] + [top] * 3
+    assert caption_word_objects("a red ring above a red ring") == [top] * 3 + [None] + [bottom] * 3
+    # every generated caption: each named shape is one of the scene's, and the two differ
+    for objs in list(all_combinations(2))[::97]:
+        for variant in (0, 1):
+            per_word = caption_word_objects(caption(Scene(objs), variant))
+            assert {per_word[0], per_word[-1]} == set(objs)
+    with pytest.raises(ValueError, match="grammar"):
+        caption_word_objects("a red circle")
 
 
 def test_dataset_is_deterministic_and_seed_dependent():

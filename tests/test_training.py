@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from musefast.demo_data.shapes import ShapesDataset, to_tensor, vocabulary
+from musefast.demo_data.shapes import COLOURS, SHAPES, SLOTS, ShapesDataset, to_tensor, vocabulary
 from musefast.models.transformer import MuseTransformer, MuseTransformerConfig
 from musefast.models.vqgan import VQGAN, VQGANConfig
 from musefast.training import demo
-from musefast.training.text import TextTrainConfig, build_text_encoder, build_tokenizer, train_text_encoder
+from musefast.training.text import (IGNORE, TextTrainConfig, build_text_encoder, build_tokenizer, token_targets,
+                                    train_text_encoder)
 from musefast.training.transformer import (TextTable, TransformerTrainConfig, attention_backend, cosine_mask,
                                            masked_token_loss, train_transformer)
 from musefast.training.vqgan import VQGANTrainConfig, foreground_mask, train_vqgan, vqgan_step
@@ -64,8 +65,33 @@ def test_text_encoder_training_reduces_loss_and_freezes(text_encoder):
     last = train_text_encoder(text_encoder, ds.captions, TextTrainConfig(**{**vars(TINY_TEXT), "steps": 30}),
                               progress=False)
     assert last["loss"] < 0.8 * first["loss"], (first, last)
+    assert 0 <= last["token_accuracy"] <= 1 and 0 <= last["caption_accuracy"] <= 1
     assert not any(p.requires_grad for p in text_encoder.model.parameters())
     assert not text_encoder.model.training
+
+
+def test_token_targets_follow_the_words(text_encoder):
+    colours, shapes, slots = list(COLOURS), list(SHAPES), list(SLOTS)
+    ids, mask, targets = token_targets(text_encoder, ["A red circle on the left of a blue square.", ""])
+    tokens = text_encoder.tokenizer.convert_ids_to_tokens(ids[0][mask[0]])
+    assert tokens == ["\u2581A", "\u2581red", "\u2581circle", "\u2581on", "\u2581the", "\u2581left", "\u2581of",
+                      "\u2581a", "\u2581blue", "\u2581square", ".", "</s>"]
+    red = [colours.index("red"), shapes.index("circle"), slots.index("left")]
+    blue = [colours.index("blue"), shapes.index("square"), slots.index("right")]
+    ignore = [IGNORE] * 3
+    expected = [red] * 3 + [ignore] * 4 + [blue] * 4 + [ignore]  # the full stop belongs to "square."
+    assert targets[0, :12].tolist() == expected
+    assert (targets[0, 12:] == IGNORE).all() and (targets[1] == IGNORE).all()  # padding, empty prompt
+    assert mask[1].sum() == 1  # "" is just </s>
+
+
+def test_text_encoder_learns_held_out_bindings():
+    """The per-token objective generalises to unseen combinations (the pooled one did not)."""
+    cfg = TextTrainConfig(d_model=32, num_layers=2, num_heads=4, d_ff=64, steps=300, batch_size=64, lr=1e-2)
+    encoder = build_text_encoder(cfg, seed=0)
+    held_out = ShapesDataset(1, split="held_out").captions(0, 64)
+    metrics = train_text_encoder(encoder, ShapesDataset(0).captions, cfg, progress=False, held_out=held_out)
+    assert metrics["held_out_token_accuracy"] > 0.9, metrics
 
 
 def test_vqgan_training_reduces_loss():

@@ -161,6 +161,25 @@ def parse_caption(text: str) -> tuple[ShapeSpec, ...]:
                      "or 'a red circle on the left of a blue square'")
 
 
+def caption_word_objects(text: str) -> list[ShapeSpec | None]:
+    """Which shape each whitespace-separated word of ``text`` describes.
+
+    One-shape captions: every word describes the one shape ("on the left" included). Two-shape
+    captions: the first three words ("a red circle") describe the first-named shape, the last
+    three the second, and the relation words in between ("on the left of") neither (None).
+    Used to give every token of a caption its own training target (the demo text encoder)."""
+    objects = parse_caption(text)
+    words = text.split()
+    if len(objects) == 1:
+        return [objects[0]] * len(words)
+    rel = " ".join(words[3:-3]).lower()
+    # the relation decides which slot the first-named shape takes (the two shapes' slots differ)
+    first_slot = RELATIONS["above" if rel == "above" else "below" if rel == "below"
+                           else "left of" if "left" in rel else "right of"][0]
+    a, b = sorted(objects, key=lambda o: o.slot != first_slot)
+    return [a] * 3 + [None] * (len(words) - 6) + [b] * 3
+
+
 def vocabulary() -> list[str]:
     """Every word the captions (and the parser's alternatives) use."""
     words = ["a", "an"] + list(COLOURS) + list(SHAPES)

@@ -60,7 +60,7 @@ class DemoConfig:
     log_every: int = 10
     # ShapesDataset settings of the training images (two_object_prob, size_range, jitter)
     dataset: dict = field(default_factory=lambda: dict(size_range=(0.375, 0.375), jitter=0.0))
-    text: TextTrainConfig = field(default_factory=lambda: TextTrainConfig(steps=1500))
+    text: TextTrainConfig = field(default_factory=lambda: TextTrainConfig(steps=600))
     # VQGAN architecture (musefast.models.vqgan.VQGANConfig fields)
     vqgan: dict = field(default_factory=lambda: dict(
         patch_size=8, channels=64, channel_mult=(1,), num_res_blocks=2, num_mid_blocks=1, z_channels=32,
@@ -71,7 +71,7 @@ class DemoConfig:
     # transformer architecture (musefast.models.transformer.MuseTransformerConfig fields)
     transformer: dict = field(default_factory=lambda: dict(dim=128, depth=4, num_heads=4))
     transformer_train: TransformerTrainConfig = field(default_factory=lambda: TransformerTrainConfig(
-        steps=5500, lr=1.5e-3))
+        steps=4000, lr=1.5e-3))
     # decoding defaults stored with the pipeline (musefast.pipelines.MuseSettings fields)
     # (guidance 1.5 and temperature 0.5: the best of a sweep on 200 held-out captions; stronger
     # guidance made this small model's shapes worse, see the README's demo table)
@@ -146,9 +146,12 @@ def _image_batches(dataset):
 def stage_text_encoder(cfg: DemoConfig, log=None, progress: bool = True):
     from musefast.training.text import build_text_encoder, train_text_encoder
 
+    from musefast.demo_data.shapes import ShapesDataset
+
     encoder = build_text_encoder(cfg.text, seed=cfg.seed)
+    held_out = ShapesDataset(cfg.seed * 1000 + 4, split="held_out").captions(0, 256)
     metrics = train_text_encoder(encoder, _dataset(cfg, 0).captions, cfg.text, seed=cfg.seed, log=log,
-                                 progress=progress)
+                                 progress=progress, held_out=held_out)
     return encoder, metrics
 
 
