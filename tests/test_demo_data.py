@@ -148,14 +148,15 @@ def test_held_out_split():
     assert is_held_out(Scene(scene.objects, "black")) and is_held_out(parse_caption(caption(scene, 1)))
 
 
-# Regression floors of the shipped demo model, NOT issue 8's quality gate (colour 0.95, shape
-# 0.90, position 0.85 with CFG on 200 images), which this model does not reach yet: measured on
-# 200 held-out captions it scores colour 0.82 / shape 0.79 / position 0.84 with its default
-# guidance 1.5 (docs/demo_eval.json). On these 32 captions it scored 0.83 / 0.77 / 0.92; the
-# floors sit about 10 points lower (sampling noise of 32 images is ~6 points) so that a broken
-# kernel or pipeline (noise images score ~0) fails, and a retrained model must do at least this.
-DEMO_FLOORS = {"colour": 0.72, "shape": 0.65, "position": 0.80}
-EDIT_FLOORS = {"colour": 0.85, "shape": 0.75, "position": 0.85}
+# Issue 8's quality gate, CI size: the gate itself is colour 0.95 / shape 0.90 / position 0.85
+# with CFG on 200 held-out captions (the shipped model: 0.993 / 0.953 / 0.993 in
+# docs/demo_eval.json); here 64 captions (99 shapes, so one shape is one point) against
+# thresholds 3 points lower. Measured on these 64: 0.980 / 0.949 / 0.980.
+CI_GATE = {"colour": 0.92, "shape": 0.87, "position": 0.82}
+CI_GATE_IMAGES = 64
+# Edits (8 cases per kind) measured 1.00 / 1.00 / 1.00; on 64 cases per kind the shipped model scores
+# 1.00 / 0.906 / 1.00 at worst over inpaint, outpaint and edit (docs/demo_eval.json).
+EDIT_FLOORS = {"colour": 0.9, "shape": 0.85, "position": 0.9}
 
 
 def _demo_or_skip():
@@ -168,13 +169,14 @@ def _demo_or_skip():
     return musefast.load("demo")
 
 
-def test_demo_model_generation_floor():
+def test_demo_model_quality_gate_ci_size():
     from musefast.demo_data.evaluate import evaluate
 
-    report = evaluate(_demo_or_skip(), count=32, runs=("cfg",))
+    report = evaluate(_demo_or_skip(), count=CI_GATE_IMAGES, runs=("cfg",))
     result = report["runs"]["cfg"]
-    for key, floor in DEMO_FLOORS.items():
-        assert result[key] >= floor, (key, result)
+    assert result["n_images"] == CI_GATE_IMAGES and result["guidance_scale"] > 1  # with CFG
+    for key, threshold in CI_GATE.items():
+        assert result[key] >= threshold, (key, result)
 
 
 def test_demo_model_editing_floor():
