@@ -187,6 +187,20 @@ def test_train_demo_tiny_writes_a_loadable_pipeline(tmp_path):
     assert images.shape == (1, 3, 32, 32)
 
 
+def test_train_demo_is_reproducible(tmp_path):
+    """Same config and seed -> the same weights, bit for bit (how the shipped demo weights can be
+    reproduced with `musefast train-demo`)."""
+    from safetensors.torch import load_file
+
+    for name in ("a", "b"):
+        demo.train_demo(tmp_path / name, demo.tiny_config(seed=2), progress=False)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.safetensors"))
+    assert len(files) == 3
+    for f in files:
+        a, b = load_file(tmp_path / "a" / f), load_file(tmp_path / "b" / f)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+
+
 def test_estimate_projects_every_stage():
     result = demo.estimate(demo.tiny_config(), probe_steps=3, probe_images=8)
     for stage in ("text_encoder", "vqgan", "transformer", "tokenize"):
