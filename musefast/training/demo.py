@@ -149,9 +149,8 @@ def _image_batches(dataset):
 
 
 def stage_text_encoder(cfg: DemoConfig, log=None, progress: bool = True):
-    from musefast.training.text import build_text_encoder, train_text_encoder
-
     from musefast.demo_data.shapes import ShapesDataset
+    from musefast.training.text import build_text_encoder, train_text_encoder
 
     encoder = build_text_encoder(cfg.text, seed=cfg.seed)
     held_out = ShapesDataset(cfg.seed * 1000 + 4, split="held_out").captions(0, 256)
