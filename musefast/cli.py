@@ -12,6 +12,12 @@ DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16":
 def _doctor(args: argparse.Namespace) -> int:
     from musefast import doctor
 
+    if args.selftest:
+        from musefast.ops import selfcheck
+
+        results = selfcheck.selftest(args.device)
+        print(selfcheck.format_results(results, args.device))
+        return 1 if any(r.status == "FAIL" for r in results) else 0
     print(doctor())
     return 0
 
@@ -125,7 +131,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="musefast", description="Muse-style masked generative image models, fast.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("doctor", help="show what was built and which backends are usable").set_defaults(func=_doctor)
+    doctor_p = sub.add_parser("doctor", help="show what was built and which backends are usable")
+    doctor_p.add_argument("--selftest", action="store_true",
+                          help="compare every usable backend with the reference now; exit code 1 on any failure")
+    doctor_p.add_argument("--device", default=None, help="device to self-test (default: cuda if available, else cpu)")
+    doctor_p.set_defaults(func=_doctor)
 
     g = sub.add_parser("generate", help="text to image")
     g.add_argument("prompt")

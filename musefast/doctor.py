@@ -44,6 +44,7 @@ def doctor() -> str:
             out.append(f"  cuda kernels not compiled: {_build.cuda_unavailable_reason()}")
     else:
         out.append(f"musefast._C: NOT built: {status['error']}")
+    out.append(auto_order_table())
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         out.append(f"backends for {device} tensors:")
@@ -51,4 +52,22 @@ def doctor() -> str:
             out.append(f"  {op_name}:")
             for name, verdict in table.items():
                 out.append(f"    {name:<11} {verdict}")
+    from musefast.ops import selfcheck
+
+    out.append("self-check of compiled backends: " + (
+        "off (MUSEFAST_SELFCHECK=0)" if not selfcheck.enabled() else
+        f"on; verdicts in {selfcheck.verdict_file()} (`musefast doctor --selftest` re-runs every check)"))
     return "\n".join(out)
+
+
+def auto_order_table() -> str:
+    """Which backends auto-selection tries, in order, per op and device type (first usable wins)."""
+    from musefast.ops.registry import _OPS
+
+    lines = ["auto-selection order (first usable backend wins):"]
+    for name, the_op in _OPS.items():
+        if the_op.probe is None:
+            continue
+        lines.append(f"  {name:<18} cuda: {' > '.join(the_op.auto_order('cuda'))}; "
+                     f"cpu: {' > '.join(the_op.auto_order('cpu'))}")
+    return "\n".join(lines)

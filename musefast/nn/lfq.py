@@ -56,7 +56,8 @@ class LookupFreeQuantizer(nn.Module):
         """Indices (B, h, w) -> quantized features (B, dim, h, w) (codes, projected out)."""
         if indices.dtype not in (torch.int64, torch.int32) or indices.dim() != 3:
             raise TypeError(f"indices must be an int64/int32 tensor (B, h, w), got {indices.dtype} {tuple(indices.shape)}")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
+        if not torch.compiler.is_compiling() and indices.numel() and (
+                int(indices.min()) < 0 or int(indices.max()) >= self.codebook_size):
             raise ValueError(f"indices must lie in [0, {self.codebook_size})")
         bits = (indices[..., None].long() & self.bit_values) != 0
         dtype = self.project_out.weight.dtype if isinstance(self.project_out, nn.Linear) else torch.float32

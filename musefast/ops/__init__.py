@@ -5,3 +5,7 @@ from musefast.ops.remask import cfg_sample_remask
 from musefast.ops.vq import vq_lookup, vq_nearest
 
 __all__ = ["vq_nearest", "vq_lookup", "attention", "cfg_sample_remask", "backends", "op", "use_backend", "BackendUnavailableError"]
+
+from musefast.ops import selfcheck as _selfcheck  # noqa: E402  (after the ops it checks exist)
+
+_selfcheck.install()

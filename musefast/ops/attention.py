@@ -1,9 +1,10 @@
 """``attention``: bidirectional self-/cross-attention with a key padding mask (SDPA layout).
 
-Backends, in priority order: ``triton`` (musefast.kernels.attention, CUDA; CPU only when
-asked for under ``TRITON_INTERPRET=1``), ``flash_attn`` (the flash-attn package, when
-installed), ``sdpa`` (torch's scaled_dot_product_attention), ``reference``
-(musefast.reference.attention). On CPU tensors: sdpa, then reference.
+Backends, in priority order on CUDA tensors: ``flash_attn`` (the flash-attn package, when
+installed), ``sdpa`` (torch's scaled_dot_product_attention), ``triton``
+(musefast.kernels.attention; ahead of the libraries only once a committed GPU benchmark shows
+it faster — none does yet; on CPU only when asked for under ``TRITON_INTERPRET=1``),
+``reference`` (musefast.reference.attention). On CPU tensors: sdpa, then reference.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from musefast.ops import _availability as avail
+from musefast.ops import traceable
 from musefast.ops.registry import op
 from musefast.reference import attention as ref
 
@@ -144,9 +146,13 @@ def _flash_attn_reasons(q, k, v, key_padding_mask, scale):
 
 
 ATTENTION = op("attention")
-ATTENTION.register("triton", _triton, _triton_reasons, auto_devices=("cuda",))
+# Auto-selection order is a claim of speed (DESIGN §4): our Triton kernel goes ahead of the
+# libraries (flash-attn, SDPA) only for the head dims / dtypes where a committed GPU benchmark
+# (benchmarks/results/) shows it faster. None exists yet, so on CUDA tensors the libraries come
+# first and Triton runs when asked for (backend="triton") or where they cannot.
 ATTENTION.register("flash_attn", _flash_attn, _flash_attn_reasons, auto_devices=("cuda",))
 ATTENTION.register("sdpa", _sdpa, lambda *args: [])
+ATTENTION.register("triton", _triton, _triton_reasons, auto_devices=("cuda",), compiled=True)
 ATTENTION.register("reference", _reference, lambda *args: [])
 
 
@@ -184,4 +190,6 @@ def attention(
         (B, H, Lq, D) in q's dtype (not necessarily contiguous).
     """
     _check_inputs(q, k, v, key_padding_mask, scale)
+    if torch.compiler.is_compiling():
+        return traceable.attention(q, k, v, key_padding_mask, None if scale is None else float(scale), backend)
     return ATTENTION(q, k, v, key_padding_mask, scale, backend=backend, device_type=q.device.type)

@@ -11,6 +11,15 @@ backend of that name, the others auto-select) or per-op pairs (``vq_nearest=cpu,
 :func:`use_backend` sets the same kind of value for a block of code (it wins over the
 environment); pipelines and the CLI use it for their ``backend=`` argument. A name that no op
 has, or a pair naming an unknown op, is an error — a typo must not silently auto-select.
+
+Trust is earned per device (DESIGN §4): a backend registered with ``compiled=True`` (our own
+C++/CUDA/Triton code) is compared with the reference by :mod:`musefast.ops.selfcheck` before it
+is first auto-selected on a device; one that disagrees is skipped there (one warning, cached
+verdict, ``musefast doctor`` says why) and the next backend runs.
+
+Under ``torch.compile`` the public ops call :mod:`musefast.ops.traceable`'s custom ops, whose
+eager bodies run this dispatch at run time, so tracing never reads the environment or a
+context variable.
 """
 from __future__ import annotations
 
@@ -40,6 +49,9 @@ class Backend:
     # Device types on which this backend is chosen automatically. A backend may still *run*
     # elsewhere when asked for (e.g. triton on CPU under TRITON_INTERPRET=1, for tests).
     auto_devices: frozenset = frozenset({"cpu", "cuda"})
+    # Our own compiled code (C++, CUDA, Triton): checked against the reference per device
+    # before its first auto-selection. Libraries (SDPA, flash-attn) and the reference are trusted.
+    compiled: bool = False
 
 
 @dataclass
@@ -48,13 +60,24 @@ class Op:
     backends: dict = field(default_factory=dict)  # insertion order = priority
     # device -> (args, kwargs): small typical inputs, used by backends() and doctor()
     probe: Callable | None = None
+    # (backend name, torch.device) -> None if the backend agrees with the reference on small
+    # awkward inputs there, else why not (musefast.ops.selfcheck sets it for the public ops)
+    check: Callable | None = None
 
-    def register(self, name: str, fn: Callable, reasons: ReasonsFn, *, auto_devices=("cpu", "cuda")) -> None:
-        self.backends[name] = Backend(name, fn, reasons, frozenset(auto_devices))
+    def register(self, name: str, fn: Callable, reasons: ReasonsFn, *, auto_devices=("cpu", "cuda"),
+                 compiled: bool = False) -> None:
+        self.backends[name] = Backend(name, fn, reasons, frozenset(auto_devices), compiled)
+
+    def auto_order(self, device_type: str) -> list[str]:
+        """The backends auto-selection tries on ``device_type`` tensors, in order."""
+        return [b.name for b in self.backends.values() if device_type in b.auto_devices]
 
     def availability(self, *args, **kwargs) -> dict:
-        """backend name -> list of reasons it cannot run these inputs (empty = usable)."""
-        return {name: list(b.reasons(*args, **kwargs)) for name, b in self.backends.items()}
+        """backend name -> list of reasons it cannot run these inputs (empty = usable), including
+        a failed self-check verdict already on record for the inputs' device."""
+        device = _device_of(args)
+        return {name: list(b.reasons(*args, **kwargs)) + _recorded_failure(self, b, device)
+                for name, b in self.backends.items()}
 
     def select(self, backend: str | None, device_type: str, *args, **kwargs) -> Backend:
         requested = backend or _env_backend(self)
@@ -64,7 +87,7 @@ class Op:
                     f"{self.name}: unknown backend {requested!r}; choose one of {list(self.backends)}"
                 )
             chosen = self.backends[requested]
-            reasons = chosen.reasons(*args, **kwargs)
+            reasons = chosen.reasons(*args, **kwargs) + _recorded_failure(self, chosen, _device_of(args))
             if reasons:
                 raise BackendUnavailableError(
                     f"{self.name}: backend {requested!r} cannot run these inputs: " + "; ".join(reasons)
@@ -75,6 +98,8 @@ class Op:
             if device_type not in b.auto_devices:
                 continue
             reasons = b.reasons(*args, **kwargs)
+            if not reasons and b.compiled:
+                reasons = _earned_trust(self, b, _device_of(args))
             if not reasons:
                 return b
             tried.append(f"{b.name}: {'; '.join(reasons)}")
@@ -85,6 +110,26 @@ class Op:
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s -> backend %s", self.name, chosen.name)
         return chosen.fn(*args, **kwargs)
+
+
+def _device_of(args) -> torch.device | None:
+    return next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+
+
+def _recorded_failure(the_op: Op, b: Backend, device) -> list[str]:
+    if not b.compiled or device is None:
+        return []
+    from musefast.ops import selfcheck
+
+    return selfcheck.recorded_failure(the_op, b.name, device)
+
+
+def _earned_trust(the_op: Op, b: Backend, device) -> list[str]:
+    if device is None:
+        return []
+    from musefast.ops import selfcheck
+
+    return selfcheck.trust_reasons(the_op, b.name, device)
 
 
 _OPS: dict[str, Op] = {}

@@ -16,6 +16,7 @@ import numbers
 import torch
 
 from musefast.ops import _availability as avail
+from musefast.ops import traceable
 from musefast.ops.registry import op
 from musefast.reference import philox
 from musefast.reference import remask as ref
@@ -71,7 +72,7 @@ def _check_inputs(logits, uncond_logits, tokens, masked, num_to_mask, guidance_s
         if num_to_mask.device.type not in ("cpu", logits.device.type):
             raise ValueError(f"num_to_mask is on {num_to_mask.device} but logits is on {logits.device}")
         # Range check only where it costs no device sync; device tensors are clamped in-kernel.
-        if num_to_mask.device.type == "cpu" and num_to_mask.numel() and (
+        if num_to_mask.device.type == "cpu" and not torch.compiler.is_compiling() and num_to_mask.numel() and (
             int(num_to_mask.min()) < 0 or int(num_to_mask.max()) > N
         ):
             raise ValueError(
@@ -139,9 +140,9 @@ def _triton_reasons(logits, *args):
 
 
 CFG_SAMPLE_REMASK = op("cfg_sample_remask")
-CFG_SAMPLE_REMASK.register("cuda", _compiled, _cuda_reasons, auto_devices=("cuda",))
-CFG_SAMPLE_REMASK.register("triton", _triton, _triton_reasons, auto_devices=("cuda",))
-CFG_SAMPLE_REMASK.register("cpu", _compiled, _cpu_reasons, auto_devices=("cpu",))
+CFG_SAMPLE_REMASK.register("cuda", _compiled, _cuda_reasons, auto_devices=("cuda",), compiled=True)
+CFG_SAMPLE_REMASK.register("triton", _triton, _triton_reasons, auto_devices=("cuda",), compiled=True)
+CFG_SAMPLE_REMASK.register("cpu", _compiled, _cpu_reasons, auto_devices=("cpu",), compiled=True)
 CFG_SAMPLE_REMASK.register("reference", _reference, lambda *args: [])
 
 
@@ -212,6 +213,11 @@ def cfg_sample_remask(
     if uncond_logits is not None and float(guidance_scale) == 1.0:
         uncond_logits = None  # no guidance: never read the unconditional logits
     top_k = 0 if top_k is None or top_k >= K else int(top_k)
+    if torch.compiler.is_compiling():
+        seed = int(seed)
+        return traceable.cfg_sample_remask(
+            logits, uncond_logits, tokens, masked, num_to_mask, float(guidance_scale), float(temperature),
+            float(choice_temperature), top_k, confidence, seed >> 32, seed & 0xFFFFFFFF, int(step), backend)
     return CFG_SAMPLE_REMASK(
         logits, uncond_logits, tokens, masked, num_to_mask, float(guidance_scale), float(temperature),
         float(choice_temperature), top_k, confidence, int(seed), int(step),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from musefast.ops import _availability as avail
+from musefast.ops import traceable
 from musefast.ops.registry import op
 from musefast.reference import vq as ref
 
@@ -69,9 +70,9 @@ def _triton_reasons(z, codebook):
 
 
 VQ_NEAREST = op("vq_nearest")
-VQ_NEAREST.register("cuda", _compiled, _cuda_reasons, auto_devices=("cuda",))
-VQ_NEAREST.register("triton", _triton, _triton_reasons, auto_devices=("cuda",))
-VQ_NEAREST.register("cpu", _compiled, _cpu_reasons, auto_devices=("cpu",))
+VQ_NEAREST.register("cuda", _compiled, _cuda_reasons, auto_devices=("cuda",), compiled=True)
+VQ_NEAREST.register("triton", _triton, _triton_reasons, auto_devices=("cuda",), compiled=True)
+VQ_NEAREST.register("cpu", _compiled, _cpu_reasons, auto_devices=("cpu",), compiled=True)
 VQ_NEAREST.register("reference", _reference, lambda z, codebook: [])
 VQ_NEAREST.probe = lambda device: ((torch.randn(4, 8, device=device), torch.randn(16, 8, device=device)), {})
 
@@ -106,7 +107,10 @@ def vq_nearest(
         # One compute dtype for both sides: the wider of the two.
         common = torch.promote_types(z2.dtype, codebook.dtype)
         z2, codebook = z2.to(common), codebook.to(common)
-    indices, distances = VQ_NEAREST(z2, codebook, backend=backend, device_type=z.device.type)
+    if torch.compiler.is_compiling():
+        indices, distances = traceable.vq_nearest(z2, codebook, backend)
+    else:
+        indices, distances = VQ_NEAREST(z2, codebook, backend=backend, device_type=z.device.type)
     indices = indices.reshape(lead)
     return (indices, distances.reshape(lead)) if return_distance else indices
 
@@ -119,6 +123,7 @@ def vq_lookup(indices: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"codebook must have shape (K, D), got {tuple(codebook.shape)}")
     if indices.device != codebook.device:
         raise ValueError(f"indices are on {indices.device} but codebook is on {codebook.device}")
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= codebook.shape[0]):
+    # The range check reads the indices back (a device sync; data-dependent under torch.compile).
+    if not torch.compiler.is_compiling() and indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= codebook.shape[0]):
         raise ValueError(f"indices must lie in [0, {codebook.shape[0]}), got [{int(indices.min())}, {int(indices.max())}]")
     return ref.vq_lookup(indices, codebook)

@@ -40,6 +40,27 @@ class MaskGitSampler:
         self.backend = backend
         self.progress = progress
 
+    def step(self, model_fn: ModelFn, tokens: torch.Tensor, masked: torch.Tensor, *, shape: torch.Size, step: int,
+             seed: int, mask_token_id: int, masked_start: torch.Tensor, starting_mask_ratio=1.0):
+        """One decoding step on flat (B, N) ``tokens``/``masked`` -> the next (tokens, masked).
+
+        The model forward, the preset's parameters for ``step`` and the fused
+        ``cfg_sample_remask``: the unit ``torch.compile(fullgraph=True)`` and a CUDA graph capture.
+        """
+        B, N = tokens.shape
+        model_in = tokens.masked_fill(masked, mask_token_id).reshape(shape)
+        out = model_fn(model_in)
+        cond, uncond = out if isinstance(out, (tuple, list)) else (out, None)
+        K = cond.shape[-1]
+        params = self.preset.step_params(
+            step, num_classes=K, masked_now=masked.sum(dim=1), masked_start=masked_start, seq_len=N,
+            starting_mask_ratio=starting_mask_ratio,
+        )
+        return ops.cfg_sample_remask(
+            cond.reshape(B, N, K), None if uncond is None else uncond.reshape(B, N, K),
+            tokens=tokens, masked=masked, seed=seed, step=step, backend=self.backend, **params,
+        )
+
     @torch.no_grad()
     def __call__(
         self,
@@ -84,7 +105,6 @@ class MaskGitSampler:
         B = shape[0]
         tokens = tokens.reshape(B, -1).clone()
         masked = masked.reshape(B, -1).clone()
-        N = tokens.shape[1]
         masked_start = masked.sum(dim=1)
         if starting_mask_ratio is None:
             starting_mask_ratio = masked_start.sum() / masked.numel() if masked.numel() else 1.0
@@ -94,18 +114,9 @@ class MaskGitSampler:
 
             steps = tqdm(steps, desc=f"{preset.name} decoding", leave=False)
         for step in steps:
-            model_in = tokens.masked_fill(masked, mask_token_id).reshape(shape)
-            out = model_fn(model_in)
-            cond, uncond = out if isinstance(out, (tuple, list)) else (out, None)
-            K = cond.shape[-1]
-            params = preset.step_params(
-                step, num_classes=K, masked_now=masked.sum(dim=1), masked_start=masked_start, seq_len=N,
-                starting_mask_ratio=starting_mask_ratio,
-            )
-            tokens, masked = ops.cfg_sample_remask(
-                cond.reshape(B, N, K), None if uncond is None else uncond.reshape(B, N, K),
-                tokens=tokens, masked=masked, seed=seed, step=step, backend=self.backend, **params,
-            )
+            tokens, masked = self.step(model_fn, tokens, masked, shape=shape, step=step, seed=seed,
+                                       mask_token_id=mask_token_id, masked_start=masked_start,
+                                       starting_mask_ratio=starting_mask_ratio)
             if callback is not None:
                 callback(step, tokens.reshape(shape), masked.reshape(shape))
         return tokens.reshape(shape)

@@ -52,6 +52,21 @@ def mask_ratio(schedule: str, r, *, total_tokens: int | None = None, exponent: f
     return ratio.clamp(0.0, 1.0)
 
 
+# Scalars that depend only on (step, T, ...) but that the peers compute with float32 torch ops:
+# under torch.compile dynamo evaluates them once at trace time (a constant of the step),
+# instead of turning float(tensor) into a data-dependent value that breaks fullgraph tracing.
+@torch.compiler.assume_constant_result
+def _linspace_f32_at(start: float, end: float, num_steps: int, index: int) -> float:
+    """float32 torch.linspace(start, end, num_steps)[index], bit for bit as the peers use it."""
+    return float(torch.linspace(start, end, num_steps)[index])
+
+
+@torch.compiler.assume_constant_result
+def _lucidrains_count(schedule: str, step: int, num_steps: int, seq_len: int) -> int:
+    t_next = torch.linspace(0, 1, num_steps)[step + 1]
+    return max(int((mask_ratio(schedule, t_next, total_tokens=seq_len) * seq_len).item()), 1)
+
+
 def _as_counts(x, batch: int, device) -> torch.Tensor:
     return torch.as_tensor(x, dtype=torch.int64, device=device).expand(batch).clone()
 
@@ -87,9 +102,7 @@ def mask_count(
     if step == num_steps - 1:
         return torch.zeros(B, dtype=torch.int64, device=device)
     if rule == "lucidrains":
-        t_next = torch.linspace(0, 1, num_steps)[step + 1]
-        count = max(int((mask_ratio(schedule, t_next, total_tokens=seq_len) * seq_len).item()), 1)
-        return _as_counts(count, B, device)
+        return _as_counts(_lucidrains_count(schedule, step, num_steps, seq_len), B, device)
     r = _f32(step + 1) / num_steps
     ratio = mask_ratio(schedule, r, total_tokens=seq_len)
     if rule == "maskgit":
@@ -128,7 +141,7 @@ def choice_temperature_at(schedule: str, value, step: int, num_steps: int) -> fl
         return float(value)
     if schedule == "linear":
         start, end = value if isinstance(value, (tuple, list)) else (value, 0.0)
-        return float(torch.linspace(start, end, num_steps)[step])
+        return _linspace_f32_at(float(start), float(end), num_steps, step)
     if schedule == "maskgit":
         return float(value) * (1.0 - (step + 1) / num_steps)
     raise ValueError(f"choice temperature schedule must be one of {CHOICE_SCHEDULES}, got {schedule!r}")

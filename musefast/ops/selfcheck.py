@@ -1,0 +1,374 @@
+"""Trust is earned, per device (DESIGN §4).
+
+Before a compiled backend (our C++, CUDA or Triton code: ``compiled=True`` in the registry) is
+first auto-selected on a device, it is run on small awkward inputs (odd sizes, padding, all-masked
+rows, ties, strided views, NaN rows) and compared with the reference by the rules of
+:mod:`musefast.reference.agreement`. A backend that disagrees is skipped on that device: one
+warning, the next backend runs, and ``musefast doctor`` shows why. Verdicts are cached in
+``<musefast cache>/selfcheck.json`` keyed by (op, backend, device name/arch or host ISA, torch,
+triton and musefast versions, a hash of the kernel sources), so a check runs once per device and
+build. ``MUSEFAST_SELFCHECK=0`` skips it; ``musefast doctor --selftest`` re-runs every check.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from musefast.reference import agreement
+
+_lock = threading.RLock()
+_verdicts: dict | None = None  # key -> {"ok": bool, "why": str, "seconds": float}
+
+
+def enabled() -> bool:
+    return os.environ.get("MUSEFAST_SELFCHECK", "1") != "0"
+
+
+def verdict_file() -> Path:
+    base = Path(os.environ.get("MUSEFAST_CACHE", Path.home() / ".cache" / "musefast"))
+    return base / "selfcheck.json"
+
+
+def device_key(device: torch.device) -> str:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        return f"cuda:{torch.cuda.get_device_name(index)}:sm{major}{minor}"
+    from musefast import _build
+
+    return f"{device.type}:{_build._host_isa_tag()}"
+
+
+@functools.lru_cache(maxsize=None)
+def _software_key() -> str:
+    """torch/triton/musefast versions + a hash of every kernel source (a rebuilt kernel is a new
+    backend as far as trust goes)."""
+    import importlib.util
+
+    from musefast import __version__, _build
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = "none"
+    digest = hashlib.sha1()
+    roots = []
+    try:
+        roots.append(_build.csrc_dir())
+    except FileNotFoundError:
+        pass
+    spec = importlib.util.find_spec("musefast.kernels")
+    roots += [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    for root in roots:
+        for path in sorted(p for p in root.rglob("*") if p.suffix in (".cpp", ".h", ".cu", ".cuh", ".py")):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return f"torch{torch.__version__}/triton{triton_version}/musefast{__version__}/src{digest.hexdigest()[:10]}"
+
+
+def _key(op_name: str, backend: str, device: torch.device) -> str:
+    return f"{op_name}|{backend}|{device_key(device)}|{_software_key()}"
+
+
+def _load() -> dict:
+    global _verdicts
+    if _verdicts is None:
+        try:
+            _verdicts = json.loads(verdict_file().read_text())
+        except (OSError, ValueError):
+            _verdicts = {}
+    return _verdicts
+
+
+def _store(key: str, verdict: dict) -> None:
+    _load()[key] = verdict
+    path = verdict_file()
+    try:  # merge with what other processes wrote meanwhile; write atomically
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            on_disk = json.loads(path.read_text())
+        except (OSError, ValueError):
+            on_disk = {}
+        on_disk[key] = verdict
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(on_disk, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs a re-check in the next process
+
+
+def forget() -> None:
+    """Drop the in-memory verdicts (tests; the file is re-read on next use)."""
+    global _verdicts
+    with _lock:
+        _verdicts = None
+
+
+def recorded_failure(the_op, backend: str, device: torch.device) -> list[str]:
+    """The reason a failed verdict on record gives (no check is run here)."""
+    if not enabled():
+        return []
+    with _lock:
+        verdict = _load().get(_key(the_op.name, backend, device))
+    if verdict and not verdict["ok"]:
+        return [f"failed the self-check on this device ({verdict['why']}); `musefast doctor --selftest` re-runs it"]
+    return []
+
+
+def trust_reasons(the_op, backend: str, device: torch.device) -> list[str]:
+    """[] if the backend has earned trust on ``device`` (checking it now if never checked)."""
+    if not enabled() or the_op.check is None:
+        return []
+    with _lock:
+        verdict = _load().get(_key(the_op.name, backend, device))
+        if verdict is None:
+            verdict = run_check(the_op, backend, device)
+    return [] if verdict["ok"] else recorded_failure(the_op, backend, device)
+
+
+def run_check(the_op, backend: str, device: torch.device) -> dict:
+    """Run the op's check for ``backend`` on ``device`` now, record and return the verdict."""
+    start = time.process_time()  # CPU time: what the check costs, not what other processes do
+    key = _key(the_op.name, backend, device)
+    with _lock:
+        _load().pop(key, None)  # a failed verdict on record would make the backend refuse to run
+        try:
+            why = the_op.check(backend, device)
+        except BackendCrashed as exc:  # a crashing kernel has not earned trust either
+            why = str(exc)
+        # any other exception is a bug of the check itself: it propagates and records nothing
+        verdict = {"ok": why is None, "why": why or "", "seconds": round(time.process_time() - start, 3)}
+        _store(key, verdict)
+    if why is not None:
+        warnings.warn(
+            f"musefast: backend {backend!r} of {the_op.name} disagrees with the reference on this device "
+            f"({why}); it is disabled here and the next backend runs (see `musefast doctor`)",
+            RuntimeWarning, stacklevel=4)
+    return verdict
+
+
+# -- the checks: small awkward inputs per op ------------------------------------------------
+
+@dataclass
+class Case:
+    label: str
+    args: tuple
+    kwargs: dict
+
+
+class BackendCrashed(Exception):
+    """The backend raised on a check input (the reference did not): it has not earned trust."""
+
+
+def _try(call, case: Case, backend: str):
+    """The backend's output, or None when it declines these inputs by its own reasons (a dtype
+    it does not take): such cases are skipped, not failed. Call after the reference ran on the
+    same case, so an exception here is the backend's fault, not the check's."""
+    from musefast.ops.registry import BackendUnavailableError
+
+    try:
+        return call(*case.args, **case.kwargs, backend=backend)
+    except BackendUnavailableError:
+        return None
+    except Exception as exc:
+        text = str(exc).strip()
+        raise BackendCrashed(f"{case.label}: {type(exc).__name__}: {text.splitlines()[0] if text else ''}") from exc
+
+
+def _vq_cases(device: torch.device) -> list[Case]:
+    g = torch.Generator().manual_seed(1234)
+    codebook = torch.randn(1000, 59, generator=g)
+    z = torch.randn(97, 59, generator=g)
+    z[:10] = codebook[100:110]  # self-match: must return its own index (a real fused-argmin bug elsewhere)
+    z[13, 7] = float("nan")  # NaN row: index 0, distance NaN
+    strided = torch.randn(59, 33, generator=g).T  # non-contiguous rows
+    small = torch.randn(5, 8, generator=g)
+    cases = [Case("odd sizes, self-match, NaN row", (z, codebook), {}),
+             Case("strided z", (strided, codebook), {}),
+             Case("K=1", (small, torch.randn(1, 8, generator=g)), {}),
+             Case("D=80 fp16", (torch.randn(41, 80, generator=g).half(), torch.randn(300, 80, generator=g).half()), {})]
+    return [Case(c.label, tuple(a.to(device) for a in c.args), c.kwargs) for c in cases]
+
+
+def check_vq_nearest(backend: str, device: torch.device) -> str | None:
+    from musefast.ops.vq import vq_nearest
+
+    ran = 0
+    for case in _vq_cases(device):
+        call = functools.partial(vq_nearest, return_distance=True)
+        z, codebook = case.args
+        ref_idx, ref_dist = call(z, codebook, backend="reference")
+        out = _try(call, case, backend)
+        if out is None:
+            continue
+        idx, dist = out
+        rel_tol = 1e-5 if z.dtype == torch.float32 else 2e-3
+        why = agreement.vq_disagreement(z.reshape(-1, z.shape[-1]), codebook, idx, dist, ref_idx, ref_dist,
+                                        rel_tol=rel_tol)
+        if why is None and case.label.startswith("odd sizes") and not torch.equal(idx[:10].cpu(), torch.arange(100, 110)):
+            why = "a vector equal to a code did not return that code's index"
+        if why is not None:
+            return f"{case.label}: {why}"
+        ran += 1
+    return None if ran else "no check case could run on this backend"
+
+
+def _attention_cases(device: torch.device) -> list[Case]:
+    g = torch.Generator().manual_seed(99)
+    B, H, Lq, Lk, D = 2, 3, 37, 19, 40
+    q = torch.randn(B, Lq, H, D, generator=g).transpose(1, 2)  # (B, H, Lq, D) view of (B, L, H, D)
+    k = torch.randn(B, H, Lk, D, generator=g)
+    v = torch.randn(B, H, Lk, D, generator=g)
+    mask = torch.rand(B, Lk, generator=g) < 0.6
+    mask[1] = False  # every key masked: the queries get zeros
+    x = torch.randn(1, 2, 33, 64, generator=g)
+    cases = [Case("cross, padded, all-masked row, strided q", (q, k, v), {"key_padding_mask": mask}),
+             Case("self, no mask, D=64", (x, x * 0.5, -x), {}),
+             Case("fp16, padded", (q.half(), k.half(), v.half()), {"key_padding_mask": mask})]
+    return [Case(c.label, tuple(a.to(device) for a in c.args),
+                 {n: t.to(device) for n, t in c.kwargs.items()}) for c in cases]
+
+
+def check_attention(backend: str, device: torch.device) -> str | None:
+    from musefast.ops.attention import attention
+
+    ran = 0
+    for case in _attention_cases(device):
+        ref32 = attention(*(a.float() for a in case.args), **case.kwargs, backend="reference")
+        ref_same = attention(*case.args, **case.kwargs, backend="reference")
+        out = _try(attention, case, backend)
+        if out is None:
+            continue
+        why = agreement.attention_disagreement(out, ref32, ref_same, case.kwargs.get("key_padding_mask"))
+        if why is not None:
+            return f"{case.label}: {why}"
+        ran += 1
+    return None if ran else "no check case could run on this backend"
+
+
+def _remask_cases(device: torch.device) -> list[Case]:
+    g = torch.Generator().manual_seed(7)
+    B, N, K = 3, 37, 50
+    both = 2.0 * torch.randn(2 * B, N, K, generator=g)
+    cond, uncond = both.chunk(2)  # the CFG batch's halves: views with an offset
+    transposed = (2.0 * torch.randn(B, K, N, generator=g)).transpose(1, 2)  # (B, N, K) from a (B, K, H·W) head
+    tokens = torch.randint(0, K, (B, N), generator=g)
+    masked = torch.rand(B, N, generator=g) < 0.7
+    masked[2] = True  # an image with everything still masked
+    num_to_mask = torch.tensor([30, 0, 20])  # more than are masked (clamped), none, some
+    special = transposed.clone()
+    special[0, 3] = float("nan")  # a NaN row: token 0, first to stay masked
+    special[1, 4, :] = float("-inf")
+    special[1, 5, 10:13] = 7.0  # an exact tie at the maximum: lowest index wins at temperature 0
+    common = {"tokens": tokens, "masked": masked, "num_to_mask": num_to_mask}
+    cases = [
+        Case("CFG halves, top-k, choice noise", (cond, uncond),
+             {**common, "guidance_scale": 3.0, "temperature": 1.0, "choice_temperature": 4.5, "top_k": 7, "seed": 11, "step": 2}),
+        Case("strided logits, NaN/-inf rows, ties, argmax", (special, None),
+             {**common, "temperature": 0.0, "choice_temperature": 0.0, "seed": 3, "step": 0}),
+        Case("extreme temperatures", (transposed * 30, None),
+             {**common, "temperature": 1e-3, "choice_temperature": 50.0, "seed": 2**63 + 5, "step": 9}),
+        Case("hot sampling, prob confidence, fp16", (cond.half(), uncond.half()),
+             {**common, "guidance_scale": 0.5, "temperature": 50.0, "confidence": "prob", "seed": 5, "step": 1}),
+    ]
+    moved = []
+    for c in cases:
+        args = tuple(None if a is None else a.to(device) for a in c.args)
+        kwargs = {n: (t.to(device) if isinstance(t, torch.Tensor) else t) for n, t in c.kwargs.items()}
+        moved.append(Case(c.label, args, kwargs))
+    return moved
+
+
+def check_cfg_sample_remask(backend: str, device: torch.device) -> str | None:
+    from musefast.ops.remask import cfg_sample_remask
+    from musefast.reference import remask as ref
+
+    ran = 0
+    for case in _remask_cases(device):
+        cfg_sample_remask(*case.args, **case.kwargs, backend="reference")  # validates the case
+        logits, uncond = (None if a is None else a.cpu() for a in case.args)
+        kw = {n: (t.cpu() if isinstance(t, torch.Tensor) else t) for n, t in case.kwargs.items()}
+        kw.setdefault("guidance_scale", 1.0)
+        trace = ref.step_trace(logits, uncond if kw["guidance_scale"] != 1.0 else None, **kw)
+        out = _try(cfg_sample_remask, case, backend)
+        if out is None:
+            continue
+        tokens, masked = out
+        finite = trace.best[torch.isfinite(trace.best)]
+        value_scale = 1.0 + (float(finite.abs().max()) if finite.numel() else 0.0)
+        why, _ = agreement.remask_disagreement(trace, tokens, masked, value_scale=value_scale,
+                                               num_to_mask=kw["num_to_mask"])
+        if why is not None:
+            return f"{case.label}: {why}"
+        ran += 1
+    return None if ran else "no check case could run on this backend"
+
+
+CHECKS = {"vq_nearest": check_vq_nearest, "attention": check_attention, "cfg_sample_remask": check_cfg_sample_remask}
+
+
+def install() -> None:
+    """Give the public ops their checks (called once by musefast.ops)."""
+    from musefast.ops.registry import op
+
+    for name, check in CHECKS.items():
+        op(name).check = check
+
+
+@dataclass
+class Result:
+    op: str
+    backend: str
+    status: str  # "pass" | "FAIL" | "skip"
+    detail: str
+    seconds: float  # CPU time of the check
+
+
+def selftest(device: str | torch.device | None = None) -> list[Result]:
+    """Run every check of every backend usable on ``device`` now (verdicts re-recorded).
+
+    The reference defines the result and is not checked against itself; backends that cannot run
+    on the device are reported as skipped with their reasons."""
+    from musefast.ops.registry import _OPS
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    results = []
+    for name, the_op in _OPS.items():
+        if the_op.check is None or the_op.probe is None:
+            continue
+        args, kwargs = the_op.probe(device)
+        for backend, b in the_op.backends.items():
+            if backend == "reference":
+                continue
+            reasons = b.reasons(*args, **kwargs)
+            if reasons:
+                results.append(Result(name, backend, "skip", "; ".join(reasons), 0.0))
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                verdict = run_check(the_op, backend, device)
+            results.append(Result(name, backend, "pass" if verdict["ok"] else "FAIL", verdict["why"],
+                                  verdict["seconds"]))
+    return results
+
+
+def format_results(results: list[Result], device) -> str:
+    lines = [f"musefast self-test on {device_key(torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu')))}"]
+    for r in results:
+        detail = f" ({r.detail})" if r.detail else ""
+        lines.append(f"  {r.status:<4} {r.op:<18} {r.backend:<11} {r.seconds:6.2f}s{detail}")
+    failed = sum(r.status == "FAIL" for r in results)
+    lines.append(f"{sum(r.status == 'pass' for r in results)} passed, {failed} failed, "
+                 f"{sum(r.status == 'skip' for r in results)} skipped")
+    return "\n".join(lines)
