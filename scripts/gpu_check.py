@@ -83,7 +83,7 @@ def _run_step(name: str, timeout: float, rehearse: bool, out_dir: Path, log) -> 
         except json.JSONDecodeError as exc:
             entry["error"] = f"unreadable step result: {exc}"
         result_file.unlink()
-    if code is None:
+    if code is None:  # figures the step saved before it was killed are kept
         entry.update(status="fail", error=f"timed out after {timeout:.0f} s")
     elif code != 0 and entry["status"] == "pass":
         entry.update(status="fail", error=entry.get("error") or f"exit code {code}")

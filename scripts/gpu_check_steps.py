@@ -32,10 +32,20 @@ class Skip(Exception):
     """The step cannot run here (its reason is reported, the step is not a failure)."""
 
 
-def _time(fn, rehearse: bool) -> float:
+_PARTIAL: Path | None = None  # the result file, written after each measurement
+
+
+def checkpoint(figures: dict) -> None:
+    """Save the figures measured so far: a step killed at its timeout still reports them."""
+    if _PARTIAL is not None:
+        _PARTIAL.write_text(json.dumps({"status": "fail", "figures": figures, "error": "did not finish"},
+                                       default=str))
+
+
+def _time(fn, rehearse: bool, warmup: int = 3) -> float:
     from timing import seconds_per_call
 
-    return seconds_per_call(fn, DEVICE, min_seconds=0.02 if rehearse else 0.2, warmup=1 if rehearse else 3)
+    return seconds_per_call(fn, DEVICE, min_seconds=0.02 if rehearse else 0.2, warmup=1 if rehearse else warmup)
 
 
 def _has(module: str) -> bool:
@@ -171,6 +181,7 @@ def bench_vq(rehearse: bool, out: Path) -> dict:
             row[f"{b}_speedup_vs_cdist"] = row["cdist_argmin_ms"] / ms
             row[f"{b}_tflops"] = 2.0 * n * k * d / (ms * 1e-3) / 1e12
         figures["cases"].append(row)
+        checkpoint(figures)
     return figures
 
 
@@ -204,6 +215,7 @@ def bench_attention(rehearse: bool, out: Path) -> dict:
             row[f"{name}_speedup_vs_sdpa"] = row["torch_sdpa_ms"] / ms
             row[f"{name}_tflops_nominal"] = 4.0 * b * h * lq * lk * d / (ms * 1e-3) / 1e12
         figures["cases"].append(row)
+        checkpoint(figures)
     return figures
 
 
@@ -244,6 +256,7 @@ def bench_remask(rehearse: bool, out: Path) -> dict:
             if f"{name}_ms" in row and "diffusers_step_ms" in row:
                 row[f"{name}_speedup_vs_diffusers"] = row["diffusers_step_ms"] / row[f"{name}_ms"]
         figures["cases"].append(row)
+        checkpoint(figures)
     return figures
 
 
@@ -257,6 +270,12 @@ def decode_step(rehearse: bool, out: Path) -> dict:
     with torch.no_grad():
         eager = step(*inputs)
         figures["eager_ms"] = 1e3 * _time(lambda: step(*inputs), rehearse)
+        if CUDA:  # before compiling, which may take the rest of the step's time
+            graph_ms, equal = _cuda_graph_ms(step, inputs, eager, rehearse)
+            figures.update(cuda_graph_ms=graph_ms, cuda_graph_equal_to_eager=equal)
+        else:
+            figures["cuda_graph"] = "skipped: no CUDA device"
+        checkpoint(figures)
         # The whole step under torch.compile(fullgraph=True) (DESIGN §4); a step that only
         # compiles with graph breaks is reported as not compiling (its many small graphs would
         # cost more compile time than this step has). The rehearsal traces with the "eager"
@@ -268,11 +287,6 @@ def decode_step(rehearse: bool, out: Path) -> dict:
             figures["compiled_ms"] = 1e3 * _time(lambda: compiled(*inputs), rehearse)
         except Exception as exc:  # recorded: the report says why the step does not compile
             figures["compile_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-        if CUDA:
-            graph_ms, equal = _cuda_graph_ms(step, inputs, eager, rehearse)
-            figures.update(cuda_graph_ms=graph_ms, cuda_graph_equal_to_eager=equal)
-        else:
-            figures["cuda_graph"] = "skipped: no CUDA device"
     return figures
 
 
@@ -306,10 +320,11 @@ def amused_e2e(rehearse: bool, out: Path) -> dict:
                 run = lambda: pipe(prompts, seed=0, num_inference_steps=steps, output_type="pt",  # noqa: E731
                                    progress=False)
                 images = run()
-                ms = 1e3 * _time(run, rehearse)
+                ms = 1e3 * _time(run, rehearse, warmup=1)
             figures["cases"].append({"size": size, "batch": batch, "dtype": str(dtype)[6:], "e2e_ms": ms,
                                      "ms_per_image": ms / batch, "image_shape": list(images.shape),
                                      "finite": bool(torch.isfinite(images.float()).all())})
+            checkpoint(figures)
         pipe = None  # free the model before building the next one
         if CUDA:
             torch.cuda.empty_cache()
@@ -328,6 +343,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--rehearse", action="store_true")
     args = parser.parse_args()
+    global _PARTIAL
+    _PARTIAL = args.result
     result = {"status": "pass", "figures": {}, "error": None}
     try:
         result["figures"] = STEPS[args.step](args.rehearse, args.out)
