@@ -125,10 +125,15 @@ def selftest(rehearse: bool, out: Path) -> dict:
 
 
 def pytest_gpu(rehearse: bool, out: Path) -> dict:
+    import tempfile
+
     junit = out / "pytest_gpu.xml"
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfE", "-p", "no:cacheprovider",
            f"--junitxml={junit}", "tests"]
-    proc = subprocess.run(cmd, cwd=ROOT)
+    # A fresh Triton cache: every kernel this run needs is compiled here, and counted.
+    with tempfile.TemporaryDirectory(prefix="musefast-triton-") as cache:
+        proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, TRITON_CACHE_DIR=cache))
+        compiles = len(list(Path(cache).rglob("*.cubin")))
     suite = ET.parse(junit).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
@@ -138,7 +143,7 @@ def pytest_gpu(rehearse: bool, out: Path) -> dict:
         problem = case.find("failure") if case.find("failure") is not None else case.find("error")
         if problem is not None:
             failed.append(f"{case.get('classname')}::{case.get('name')}: {(problem.get('message') or '')[:300]}")
-    figures = {**counts, "failed": failed[:60], "exit_code": proc.returncode,
+    figures = {**counts, "failed": failed[:60], "exit_code": proc.returncode, "triton_compiles": compiles,
                "fixed_triton_config": os.environ.get("MUSEFAST_TRITON_FIXED_CONFIG") == "1"}
     if proc.returncode not in (0, 5) or counts["failures"] or counts["errors"]:
         raise StepFailed(f"{counts['failures']} failed, {counts['errors']} errors of {counts['tests']}", figures)

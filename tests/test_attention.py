@@ -217,7 +217,8 @@ for arch, dtype, head_dim, masked, block_m, block_n, warps, stages in json.loads
     compiled = triton.compile(ASTSource(kernel, signature, consts), target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=warps, num_stages=stages))
     ptx = compiled.asm["ptx"]
-    results.append(dict(cubin=len(compiled.asm["cubin"]), mma="mma" in ptx, tf32="tf32" in ptx))
+    results.append(dict(cubin=len(compiled.asm["cubin"]), mma="mma" in ptx, tf32="tf32" in ptx,
+                        shared=compiled.metadata.shared))
 print(json.dumps(results))
 """
 
@@ -225,6 +226,7 @@ COMPILE_CONFIGS = [
     (90, "fp16", 80, True, 128, 64, 8, 3),  # Hopper wgmma path, padded head dim
     (80, "bf16", 96, False, 64, 32, 4, 4),  # Ampere mma path, bf16 (the interpreter has none)
     (90, "fp32", 128, True, 32, 32, 2, 3),  # fp32 must stay IEEE: no TF32
+    (90, "fp16", 256, True, 64, 32, 4, 2),  # the pinned config (MUSEFAST_TRITON_FIXED_CONFIG=1), widest head
 ]
 
 
@@ -244,6 +246,7 @@ def test_triton_kernel_compiles_for_gpu():
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     for config, result in zip(COMPILE_CONFIGS, results):
         assert result["cubin"] > 0, config
+        assert result["shared"] <= 163 * 1024, (config, result)  # fits an A100's (and so an H100's) 163+ KB
         if config[1] == "fp32":  # IEEE fp32 dots run on FMA units: no (TF32) tensor-core mma
             assert not result["tf32"] and not result["mma"], config
         else:
