@@ -33,10 +33,14 @@ class Skip(Exception):
 
 
 _PARTIAL: Path | None = None  # the result file, written after each measurement
+_LAST: dict = {}  # the figures of the last checkpoint, reported when the step then fails
 
 
 def checkpoint(figures: dict) -> None:
-    """Save the figures measured so far: a step killed at its timeout still reports them."""
+    """Save the figures measured so far: a step killed at its timeout or failing later still
+    reports them."""
+    global _LAST
+    _LAST = figures
     if _PARTIAL is not None:
         _PARTIAL.write_text(json.dumps({"status": "fail", "figures": figures, "error": "did not finish"},
                                        default=str))
@@ -98,9 +102,12 @@ def build(rehearse: bool, out: Path) -> dict:
                              for k, v in status.items()},
                "backends": ops.backends(DEVICE)}
     if not status.get("built"):
-        raise RuntimeError(f"musefast._C was not built: {status.get('error')}")
-    if CUDA and not status.get("cuda_kernels"):
-        raise RuntimeError(f"the CUDA kernels were not compiled: {_build.cuda_unavailable_reason() or status}")
+        raise StepFailed(f"musefast._C was not built: {status.get('error')}", figures)
+    if CUDA:  # the CUDA kernels must be there on a GPU machine, whatever the build reports
+        missing = {op: table["cuda"] for op, table in figures["backends"].items()
+                   if "cuda" in table and table["cuda"] != "ok"}
+        if missing:
+            raise StepFailed(f"CUDA kernels unusable: {missing}", figures)
     return figures
 
 
@@ -276,8 +283,11 @@ def decode_step(rehearse: bool, out: Path) -> dict:
         eager = step(*inputs)
         figures["eager_ms"] = 1e3 * _time(lambda: step(*inputs), rehearse)
         if CUDA:  # before compiling, which may take the rest of the step's time
-            graph_ms, equal = _cuda_graph_ms(step, inputs, eager, rehearse)
-            figures.update(cuda_graph_ms=graph_ms, cuda_graph_equal_to_eager=equal)
+            try:
+                graph_ms, equal = _cuda_graph_ms(step, inputs, eager, rehearse)
+                figures.update(cuda_graph_ms=graph_ms, cuda_graph_equal_to_eager=equal)
+            except Exception as exc:  # a step that cannot be captured is a finding: the step fails below
+                figures["cuda_graph_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         else:
             figures["cuda_graph"] = "skipped: no CUDA device"
         checkpoint(figures)
@@ -292,6 +302,10 @@ def decode_step(rehearse: bool, out: Path) -> dict:
             figures["compiled_ms"] = 1e3 * _time(lambda: compiled(*inputs), rehearse)
         except Exception as exc:  # recorded: the report says why the step does not compile
             figures["compile_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    # (equality with eager is reported, not required: a captured cuBLAS may pick another
+    # algorithm, and fp16 rounding can then move a near-tie token)
+    if "cuda_graph_error" in figures:
+        raise StepFailed("the decoding step cannot be captured as a CUDA graph", figures)
     return figures
 
 
@@ -359,7 +373,7 @@ def main() -> int:
         result.update(status="fail", error=str(exc), figures=exc.figures)
     except Exception as exc:
         traceback.print_exc()
-        result.update(status="fail", error=f"{type(exc).__name__}: {str(exc)[:500]}")
+        result.update(status="fail", error=f"{type(exc).__name__}: {str(exc)[:500]}", figures=_LAST)
     args.result.write_text(json.dumps(result, default=str))
     print(json.dumps(result, default=str)[:4000])
     return 0 if result["status"] != "fail" else 1
