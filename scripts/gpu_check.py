@@ -3,7 +3,11 @@
     python scripts/gpu_check.py --out DIR              # on the GPU machine (≤ 8 minutes)
     python scripts/gpu_check.py --rehearse --out DIR   # anywhere: the same steps on CPU, tiny
 
-Each step (scripts/gpu_check_steps.py) runs in its own subprocess with its own timeout, capped
+Steps: install this checkout (editable, offline; a lent machine starts bare), record the
+environment, build musefast._C, ``musefast doctor --selftest``, ``pytest -m gpu``, benchmarks
+(VQ, attention, the decoding step; one aMUSEd decoding step eager / compiled / CUDA graph;
+aMUSEd-256 and -512 end to end with random weights). Each step
+(scripts/gpu_check_steps.py) runs in its own subprocess with its own timeout, capped
 by what is left of the whole budget, so a hung compile or a crashed kernel costs one step, not
 the session. After every step DIR/gpu_report.json is rewritten (environment, per step: status,
 wall time, figures, error), so a session cut short still leaves a partial report; every step's
@@ -35,6 +39,7 @@ REHEARSAL_BUDGET_S = 300
 # (step, timeout on a GPU, timeout in the rehearsal), in order of importance: what a short
 # session must not miss comes first.
 STEPS = [
+    ("install", 120, 120),
     ("env", 60, 60),
     ("build", 240, 240),
     ("selftest", 60, 60),

@@ -68,6 +68,28 @@ def _version(distribution: str):
 
 # -- steps ---------------------------------------------------------------------------------
 
+def _installed_from() -> str | None:
+    """Where ``musefast`` (with its ``musefast.kernels``) is imported from, outside this checkout's cwd."""
+    proc = subprocess.run([sys.executable, "-c", "import musefast, musefast.kernels; print(musefast.__file__)"],
+                          cwd="/", capture_output=True, text=True)
+    return str(Path(proc.stdout.strip()).resolve().parent.parent) if proc.returncode == 0 else None
+
+
+def install(rehearse: bool, out: Path) -> dict:
+    """An editable install of this checkout (a lent machine starts bare): no dependencies, no
+    build isolation, nothing compiled (the extension is built by the next step), no network."""
+    before = _installed_from()
+    if before == str(ROOT):
+        return {"installed": "already: this checkout"}
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                           "--no-index", "-e", str(ROOT)], capture_output=True, text=True)
+    print(proc.stdout[-2000:], proc.stderr[-2000:])
+    after = _installed_from()
+    if after != str(ROOT):
+        raise RuntimeError(f"pip install -e failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")
+    return {"installed": f"pip install -e (was: {before})"}
+
+
 def env(rehearse: bool, out: Path) -> dict:
     nvcc = subprocess.run(["nvcc", "--version"], capture_output=True, text=True) if _which("nvcc") else None
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -351,7 +373,7 @@ def amused_e2e(rehearse: bool, out: Path) -> dict:
     return figures
 
 
-STEPS = {f.__name__: f for f in (env, build, selftest, pytest_gpu, bench_vq, bench_attention, bench_remask,
+STEPS = {f.__name__: f for f in (install, env, build, selftest, pytest_gpu, bench_vq, bench_attention, bench_remask,
                                  decode_step, amused_e2e)}
 
 
