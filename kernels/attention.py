@@ -21,14 +21,15 @@ BLOCK_N, scores a tile with one ``tl.dot`` (fp32 accumulation) and folds it into
 """
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from musefast.kernels._tuning import launcher
+
 _LOG2E = math.log2(math.e)
 _MAX_GRID_Y = 65535  # CUDA limit of grid dim 1, which carries B·H
 
@@ -127,25 +128,24 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-if _INTERPRET:
-    # The interpreter runs every config it is given, slowly: one small fixed config.
-    _kernel = _attention_fwd_kernel
-    _FIXED = {"BLOCK_M": 64, "BLOCK_N": 32}  # fastest of those measured
-else:
-    _kernel = triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [
-                (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 32, 4, 4),
-                (64, 64, 4, 3), (64, 128, 4, 2), (64, 32, 4, 4), (32, 64, 4, 3), (32, 32, 2, 3),
-            ]
-        ],
-        # Bounded key (triton adds the tensor dtypes): lengths and total work by power-of-two
-        # bucket, clamped, so a long-running process tunes a handful of times at most.
-        key=["LQ_BUCKET", "LK_BUCKET", "WORK_BUCKET", "HEAD_DIM", "HAS_MASK"],
-        prune_configs_by={"early_config_prune": _prune_configs},
-    )(_attention_fwd_kernel)
-    _FIXED = {}
+_kernel, _FIXED = launcher(
+    _attention_fwd_kernel,
+    configs=[
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [
+            (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (128, 32, 4, 4),
+            (64, 64, 4, 3), (64, 128, 4, 2), (64, 32, 4, 4), (32, 64, 4, 3), (32, 32, 2, 3),
+        ]
+    ],
+    # MUSEFAST_TRITON_FIXED_CONFIG=1: fits the widest head (fp32, BLOCK_D=256: two stages of
+    # 32-key K and V tiles, 128 KB of shared memory) on sm_80+.
+    pinned=triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    interpreter={"BLOCK_M": 64, "BLOCK_N": 32},  # fastest of those measured in the interpreter
+    # Bounded key (triton adds the tensor dtypes): lengths and total work by power-of-two
+    # bucket, clamped, so a long-running process tunes a handful of times at most.
+    key=["LQ_BUCKET", "LK_BUCKET", "WORK_BUCKET", "HEAD_DIM", "HAS_MASK"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
 
 
 def grid_reasons(q: torch.Tensor) -> list[str]:
@@ -196,14 +196,16 @@ def attention_triton(
     def grid(meta):
         return (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
 
-    _kernel[grid](
-        q, k, v, out, mask, ends,
-        H, Lq, Lk, scale * _LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        stride_mb, stride_mn,
-        _bucket(Lq, 16, 8192), _bucket(Lk, 16, 8192), _bucket(B * H * Lq, 1 << 12, 1 << 20),
-        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        HAS_MASK=key_padding_mask is not None, IEEE=q.dtype == torch.float32,
-        **_FIXED,
-    )
+    # Triton launches on the current device: make it q's (multi-GPU hosts).
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _kernel[grid](
+            q, k, v, out, mask, ends,
+            H, Lq, Lk, scale * _LOG2E,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            stride_mb, stride_mn,
+            _bucket(Lq, 16, 8192), _bucket(Lk, 16, 8192), _bucket(B * H * Lq, 1 << 12, 1 << 20),
+            HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+            HAS_MASK=key_padding_mask is not None, IEEE=q.dtype == torch.float32,
+            **_FIXED,
+        )
     return out

@@ -14,6 +14,7 @@ confidences: only B×N values, never B×N×K.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -236,16 +237,18 @@ def cfg_sample_remask_triton(
         lu = uncond if cfg else logits
         block_r, block_k = _blocks(K)
         k0, k1 = philox.split_seed(seed)
-        _remask_rows_kernel[(triton.cdiv(R, block_r),)](
-            logits, lu, tokens_c, masked_c.view(torch.uint8), out_tokens, conf,
-            R, N, K, logits.stride(0), logits.stride(1), lu.stride(0), lu.stride(1),
-            float(torch.tensor(guidance_scale, dtype=torch.float32)),
-            float(torch.tensor(1.0 / temperature if temperature > 0 else 0.0, dtype=torch.float32)),
-            float(torch.tensor(choice_temperature, dtype=torch.float32)),
-            top_k, k0, k1,
-            philox.counter_word3(philox.STREAM_SAMPLE, step), philox.counter_word3(philox.STREAM_CHOICE, step),
-            CFG=cfg, SAMPLE=temperature > 0, TOP_K=top_k > 0, CHOICE=choice_temperature != 0,
-            PROB=confidence == "prob", BLOCK_R=block_r, BLOCK_K=block_k,
-        )
+        # Triton launches on the current device: make it the logits' (multi-GPU hosts).
+        with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+            _remask_rows_kernel[(triton.cdiv(R, block_r),)](
+                logits, lu, tokens_c, masked_c.view(torch.uint8), out_tokens, conf,
+                R, N, K, logits.stride(0), logits.stride(1), lu.stride(0), lu.stride(1),
+                float(torch.tensor(guidance_scale, dtype=torch.float32)),
+                float(torch.tensor(1.0 / temperature if temperature > 0 else 0.0, dtype=torch.float32)),
+                float(torch.tensor(choice_temperature, dtype=torch.float32)),
+                top_k, k0, k1,
+                philox.counter_word3(philox.STREAM_SAMPLE, step), philox.counter_word3(philox.STREAM_CHOICE, step),
+                CFG=cfg, SAMPLE=temperature > 0, TOP_K=top_k > 0, CHOICE=choice_temperature != 0,
+                PROB=confidence == "prob", BLOCK_R=block_r, BLOCK_K=block_k,
+            )
     stay = select_stay_masked(conf, masked_c, num_to_mask.to(logits.device))
     return out_tokens, stay

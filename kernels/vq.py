@@ -5,8 +5,8 @@ scores each tile with one ``tl.dot`` (fp32 accumulation) and keeps a running min
 row in registers; the N×K distance matrix never exists.
 
 Ranking uses ``||c||² − 2 z·c`` (``||z||²`` is constant per row and is added back only for
-the returned distance, clamped at 0). Codebook squared norms are precomputed in fp32 once per
-call. fp32 inputs use ``input_precision="ieee"``: TF32 keeps ~10 mantissa bits, which flips
+the returned distance, clamped at 0; NaN stays NaN). Codebook squared norms are precomputed in
+fp32 once per call. fp32 inputs use ``input_precision="ieee"``: TF32 keeps ~10 mantissa bits, which flips
 argmins between close codes. fp16/bf16 products are exact in fp32, accumulated in fp32.
 
 Any D: the D axis is tiled in BLOCK_D-wide chunks (a power of two ≥ 16, masked past D); the
@@ -18,13 +18,13 @@ Ties: ``tl.min(..., return_indices=True)`` breaks ties to the left inside a tile
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from musefast.kernels._tuning import launcher
+
 # Widest D chunk. fp32 dots run on FMAs (ieee) with both operand tiles in shared memory and
 # unrolled per element: 32 keeps shared memory < 100 KB and compile times of seconds.
 # 16-bit dots run on tensor cores: 128 covers the usual VQ widths (8..128) in one chunk.
@@ -58,7 +58,7 @@ def _vq_nearest_kernel(
     for k0 in range(0, K, BLOCK_K):
         codes = k0 + offs_k
         code_ok = codes < K
-        c_rows = cb_ptr + codes[:, None] * stride_ck
+        c_rows = cb_ptr + codes.to(tl.int64)[:, None] * stride_ck  # K·D may reach 2³¹
         c0 = tl.load(c_rows + offs_d[None, :] * stride_cd,
                      mask=code_ok[:, None] & (offs_d[None, :] < D), other=0.0)
         if IEEE:
@@ -77,6 +77,10 @@ def _vq_nearest_kernel(
                 acc = tl.dot(zc, tl.trans(cc), acc)
         sqnorm = tl.load(cb_sqnorm_ptr + codes, mask=code_ok, other=float("inf"))
         score = sqnorm[None, :] - 2.0 * acc
+        # A NaN in z makes its row's scores NaN: rank them +inf, so no code wins, the row keeps
+        # index 0 and its distance (||z||² + inf) stays NaN. (NaN inside a min is left to the
+        # backend: the interpreter raises, GPUs may pick any lane.)
+        score = tl.where(score == score, score, float("inf"))
         tile_best, tile_idx = tl.min(score, axis=1, return_indices=True)
         better = tile_best < best  # strict: an equal score in a later tile never wins
         best = tl.where(better, tile_best, best)
@@ -90,29 +94,31 @@ def _vq_nearest_kernel(
                      other=0.0).to(tl.float32)
         z_sqnorm += tl.sum(zc * zc, axis=1)
     tl.store(idx_ptr + rows, best_idx.to(tl.int64), mask=row_ok)
-    tl.store(dist_ptr + rows, tl.maximum(z_sqnorm + best, 0.0), mask=row_ok)
+    # Clamp rounding below 0 but keep NaN (a NaN row: index 0, distance NaN); tl.maximum
+    # lowers to a max that returns the non-NaN operand on GPUs.
+    dist = z_sqnorm + best
+    tl.store(dist_ptr + rows, tl.where(dist < 0.0, 0.0, dist), mask=row_ok)
 
 
-if _INTERPRET:
-    # The interpreter would run every config it is given: one fixed config. Its cost is
-    # Python overhead per block op, so large blocks are the fast ones there.
-    _kernel = _vq_nearest_kernel
-    _FIXED = {"BLOCK_N": 128, "BLOCK_K": 256}
-else:
-    _kernel = triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bn, bk, w, s in [
-                (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
-                (128, 128, 8, 3), (64, 64, 4, 2), (128, 128, 8, 2), (32, 128, 4, 3),
-            ]
-        ],
-        # Bounded key (triton adds the tensor dtypes): N and K by coarse bucket, D by its
-        # chunk width, so a long-running process tunes a handful of times at most. Configs
-        # that exceed the device's shared memory are skipped by the autotuner (OutOfResources).
-        key=["N_BUCKET", "K_BUCKET", "BLOCK_D"],
-    )(_vq_nearest_kernel)
-    _FIXED = {}
+_kernel, _FIXED = launcher(
+    _vq_nearest_kernel,
+    configs=[
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bn, bk, w, s in [
+            (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
+            (128, 128, 8, 3), (64, 64, 4, 2), (128, 128, 8, 2), (32, 128, 4, 3),
+        ]
+    ],
+    # MUSEFAST_TRITON_FIXED_CONFIG=1: small enough for the widest chunk (16-bit, BLOCK_D=128:
+    # 2 stages of a 64×128 code tile) on any sm_80+ device.
+    pinned=triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2),
+    # The interpreter's cost is Python overhead per block op, so large blocks are the fast ones.
+    interpreter={"BLOCK_N": 128, "BLOCK_K": 256},
+    # Bounded key (triton adds the tensor dtypes): N and K by coarse bucket, D by its chunk
+    # width, so a long-running process tunes a handful of times at most. Configs that exceed
+    # the device's shared memory are skipped by the autotuner (OutOfResources).
+    key=["N_BUCKET", "K_BUCKET", "BLOCK_D"],
+)
 
 
 def _block_d(D: int, dtype: torch.dtype) -> int:

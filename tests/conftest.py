@@ -1,16 +1,40 @@
 """Test setup shared by every suite.
 
 Triton must see TRITON_INTERPRET=1 *before* it is first imported for its kernels to run on
-CPU tensors, so this is set here, at collection, whenever no NVIDIA GPU is present.
+CPU tensors, so this is set here, at collection, whenever torch sees no CUDA device. On a GPU
+machine the triton backend runs on CUDA tensors instead (tests/backends.py says which device
+each backend's tests use).
+
+GPU tests (marked ``gpu``) are skipped without CUDA. Each one counts the comparisons it made
+through the ``comparisons`` fixture and fails when it made none: a GPU test must never be green
+because everything in it was skipped.
 """
 import os
-import shutil
 
-if not shutil.which("nvidia-smi") and "TRITON_INTERPRET" not in os.environ:
+import pytest
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+_COUNTER = pytest.StashKey()
+
+
+class Comparisons:
+    """How many results a test compared with the reference (or with an exact expectation)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def add(self, n: int = 1) -> None:
+        self.count += n
+
+
+@pytest.fixture
+def comparisons(request) -> Comparisons:
+    counter = Comparisons()
+    request.node.stash[_COUNTER] = counter
+    return counter
 
 
 def pytest_collection_modifyitems(config, items):
@@ -20,6 +44,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    result = yield  # a failure or skip inside the test propagates from here unchanged
+    if item.get_closest_marker("gpu") is not None:
+        counter = item.stash.get(_COUNTER, None)
+        if counter is None or counter.count == 0:
+            pytest.fail("this gpu test compared nothing (use the `comparisons` fixture and count each check)")
+    return result
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,9 @@
 """cfg_sample_remask: Philox, the reference definition, every backend against it, statistics,
-the NaN policy and bad input."""
+the NaN policy and bad input.
+
+Backend-parametrized tests run each backend on its own device (tests/backends.py): ``cuda``
+and, on a GPU machine, ``triton`` on CUDA tensors (marked ``gpu``), the rest on CPU tensors.
+Each test counts its comparisons (conftest fails a gpu test that made none)."""
 import math
 
 import pytest
@@ -9,13 +13,19 @@ from musefast import ops
 from musefast.ops.registry import BackendUnavailableError
 from musefast.reference import philox
 from musefast.reference import remask as ref
+from backends import device_of, params
 from remask_checks import assert_step_matches, make_inputs
-
-CUDA = torch.cuda.is_available()
 
 
 def run(logits, uncond=None, *, backend, **kw):
-    return ops.cfg_sample_remask(logits, uncond, backend=backend, **kw)
+    """The op on ``backend``'s device: tensor inputs are moved there (views made on that device
+    stay views), and the results come back on the CPU."""
+    device = device_of(backend)
+    kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    tokens, masked = ops.cfg_sample_remask(logits.to(device), None if uncond is None else uncond.to(device),
+                                           backend=backend, **kw)
+    assert tokens.device.type == device and masked.device.type == device
+    return tokens.cpu(), masked.cpu()
 
 
 def reference_trace(logits, uncond, tokens, masked, num_to_mask, **kw):
@@ -77,16 +87,31 @@ TRITON_CASES = [
 ]
 
 
-def _check_backend(backend, case, device="cpu", scale=2.0):
+_TRACES: dict = {}
+
+
+def _trace(case, scale, logits, uncond, kw):
+    """The reference's trace of a case, computed once for all backends (the largest GPU case
+    takes the CPU reference tens of seconds)."""
+    if (case, scale) not in _TRACES:
+        _TRACES.clear()  # cases come grouped by parametrization order: keep one
+        _TRACES[(case, scale)] = reference_trace(logits, uncond, **kw)
+    return _TRACES[(case, scale)]
+
+
+def _check_backend(backend, case, scale=2.0, *, cfg_halves=False):
+    """One step on ``backend`` vs the reference's trace, up to counted near-ties. cfg_halves:
+    the cond/uncond logits are the two halves (chunk(2)) of one (2B, N, K) batch on the
+    backend's device, as a batched CFG forward returns them."""
     B, N, K, dtype, cfg, g, tau, ct, top_k, confidence = case
     logits, uncond, tokens, masked, ntm = make_inputs(B, N, K, dtype, cfg=cfg, seed=B * N + K, scale=scale)
     kw = dict(tokens=tokens, masked=masked, num_to_mask=ntm, guidance_scale=g, temperature=tau,
               choice_temperature=ct, top_k=top_k, confidence=confidence, seed=2**63 + 12345, step=7)
-    trace = reference_trace(logits, uncond, **kw)
-    dev = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-    out_tokens, out_masked = run(logits.to(device), None if uncond is None else uncond.to(device),
-                                 backend=backend, **dev)
-    assert out_tokens.device.type == device and out_masked.device.type == device
+    trace = _trace(case, scale, logits, uncond, kw)
+    if cfg_halves and uncond is not None:
+        uncond, logits = torch.cat([uncond, logits]).to(device_of(backend)).chunk(2)
+        assert logits.storage_offset() > 0  # a view into the batch, not a copy
+    out_tokens, out_masked = run(logits, uncond, backend=backend, **kw)
     assert out_tokens.shape == (B, N) and out_masked.shape == (B, N)
     scale = 1.0 + float(logits.float().abs().max()) * (abs(g) * 2 + 1) / (tau or 1.0) + 17
     return assert_step_matches(trace, out_tokens, out_masked, value_scale=scale, num_to_mask=ntm)
@@ -98,19 +123,22 @@ def test_cpu_backend_matches_reference(case):
     print("near-ties:", counts)
 
 
+@pytest.mark.parametrize("backend", params("triton"))
 @pytest.mark.parametrize("case", TRITON_CASES, ids=str)
-def test_triton_backend_matches_reference(case):
-    counts = _check_backend("triton", case)
+def test_triton_backend_matches_reference(backend, case, comparisons):
+    counts = _check_backend(backend, case, cfg_halves=True)
+    comparisons.add()
     print("near-ties:", counts)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", params("cpu", "triton", "cuda"))
 @pytest.mark.parametrize("scale,tau", [(2.0, 0.01), (2.0, 1e6), (1e30, 1.0), (1e-30, 1.0), (3e38, 0.5)])
-def test_extreme_temperatures_and_magnitudes(backend, scale, tau):
+def test_extreme_temperatures_and_magnitudes(backend, scale, tau, comparisons):
     """The fast kernels skip the noise of tokens that cannot win (exact by construction):
     check it at temperatures that skip almost all / nothing, and at extreme logit scales."""
     case = (2, 17, 300, torch.float32, False, 1.0, tau, 1.0, None, "logprob")
     counts = _check_backend(backend, case, scale=scale)
+    comparisons.add()
     print("near-ties:", counts)
 
 
@@ -121,33 +149,37 @@ def test_extreme_temperatures_and_magnitudes(backend, scale, tau):
     (8, 4096, 8192, torch.bfloat16, True, 10.0, 1.0, 2.0, None, "logprob"),  # block selection, N max
     (2, 33, 16384, torch.float16, False, 1.0, 0.5, 1.0, 5, "prob"),
 ], ids=str)
-def test_gpu_backends_match_reference(backend, case):
-    counts = _check_backend(backend, case, device="cuda")
+def test_gpu_backends_match_reference(backend, case, comparisons):
+    # CFG cases take their logits as the strided halves of one batch, as the pipelines do
+    counts = _check_backend(backend, case, cfg_halves=True)
+    comparisons.add()
     print("near-ties:", counts)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
-def test_strided_and_noncontiguous_logits(backend):
+@pytest.mark.parametrize("backend", params("reference", "cpu", "triton", "cuda"))
+def test_strided_and_noncontiguous_logits(backend, comparisons):
     B, N, K = 2, 40, 300
-    both = torch.randn(2 * B, N, K)
+    dev = device_of(backend)
+    both = torch.randn(2 * B, N, K, device=dev)
     uncond, cond = both.chunk(2)  # views of one (2B, N, K) batch, as a CFG forward returns
-    permuted = torch.randn(B, K, N).permute(0, 2, 1)  # last dim not contiguous
-    strided = torch.randn(B, 2 * N, K)[:, ::2]
+    permuted = torch.randn(B, K, N, device=dev).permute(0, 2, 1)  # last dim not contiguous
+    strided = torch.randn(B, 2 * N, K, device=dev)[:, ::2]
     tokens, masked = torch.zeros(B, N, dtype=torch.long), torch.rand(B, N) < 0.8
     for lc, lu in ((cond, uncond), (permuted, None), (strided, strided.flip(0))):
         kw = dict(tokens=tokens, masked=masked, num_to_mask=5, guidance_scale=2.0, seed=1, step=0)
-        expected = run(lc.contiguous(), None if lu is None else lu.contiguous(), backend="reference", **kw)
+        expected = run(lc.cpu(), None if lu is None else lu.cpu(), backend="reference", **kw)
         got = run(lc, lu, backend=backend, **kw)
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        comparisons.add()
 
 
 # -- semantics ---------------------------------------------------------------------------------
 
-BACKENDS = ["reference", "cpu", "triton"]
+BACKENDS = params("reference", "cpu", "triton", "cuda")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_zero_temperature_is_argmax_with_lowest_index(backend):
+def test_zero_temperature_is_argmax_with_lowest_index(backend, comparisons):
     B, N, K = 2, 50, 200
     logits = torch.randn(B, N, K)
     logits[0, 0, 7] = logits[0, 0, 150] = 100.0  # a tie: the lower index wins
@@ -156,10 +188,11 @@ def test_zero_temperature_is_argmax_with_lowest_index(backend):
                  backend=backend)
     assert torch.equal(out, logits.argmax(-1))
     assert int(out[0, 0]) == 7
+    comparisons.add()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_guidance_formula(backend):
+def test_guidance_formula(backend, comparisons):
     B, N, K = 2, 30, 64
     cond, uncond = torch.randn(B, N, K), torch.randn(B, N, K)
     tokens, masked = torch.zeros(B, N, dtype=torch.long), torch.ones(B, N, dtype=torch.bool)
@@ -167,14 +200,16 @@ def test_guidance_formula(backend):
     for g in (0.0, 2.5, 10.0, -1.0):
         out, _ = run(cond, uncond, guidance_scale=g, **kw)
         assert torch.equal(out, (uncond + g * (cond - uncond)).argmax(-1)), g
+        comparisons.add()
     # g = 1 (or no uncond) never reads the unconditional logits, not even NaNs
     out, _ = run(cond, torch.full_like(uncond, float("nan")), guidance_scale=1.0, **kw)
     assert torch.equal(out, cond.argmax(-1))
+    comparisons.add()
     assert torch.equal(ref.guided_logits(cond, uncond, 3.0), uncond + torch.tensor(3.0) * (cond - uncond))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_known_tokens_never_change_and_counts_are_clamped(backend):
+def test_known_tokens_never_change_and_counts_are_clamped(backend, comparisons):
     B, N, K = 3, 64, 50
     logits, _, tokens, masked, _ = make_inputs(B, N, K, seed=5)
     masked[2] = False  # an image with nothing left to generate
@@ -186,10 +221,11 @@ def test_known_tokens_never_change_and_counts_are_clamped(backend):
         want = torch.as_tensor(num).expand(B).clamp(max=N)
         assert torch.equal(stay.sum(1), torch.minimum(want.long(), masked.sum(1)))
         assert bool(((out >= 0) & (out < K)).all())
+        comparisons.add()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_lowest_confidence_stays_masked(backend):
+def test_lowest_confidence_stays_masked(backend, comparisons):
     # no noise, tau = 0: confidence = log p of the argmax token, computable here
     B, N, K = 2, 40, 30
     logits = torch.randn(B, N, K) * torch.linspace(0.1, 5, N)[None, :, None]
@@ -199,10 +235,11 @@ def test_lowest_confidence_stays_masked(backend):
     conf = torch.log_softmax(logits, -1).amax(-1).masked_fill(~masked, float("inf"))
     for b, n in ((0, 4), (1, 9)):
         assert set(stay[b].nonzero().flatten().tolist()) == set(conf[b].argsort()[:n].tolist())
+        comparisons.add()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_confidence_ties_go_to_lowest_position(backend):
+def test_confidence_ties_go_to_lowest_position(backend, comparisons):
     B, N, K = 1, 12, 5
     logits = torch.zeros(B, N, K)  # every confidence is log(1/5): all tied
     tokens, masked = torch.zeros(B, N, dtype=torch.long), torch.ones(B, N, dtype=torch.bool)
@@ -210,10 +247,11 @@ def test_confidence_ties_go_to_lowest_position(backend):
     _, stay = run(logits, tokens=tokens, masked=masked, num_to_mask=4, temperature=0.0, seed=0, step=0,
                   backend=backend)
     assert stay[0].nonzero().flatten().tolist() == [0, 2, 3, 4]
+    comparisons.add()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_prob_confidence_ranks_like_lucidrains(backend):
+def test_prob_confidence_ranks_like_lucidrains(backend, comparisons):
     B, N, K = 1, 50, 40
     logits = torch.randn(B, N, K) * 3
     tokens, masked = torch.zeros(B, N, dtype=torch.long), torch.ones(B, N, dtype=torch.bool)
@@ -221,10 +259,11 @@ def test_prob_confidence_ranks_like_lucidrains(backend):
                     seed=11, step=5, backend=backend)
     scores = 1 - logits.softmax(-1).gather(-1, out[..., None])[..., 0]  # lucidrains' scores
     assert set(stay[0].nonzero().flatten().tolist()) == set(scores[0].topk(10).indices.tolist())
+    comparisons.add()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_same_seed_and_step_repeat_other_steps_differ(backend):
+def test_same_seed_and_step_repeat_other_steps_differ(backend, comparisons):
     logits, uncond, tokens, masked, ntm = make_inputs(2, 64, 100, cfg=True, seed=1)
     kw = dict(tokens=tokens, masked=masked, num_to_mask=ntm, guidance_scale=2.0, choice_temperature=1.0,
               backend=backend)
@@ -234,6 +273,7 @@ def test_same_seed_and_step_repeat_other_steps_differ(backend):
     d = run(logits, uncond, seed=6, step=0, **kw)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0]) and not torch.equal(a[0], d[0])
+    comparisons.add()
 
 
 def _sampled_counts(backend, logits_row, temperature, top_k, batch, seq_len, steps):
@@ -250,14 +290,14 @@ def _sampled_counts(backend, logits_row, temperature, top_k, batch, seq_len, ste
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("temperature,top_k", [(1.0, None), (0.6, None), (1.3, 5)])
-def test_sampled_frequencies_follow_softmax(backend, temperature, top_k):
+def test_sampled_frequencies_follow_softmax(backend, temperature, top_k, comparisons):
     """Chi-square goodness of fit of the sampled ids to softmax(l / tau) (restricted to the top
     k when filtered). False-alarm rate 1e-3 per case for a correct sampler; the seed is fixed,
     so the test is deterministic."""
     scipy_stats = pytest.importorskip("scipy.stats")
     row = torch.tensor([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0, 1.5, 0.2, -3.0])
     batch, seq_len, steps = (8, 1024, 4)
-    if backend == "triton":  # the interpreter is slow (and its top-k bisection slower)
+    if device_of(backend) == "cpu" and backend == "triton":  # the interpreter is slow (its top-k bisection slower)
         batch, seq_len, steps = (2, 256, 3) if top_k else (4, 512, 3)
     counts = _sampled_counts(backend, row, temperature, top_k, batch, seq_len, steps)
     p = torch.softmax(row.double() / temperature, 0)
@@ -270,12 +310,13 @@ def test_sampled_frequencies_follow_softmax(backend, temperature, top_k):
     assert total == batch * seq_len * steps
     result = scipy_stats.chisquare(counts.double().numpy(), (p * total).numpy())
     assert result.pvalue > 1e-3, (counts.tolist(), (p * total).tolist())
+    comparisons.add()
 
 
 # -- NaN policy --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_policy(backend):
+def test_nan_policy(backend, comparisons):
     """NaN logits count as -inf (never sampled); a row without any usable logit gets token 0 and
     confidence -inf (it stays masked first); +inf is clamped to the largest float32; NaN at
     known positions is ignored; no NaN ever reaches the output."""
@@ -297,6 +338,7 @@ def test_nan_policy(backend):
         assert int(out[0, 2]) == 5
         assert int(out[1, 4]) == 3 and not bool(stay[1, 4])
         assert stay[0].nonzero().flatten().tolist() == [0, 3]  # the dead rows, lowest first
+        comparisons.add()
     trace = ref.step_trace(logits, tokens=tokens, masked=masked, num_to_mask=torch.tensor([2, 3]), temperature=1.0,
                            choice_temperature=1.0, seed=4, step=0)
     assert not bool(torch.isnan(trace.confidence).any())
@@ -312,10 +354,11 @@ def test_dispatch_on_cpu():
     args = (logits, None, tokens, masked, ntm, 1.0, 1.0, 0.0, 0, "logprob", 0, 0)
     assert CFG_SAMPLE_REMASK.select(None, "cpu", *args).name == "cpu"
     assert ops.backends("cpu")["cfg_sample_remask"]["cpu"] == "ok"
+    kw = dict(tokens=tokens, masked=masked, num_to_mask=ntm, seed=0, step=0)
     with pytest.raises(BackendUnavailableError, match="cuda"):
-        run(logits, tokens=tokens, masked=masked, num_to_mask=ntm, seed=0, step=0, backend="cuda")
+        ops.cfg_sample_remask(logits, backend="cuda", **kw)  # CPU tensors
     with pytest.raises(ValueError, match="unknown backend"):
-        run(logits, tokens=tokens, masked=masked, num_to_mask=ntm, seed=0, step=0, backend="nope")
+        ops.cfg_sample_remask(logits, backend="nope", **kw)
 
 
 def _good():
@@ -352,7 +395,7 @@ def _good():
     (dict(step=2**30), ValueError, "step"),
     (dict(step=1.5), ValueError, "step"),
 ], ids=lambda v: str(v)[:40] if not isinstance(v, type) else v.__name__)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "cuda"])  # checked before dispatch: CPU tensors
 def test_bad_input(change, error, match, backend):
     kw = _good()
     kw.update(change)

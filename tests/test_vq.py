@@ -5,6 +5,7 @@ import torch
 from musefast import ops
 from musefast.nn import VectorQuantizer
 from musefast.ops.registry import BackendUnavailableError
+from backends import device_of, params
 from vq_checks import assert_nearest
 
 CPU_BACKENDS = ["reference", "cpu"]
@@ -151,11 +152,19 @@ def test_requested_backend_that_cannot_run_raises_with_reasons():
         ops.vq_nearest(z, cb, backend="nope")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_nan_rows_get_index_zero_and_nan_distance(backend):
-    z, cb = torch.randn(5, 8), torch.randn(16, 8)
+@pytest.mark.parametrize("backend", params("reference", "cpu", "triton", "cuda"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_nan_rows_get_index_zero_and_nan_distance(backend, dtype, comparisons):
+    """The NaN contract on every backend: index 0 and distance NaN (a clamp at 0 written as a
+    max would turn that NaN into 0 on a GPU). D = 80: the NaN also sits in a short last chunk."""
+    device = device_of(backend)
+    z, cb = torch.randn(6, 80).to(dtype), torch.randn(300, 80).to(dtype)
     z[2, 3] = float("nan")
-    idx, dist = ops.vq_nearest(z, cb, return_distance=True, backend=backend)
-    assert idx[2].item() == 0 and torch.isnan(dist[2])
-    keep = torch.tensor([0, 1, 3, 4])
+    z[4, 79] = float("nan")  # in the last D chunk of the tiled kernels
+    z[5] = float("nan")
+    idx, dist = ops.vq_nearest(z.to(device), cb.to(device), return_distance=True, backend=backend)
+    idx, dist = idx.cpu(), dist.cpu()
+    assert idx[[2, 4, 5]].tolist() == [0, 0, 0] and bool(torch.isnan(dist[[2, 4, 5]]).all())
+    keep = torch.tensor([0, 1, 3])
     assert_nearest(z[keep], cb, idx[keep], dist[keep])
+    comparisons.add(2)

@@ -1,9 +1,12 @@
 """vq_nearest on a GPU: the cuda and triton backends at real sizes against the reference.
 
 Real size = an aMUSEd-like VQ encode batch: N = 65536 vectors, K = 8192 codes, D = 64, in
-fp32/fp16/bf16. Plus odd shapes that reach every path of the CUDA kernels: D % 8 != 0 (scalar
-staging), D = 512 (over 48 KB of shared memory) and D = 1000 (the tensor-core kernel's row
-tile does not fit: SIMT fallback). Skipped without CUDA (conftest).
+fp32/fp16/bf16. Plus odd shapes that reach every path of the kernels: D % 8 != 0 (scalar
+staging), D = 80 and 200 (a short last D chunk in the tiled kernels), D = 512 (over 48 KB of
+shared memory) and D = 1000 (the tensor-core kernel's row tile does not fit: SIMT fallback);
+non-contiguous and misaligned inputs as the kernels receive them. The NaN contract is tested
+for every backend in tests/test_vq.py. Skipped without CUDA (conftest); on a CUDA machine a
+backend that cannot run — the CUDA kernels not compiled included — fails the test.
 """
 import pytest
 import torch
@@ -23,10 +26,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 def _run(backend, z, codebook):
     reasons = VQ_NEAREST.availability(z, codebook)[backend]
     if reasons:
-        # A machine without nvcc legitimately lacks the CUDA kernels; anything else (a failed
-        # build, a missing op) is a bug that must show.
-        if backend == "cuda" and all("were not compiled" in r for r in reasons):
-            pytest.skip("; ".join(reasons))
+        # On a GPU machine both backends must run: CUDA kernels that were not compiled (no
+        # nvcc, a failed build) would leave users on slower paths without a word.
         pytest.fail(f"{backend} cannot run on this GPU machine: {'; '.join(reasons)}")
     indices, distances = VQ_NEAREST(z, codebook, backend=backend, device_type="cuda")
     torch.cuda.synchronize()
@@ -35,28 +36,30 @@ def _run(backend, z, codebook):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_real_size(backend, dtype):
+def test_real_size(backend, dtype, comparisons):
     N, K, D = 65536, 8192, 64
     z = torch.randn(N, D, device="cuda").to(dtype)
     codebook = torch.randn(K, D, device="cuda").to(dtype)
     indices, distances = _run(backend, z, codebook)
     check_vq(z, codebook, indices, distances, max_mismatch=1e-3)
+    comparisons.add()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_real_size_self_match(backend, dtype):
+def test_real_size_self_match(backend, dtype, comparisons):
     K, D = 8192, 64
     codebook = torch.randn(K, D, device="cuda").to(dtype)
     perm = torch.cat([torch.randperm(K, device="cuda") for _ in range(8)])  # N = 65536
     indices, distances = _run(backend, codebook[perm], codebook)
     assert torch.equal(indices, perm)
     assert_nearest(codebook[perm], codebook, indices, distances)  # distances ~0
+    comparisons.add()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_real_size_exact_ties(backend, dtype):
+def test_real_size_exact_ties(backend, dtype, comparisons):
     """Small integers: every score is exact, so results must equal the reference bit for bit,
     including the lowest index among the many exactly equidistant codes."""
     N, K, D = 65536, 8192, 64
@@ -70,30 +73,41 @@ def test_real_size_exact_ties(backend, dtype):
     assert torch.equal(indices, ref_idx)
     assert torch.equal(distances, ref_dist)
     assert indices[:4].tolist() == [0, 0, 4096, 4096]
+    comparisons.add()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "N,D,K",
-    [(1, 8, 1), (97, 59, 1000), (1025, 64, 8191), (1025, 256, 1000), (300, 512, 777), (130, 1000, 300)],
+    [(1, 8, 1), (97, 59, 1000), (1025, 64, 8191), (513, 80, 1000), (257, 200, 4097), (1025, 256, 1000),
+     (300, 512, 777), (130, 1000, 300)],
 )
-def test_odd_shapes(backend, dtype, N, D, K):
+def test_odd_shapes(backend, dtype, N, D, K, comparisons):
     z = torch.randn(N, D, device="cuda").to(dtype)
     codebook = torch.randn(K, D, device="cuda").to(dtype)
     indices, distances = _run(backend, z, codebook)
     check_vq(z, codebook, indices, distances)
+    comparisons.add()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous(backend, dtype):
+def test_non_contiguous(backend, dtype, comparisons):
+    """Strided rows, a transposed codebook and a z whose storage starts off a 16-byte boundary.
+    Only the ops layer makes inputs contiguous for the CUDA kernels, and ``.contiguous()`` of
+    the misaligned-but-contiguous z is the same tensor: that z reaches the kernel as it is
+    (its scalar-staging path). The Triton kernel takes any strides as given."""
     N, D, K = 4097, 64, 1000
     big = torch.randn(2 * N, 2 * D, device="cuda").to(dtype)
-    z = big[::2, 1 : 1 + D]  # also misaligned for 16-byte loads
+    strided = big[::2, 1 : 1 + D]
+    misaligned = torch.randn(N * D + 1, device="cuda").to(dtype)[1:].view(N, D)
+    assert misaligned.is_contiguous() and misaligned.data_ptr() % 16
     codebook = torch.randn(D, K, device="cuda").to(dtype).t()
-    indices, distances = _run(backend, z, codebook)
-    want_idx, want_dist = _run(backend, z.contiguous(), codebook.contiguous())
-    assert torch.equal(indices, want_idx)
-    torch.testing.assert_close(distances, want_dist, rtol=0, atol=1e-4)
-    check_vq(z, codebook, indices, distances)
+    for z in (strided, misaligned):
+        indices, distances = _run(backend, z, codebook)
+        want_idx, want_dist = _run(backend, z.contiguous().clone(), codebook.contiguous())
+        assert torch.equal(indices, want_idx)
+        torch.testing.assert_close(distances, want_dist, rtol=0, atol=1e-4)
+        check_vq(z, codebook, indices, distances)
+        comparisons.add()

@@ -140,3 +140,25 @@ def test_empty_rows_and_bad_input():
         _triton(torch.randn(3, 8, device=DEVICE), codebook.half())
     with pytest.raises(ValueError, match="D"):
         _triton(torch.randn(3, 9, device=DEVICE), codebook)
+
+
+def test_fixed_config_pins_one_config_outside_the_interpreter(monkeypatch):
+    """MUSEFAST_TRITON_FIXED_CONFIG=1 (GPU correctness runs): the plain kernel and one config's
+    launch arguments; unset: the autotuner; under the interpreter: the interpreter's config."""
+    import triton
+
+    from musefast.kernels import _tuning
+    from musefast.kernels.vq import _vq_nearest_kernel
+
+    pinned = triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2)
+    kw = dict(configs=[pinned], pinned=pinned, interpreter={"BLOCK_N": 128}, key=["N_BUCKET"])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _tuning.launcher(_vq_nearest_kernel, **kw) == (_vq_nearest_kernel, {"BLOCK_N": 128})
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("MUSEFAST_TRITON_FIXED_CONFIG", "1")
+    kernel, launch = _tuning.launcher(_vq_nearest_kernel, **kw)
+    assert kernel is _vq_nearest_kernel
+    assert launch == {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+    monkeypatch.delenv("MUSEFAST_TRITON_FIXED_CONFIG")
+    kernel, launch = _tuning.launcher(_vq_nearest_kernel, **kw)
+    assert isinstance(kernel, triton.runtime.Autotuner) and launch == {}

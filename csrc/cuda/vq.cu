@@ -1,10 +1,11 @@
 // CUDA kernels of vq_nearest: argmin_k ||z_n - c_k||^2 without the N×K distance matrix.
 //
 // Both kernels rank codes by ||c_k||^2 - 2 z·c_k (||z||^2 is constant per row and is added
-// back only for the returned distance, clamped at 0), stream the codebook in tiles and keep
-// a running min/argmin per (thread, row) in registers. Each thread visits its codes in
-// ascending order with a strict <, so it keeps the lowest index among equal scores; the
-// final cross-thread reduction compares (score, index) pairs, so ties go to the lowest index.
+// back only for the returned distance, clamped at 0; a NaN row keeps index 0 and distance
+// NaN), stream the codebook in tiles and keep a running min/argmin per (thread, row) in
+// registers. Each thread visits its codes in ascending order with a strict <, so it keeps
+// the lowest index among equal scores; the final cross-thread reduction compares (score,
+// index) pairs, so ties go to the lowest index.
 //
 // - fp16/bf16 on sm_80+: tensor cores via mma.sync.m16n8k16 (fp32 accumulation). A block
 //   owns 128 rows, kept in shared memory for the whole sweep; the codebook is staged in
@@ -160,7 +161,10 @@ __global__ void __launch_bounds__(kSimtThreads)
     const int64_t row = row0 + r;
     if (tx == 0 && row < N) {
       out_idx[row] = best_k[i];
-      out_dist[row] = fmaxf(z_sqnorm[r] + best[i], 0.f);
+      // Clamp rounding below 0, but keep NaN (a NaN row: index 0, distance NaN): fmaxf
+      // would return 0 for it.
+      const float dist = z_sqnorm[r] + best[i];
+      out_dist[row] = dist < 0.f ? 0.f : dist;
     }
   }
 }
@@ -343,7 +347,10 @@ __global__ void __launch_bounds__(kMmaThreads)
     const int64_t row = row0 + r;
     if (t == 0 && row < N) {
       out_idx[row] = best_k[i];
-      out_dist[row] = fmaxf(z_sqnorm[r] + best[i], 0.f);
+      // Clamp rounding below 0, but keep NaN (a NaN row: index 0, distance NaN): fmaxf
+      // would return 0 for it.
+      const float dist = z_sqnorm[r] + best[i];
+      out_dist[row] = dist < 0.f ? 0.f : dist;
     }
   }
 #endif  // compiled out below sm_80: the launcher never picks this kernel there
