@@ -69,16 +69,26 @@ def _version(distribution: str):
 # -- steps ---------------------------------------------------------------------------------
 
 def _installed_from() -> str | None:
-    """Where ``musefast`` (with its ``musefast.kernels``) is imported from, outside this checkout's cwd."""
+    """Where a fresh process imports ``musefast`` (with its ``musefast.kernels``) from."""
     proc = subprocess.run([sys.executable, "-c", "import musefast, musefast.kernels; print(musefast.__file__)"],
                           cwd="/", capture_output=True, text=True)
     return str(Path(proc.stdout.strip()).resolve().parent.parent) if proc.returncode == 0 else None
 
 
+def _imported_here() -> str | None:
+    """The same, in this process (its sys.path has no checkout folder: only an install finds it)."""
+    try:
+        import musefast
+        import musefast.kernels  # noqa: F401  (mapped from kernels/ by an install only)
+    except ImportError:
+        return None
+    return str(Path(musefast.__file__).resolve().parent.parent)
+
+
 def install(rehearse: bool, out: Path) -> dict:
     """An editable install of this checkout (a lent machine starts bare): no dependencies, no
     build isolation, nothing compiled (the extension is built by the next step), no network."""
-    before = _installed_from()
+    before = _imported_here()
     if before == str(ROOT):
         return {"installed": "already: this checkout"}
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
