@@ -32,6 +32,14 @@ class Skip(Exception):
     """The step cannot run here (its reason is reported, the step is not a failure)."""
 
 
+class StepFailed(Exception):
+    """The step ran and found a failure; the figures it measured are still reported."""
+
+    def __init__(self, message: str, figures: dict):
+        super().__init__(message)
+        self.figures = figures
+
+
 _PARTIAL: Path | None = None  # the result file, written after each measurement
 _LAST: dict = {}  # the figures of the last checkpoint, reported when the step then fails
 
@@ -189,12 +197,6 @@ def pytest_gpu(rehearse: bool, out: Path) -> dict:
     if not rehearse and counts["passed"] == 0:
         raise StepFailed("no gpu test ran on the GPU", figures)
     return figures
-
-
-class StepFailed(Exception):
-    def __init__(self, message: str, figures: dict):
-        super().__init__(message)
-        self.figures = figures
 
 
 def _available(op: str, backends: list[str]) -> tuple[list[str], dict]:
