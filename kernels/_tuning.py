@@ -5,8 +5,8 @@
 - With ``MUSEFAST_TRITON_FIXED_CONFIG=1``: one config per kernel, valid for every shape the
   kernel accepts. Correctness runs (the GPU test suite, ``scripts/gpu_check.py``) then compile
   each kernel once per specialisation instead of once per candidate config and spend no time
-  timing candidates: a lent GPU's test run fits its budget. Numbers do not depend on the config
-  (each program's reduction order is fixed by the kernel), only speed does.
+  timing candidates: a lent GPU's test run fits its budget. Another config can round
+  differently (attention folds keys in BLOCK_N tiles) but must meet the same tolerances.
 - Otherwise (benchmarks, users): ``triton.autotune`` over the kernel's candidates.
 
 Both variables are read once, when the kernel module is imported. (The remask kernel has no

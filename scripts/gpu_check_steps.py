@@ -32,6 +32,14 @@ class Skip(Exception):
     """The step cannot run here (its reason is reported, the step is not a failure)."""
 
 
+class StepFailed(Exception):
+    """The step ran and found a failure; the figures it measured are still reported."""
+
+    def __init__(self, message: str, figures: dict):
+        super().__init__(message)
+        self.figures = figures
+
+
 _PARTIAL: Path | None = None  # the result file, written after each measurement
 _LAST: dict = {}  # the figures of the last checkpoint, reported when the step then fails
 
@@ -69,16 +77,26 @@ def _version(distribution: str):
 # -- steps ---------------------------------------------------------------------------------
 
 def _installed_from() -> str | None:
-    """Where ``musefast`` (with its ``musefast.kernels``) is imported from, outside this checkout's cwd."""
+    """Where a fresh process imports ``musefast`` (with its ``musefast.kernels``) from."""
     proc = subprocess.run([sys.executable, "-c", "import musefast, musefast.kernels; print(musefast.__file__)"],
                           cwd="/", capture_output=True, text=True)
     return str(Path(proc.stdout.strip()).resolve().parent.parent) if proc.returncode == 0 else None
 
 
+def _imported_here() -> str | None:
+    """The same, in this process (its sys.path has no checkout folder: only an install finds it)."""
+    try:
+        import musefast
+        import musefast.kernels  # noqa: F401  (mapped from kernels/ by an install only)
+    except ImportError:
+        return None
+    return str(Path(musefast.__file__).resolve().parent.parent)
+
+
 def install(rehearse: bool, out: Path) -> dict:
     """An editable install of this checkout (a lent machine starts bare): no dependencies, no
     build isolation, nothing compiled (the extension is built by the next step), no network."""
-    before = _installed_from()
+    before = _imported_here()
     if before == str(ROOT):
         return {"installed": "already: this checkout"}
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
@@ -179,12 +197,6 @@ def pytest_gpu(rehearse: bool, out: Path) -> dict:
     if not rehearse and counts["passed"] == 0:
         raise StepFailed("no gpu test ran on the GPU", figures)
     return figures
-
-
-class StepFailed(Exception):
-    def __init__(self, message: str, figures: dict):
-        super().__init__(message)
-        self.figures = figures
 
 
 def _available(op: str, backends: list[str]) -> tuple[list[str], dict]:

@@ -146,7 +146,9 @@ def test_extreme_temperatures_and_magnitudes(backend, scale, tau, comparisons):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("case", CASES + [
     (2, 4097, 1000, torch.float16, True, 10.0, 1.0, 2.0, None, "logprob"),  # selection by sort
-    (8, 4096, 8192, torch.bfloat16, True, 10.0, 1.0, 2.0, None, "logprob"),  # block selection, N max
+    # block selection at N max; K = 2048 (not 8192) keeps the CPU reference of this case to a few
+    # seconds of a lent GPU session (K = 8191 is covered above)
+    (8, 4096, 2048, torch.bfloat16, True, 10.0, 1.0, 2.0, None, "logprob"),
     (2, 33, 16384, torch.float16, False, 1.0, 0.5, 1.0, 5, "prob"),
 ], ids=str)
 def test_gpu_backends_match_reference(backend, case, comparisons):
