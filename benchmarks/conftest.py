@@ -1,16 +1,16 @@
 """Benchmark setup: same Triton-interpreter rule as tests/, and run metadata in the JSON."""
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-if not shutil.which("nvidia-smi") and "TRITON_INTERPRET" not in os.environ:
+import torch  # noqa: E402
+
+# The same rule as tests/conftest.py: the interpreter exactly when torch sees no CUDA device.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 sys.path.insert(0, str(Path(__file__).parent))
-
-import torch  # noqa: E402
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):

@@ -340,6 +340,8 @@ def decode_step(rehearse: bool, out: Path) -> dict:
     # algorithm, and fp16 rounding can then move a near-tie token)
     if "cuda_graph_error" in figures:
         raise StepFailed("the decoding step cannot be captured as a CUDA graph", figures)
+    if "compile_error" in figures:  # DESIGN §4 promises fullgraph compilation of the step
+        raise StepFailed("the decoding step does not compile with fullgraph=True", figures)
     return figures
 
 
