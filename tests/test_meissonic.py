@@ -73,6 +73,17 @@ def test_bf16_logits_within_the_flash_attention_rule():
     assert err_fast <= 2 * err_ref + 1e-3, (err_fast, err_ref)
 
 
+def test_real_architecture_size():
+    """MeissonFlow/Meissonic's defaults: ~1.0 B parameters, <= 2.2 GB in bf16 (built on the meta
+    device: no memory, no init)."""
+    with torch.device("meta"):
+        model = MeissonicTransformer(MeissonicConfig())
+    n = sum(p.numel() for p in model.parameters())
+    assert 0.95e9 < n < 1.1e9, n
+    assert n * 2 <= 2.2e9
+    assert model.config.inner_dim == 1024 and len(model.single_transformer_blocks) == 28
+
+
 def test_musefast_component_round_trip(tmp_path):
     model = MeissonicTransformer.from_pretrained(PIPELINE / "transformer")
     save_component(model, tmp_path / "t")

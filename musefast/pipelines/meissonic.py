@@ -90,8 +90,8 @@ class MeissonicPipeline(AmusedPipeline):
             dtype, device: the transformer's and text encoder's dtype (default: the files') and
                 where to run. The VQ is always float32.
             text_encoder: a ready :class:`CLIPTextEncoder` to use instead of the folder's (the
-                authors' inference.py swaps in the original LAION CLIP-H); prompts are still
-                padded to 77 tokens.
+                authors' inference.py swaps in the original LAION CLIP-H), used as given: build
+                it with ``max_length=77`` to pad prompts as the peer does.
             sampler: default sampler, ``"fused"`` or ``"compat"``; backend: attention backend.
         """
         folder = _resolve(folder_or_hub_id, variant, local_files_only)
