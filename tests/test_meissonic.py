@@ -191,7 +191,7 @@ def pipe():
 
 def test_load_recognises_the_folder(pipe):
     assert isinstance(pipe, musefast.MeissonicPipeline)
-    assert pipe.mask_token_id == 39 and pipe.vae_scale_factor == 64 and pipe.image_size == 1024
+    assert pipe.mask_token_id == 39 and pipe.vae_scale_factor == 32 and pipe.image_size == 1024
     assert pipe.text_encoder.max_length == 77
 
 
@@ -199,16 +199,27 @@ def test_compat_sampler_gives_the_peer_tokens(pipe):
     expected = load_file(PIPELINE / "pipeline_tokens.safetensors")
     cases = json.loads((PIPELINE / "pipeline_cases.json").read_text())
     assert set(cases) == set(expected)
+    image, mask = _edit_inputs()
     for name, kw in cases.items():
         kw = dict(kw)
         generator = torch.Generator().manual_seed(kw.pop("seed"))
+        if name in ("img2img", "inpaint"):  # the peer's Img2ImgPipeline / InpaintPipeline
+            kw.update(image=image, **({"mask_image": mask} if name == "inpaint" else {}))
         tokens = pipe(generator=generator, output_type="tokens", sampler="compat", progress=False, **kw)
         assert torch.equal(tokens, expected[name]), name
 
 
+def _edit_inputs():
+    """make_fixture.py's 1024² image and mask: 32x32 seeded cells blown up to 32x32 pixels each."""
+    gen = torch.Generator().manual_seed(7)
+    image = torch.rand(1, 3, 32, 32, generator=gen).repeat_interleave(32, 2).repeat_interleave(32, 3)
+    mask = (torch.rand(1, 1, 32, 32, generator=gen) < 0.3).float().repeat_interleave(32, 2).repeat_interleave(32, 3)
+    return image, mask
+
+
 def test_fused_sampler_generates_and_decodes(pipe):
     out = pipe("a red cat", height=256, width=256, num_inference_steps=4, seed=3, output_type="tokens", progress=False)
-    assert out.shape == (1, 4, 4) and bool((out < 32).all())
+    assert out.shape == (1, 8, 8) and bool((out < 32).all())
     again = pipe("a red cat", height=256, width=256, num_inference_steps=4, seed=3, output_type="tokens",
                  progress=False)
     assert torch.equal(out, again)
@@ -219,14 +230,14 @@ def test_fused_sampler_generates_and_decodes(pipe):
 def test_image_to_image_and_inpainting(pipe):
     image = torch.rand(1, 3, 256, 256)
     out = pipe("a dog", image=image, num_inference_steps=4, seed=1, output_type="tokens", progress=False)
-    assert out.shape == (1, 4, 4)
+    assert out.shape == (1, 8, 8)
     mask = torch.zeros(1, 256, 256)
-    mask[:, :64, :64] = 1  # repaint the top-left token only
+    mask[:, :32, :32] = 1  # repaint the top-left token only
     known = pipe.encode(image)
     for sampler in ("fused", "compat"):
         out = pipe("a dog", image=image, mask_image=mask, num_inference_steps=4, seed=1, output_type="tokens",
                    sampler=sampler, progress=False)
-        keep = torch.ones(4, 4, dtype=torch.bool)
+        keep = torch.ones(8, 8, dtype=torch.bool)
         keep[0, 0] = False
         assert torch.equal(out[0][keep], known[0][keep])
 
