@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import statistics
@@ -88,8 +87,9 @@ def peer_main(args) -> None:
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 8192, (1, GRID, GRID), generator=gen)
     tokens[torch.rand(1, GRID, GRID, generator=gen) < 0.5] = 8255
+    text_width = config["joint_attention_dim"]
     inputs = dict(tokens=tokens,
-                  encoder_hidden_states=torch.randn(1, TEXT_LEN, config["joint_attention_dim"], generator=gen).bfloat16(),
+                  encoder_hidden_states=torch.randn(1, TEXT_LEN, text_width, generator=gen).bfloat16(),
                   pooled_text_emb=torch.randn(1, config["pooled_projection_dim"], generator=gen).bfloat16(),
                   micro_conds=torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 6.0]]).bfloat16(),
                   timestep=torch.tensor([TIMESTEP]))

@@ -17,7 +17,6 @@
 import os
 import sys
 
-import pytest
 import torch
 
 from musefast import ops
