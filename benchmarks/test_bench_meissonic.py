@@ -42,11 +42,14 @@ def _peer_model(model):
     src = os.environ.get("MEISSONIC_PEER_SRC")
     if not src:
         return None
-    sys.path.insert(0, src)
     try:
-        from src.transformer import Transformer2DModel
-    except Exception:  # diffusers >= 0.33 breaks the peer's module
+        import diffusers
+    except ImportError:
         return None
+    if tuple(int(p) for p in diffusers.__version__.split(".")[:2]) >= (0, 33):
+        return None  # the peer's attention fails there (its Attention has no head_dim)
+    sys.path.insert(0, src)
+    from src.transformer import Transformer2DModel
     from musefast.compat.meissonic import source_keys
 
     cfg = CONFIG

@@ -315,6 +315,7 @@ class MeissonicTransformer(nn.Module):
         self.project_from_hidden = nn.Linear(d, d, bias=False)
         self.upsample = Upsample(parts) if cfg.upsample else None
         self.mlm_layer = MlmHead(parts)
+        self._rope_cache: tuple | None = None  # (text_len, grid, device) -> RopeTables of the last call
 
     @property
     def mask_token_id(self) -> int:
@@ -364,12 +365,18 @@ class MeissonicTransformer(nn.Module):
         return self.time_text_embed.timestep_embedder(features) + context.cond
 
     def rope_tables(self, text_len: int, grid: tuple[int, int]) -> RopeTables:
-        """Rotary tables of the joint sequence: ``text_len`` zero ids, then (0, row, col)."""
+        """Rotary tables of the joint sequence: ``text_len`` zero ids, then (0, row, col). The
+        last ones are kept: every step of a generation asks for the same."""
+        key = (text_len, tuple(grid), self.device)
+        if self._rope_cache is not None and self._rope_cache[0] == key:
+            return self._rope_cache[1]
         h, w = grid
         ids = torch.zeros(text_len + h * w, len(self.config.axes_dims_rope), device=self.device)
         ids[text_len:, 1] = torch.arange(h, device=self.device).repeat_interleave(w).float()
         ids[text_len:, 2] = torch.arange(w, device=self.device).repeat(h).float()
-        return RopeTables(ids, self.config.axes_dims_rope, ROPE_THETA)
+        tables = RopeTables(ids, self.config.axes_dims_rope, ROPE_THETA)
+        self._rope_cache = (key, tables)
+        return tables
 
     # -- forward -----------------------------------------------------------------------------
 
