@@ -227,6 +227,13 @@ def test_fused_sampler_generates_and_decodes(pipe):
     assert images.shape == (1, 128, 128, 3) and 0 <= images.min() and images.max() <= 1
 
 
+def test_bf16_pipeline():
+    pipe = musefast.MeissonicPipeline.from_pretrained(PIPELINE, dtype=torch.bfloat16, sampler="compat")
+    assert pipe.transformer.dtype == torch.bfloat16 and pipe.vqvae.dtype == torch.float32
+    out = pipe("a red cat", height=256, width=256, num_inference_steps=3, seed=0, output_type="tokens", progress=False)
+    assert out.shape == (1, 8, 8) and bool((out < 32).all())
+
+
 def test_image_to_image_and_inpainting(pipe):
     image = torch.rand(1, 3, 256, 256)
     out = pipe("a dog", image=image, num_inference_steps=4, seed=1, output_type="tokens", progress=False)
