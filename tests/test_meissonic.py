@@ -249,11 +249,24 @@ def test_image_to_image_and_inpainting(pipe):
         assert torch.equal(out[0][keep], known[0][keep])
 
 
+def test_cli_generates_from_a_meissonic_folder(tmp_path):
+    from musefast.cli import main
+
+    out = tmp_path / "m.png"
+    assert main(["generate", "a red cat", "--model", str(PIPELINE), "--steps", "2", "--seed", "1", "-q",
+                 "-o", str(out)]) == 0
+    from PIL import Image
+
+    assert Image.open(out).size == (1024, 1024)
+
+
 def test_pipeline_errors(pipe):
     with pytest.raises(ValueError, match="output_type"):
         pipe("a", output_type="bogus")
     with pytest.raises(ValueError, match="num_inference_steps"):
         pipe("a", num_inference_steps=0)
+    with pytest.raises(ValueError, match="disagree"):
+        pipe("a", num_inference_steps=3, num_steps=4)
     with pytest.raises(ValueError, match="strength"):
         pipe("a", strength=0.3)
     with pytest.raises(FileNotFoundError, match="not a pipeline folder"):

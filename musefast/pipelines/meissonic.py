@@ -151,6 +151,7 @@ class MeissonicPipeline(AmusedPipeline):
         seed: int | None = None,
         sampler: str | None = None,
         guidance_schedule: str = "constant",
+        num_steps: int | None = None,
         backend: str | None = None,
         progress: bool = True,
     ):
@@ -158,7 +159,7 @@ class MeissonicPipeline(AmusedPipeline):
         1024²), with ``image=`` its ``Img2ImgPipeline`` (``strength`` 0.5) and ``image=`` +
         ``mask_image=`` its ``InpaintPipeline`` (both: 12 steps, guidance 10), plus musefast's
         ``seed``, ``sampler`` (``"fused"`` / ``"compat"``), ``guidance_schedule`` (fused only),
-        ``backend`` and ``progress``. ``output_type``: ``"pil"``, ``"np"``, ``"pt"``, or
+        ``num_steps`` (= num_inference_steps, musefast's name), ``backend`` and ``progress``. ``output_type``: ``"pil"``, ``"np"``, ``"pt"``, or
         ``"latent"`` / ``"tokens"`` (the token grid). Returns as :meth:`AmusedPipeline.__call__`.
         """
         if cross_attention_kwargs:
@@ -175,7 +176,9 @@ class MeissonicPipeline(AmusedPipeline):
         if image is not None and (latents is not None or height is not None or width is not None):
             raise ValueError("with image=, the size comes from the image: do not pass latents, height or width")
         default_steps, default_guidance = DEFAULTS["text2image" if image is None else "image"]
-        steps = default_steps if num_inference_steps is None else num_inference_steps
+        if num_inference_steps is not None and num_steps is not None and num_inference_steps != num_steps:
+            raise ValueError(f"num_inference_steps={num_inference_steps} and num_steps={num_steps} disagree")
+        steps = next((n for n in (num_inference_steps, num_steps) if n is not None), default_steps)
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"num_inference_steps must be an int >= 1, got {steps!r}")
         guidance_scale = default_guidance if guidance_scale is None else float(guidance_scale)
