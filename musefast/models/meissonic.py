@@ -21,9 +21,9 @@ Structure (the peer's ``Transformer2DModel`` of viiika/Meissonic ``src/transform
 
 musefast's execution: fused q/k/v projections (single-stream blocks also fuse the MLP's input
 projection into the same matmul), ``ops.attention`` over the joint sequence, RoPE on half-width
-tables and only on the image rows (text ids are zero: their rotation is the identity), the text
-projection and pooled conditioning computed once per generation (:meth:`prepare_context`),
-channels-last feature maps (1x1 convolutions are Linear layers). The aMUSEd parts (token
+tables (cached per grid) and, in double-stream blocks, only on the image rows (text ids are zero:
+their rotation is the identity), the text projection and pooled conditioning computed once per
+generation (:meth:`prepare_context`), channels-last feature maps (1x1 convolutions are Linear layers). The aMUSEd parts (token
 embedding, down/up-sampling, MLM head, conditioning MLP) are :mod:`musefast.models.uvit`'s.
 
 Parameter names follow the peer's except the fused projections (``attn.to_qkv``,

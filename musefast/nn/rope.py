@@ -4,8 +4,9 @@ The reference multiplies x by full-width cos/sin tables in which every angle app
 each channel pair reads its angle once ((L, D/2) tables: half the table traffic) and the rotation
 is written as the two products of a complex multiplication. Per element the arithmetic is the
 reference's (x₀c − x₁s, x₁c + x₀s in float32), so the results are bit-identical — the test
-compares them. Positions whose ids are all zero (Meissonic's text tokens) are not rotated at all:
-callers rotate only the image rows instead of multiplying by cos = 1, sin = 0.
+compares them. Positions whose ids are all zero (Meissonic's text tokens) turn by angle 0, an exact
+identity: Meissonic's double-stream blocks rotate only the image rows (before joining the text),
+its single-stream blocks the joint sequence in one call (:meth:`RopeTables.rows` gives the former).
 """
 from __future__ import annotations
 
