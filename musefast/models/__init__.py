@@ -1,4 +1,6 @@
-"""Models: the VQGAN tokenizer, text encoders, aMUSEd's UVit2D, and the component save/load format."""
+"""Models: the VQGAN tokenizer, text encoders, aMUSEd's UVit2D, Meissonic's transformer, and the
+component save/load format."""
+from musefast.models.meissonic import MeissonicConfig, MeissonicTransformer
 from musefast.models.serialization import load_component, register_component, save_component
 from musefast.models.text import (
     CLIPTextEncoder,
@@ -15,6 +17,8 @@ from musefast.models.vqmodel import load_vqmodel
 
 __all__ = [
     "CLIPTextEncoder",
+    "MeissonicConfig",
+    "MeissonicTransformer",
     "T5TextEncoder",
     "TextEmbeddings",
     "TextEncoder",

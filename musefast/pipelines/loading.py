@@ -8,11 +8,14 @@ from pathlib import Path
 
 import torch
 
+from musefast.compat.meissonic import is_meissonic_pipeline
 from musefast.pipelines.amused import AMUSED_CLASSES, AmusedPipeline
+from musefast.pipelines.meissonic import MeissonicPipeline
 from musefast.pipelines.muse import PIPELINE_INDEX, MusePipeline
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-PIPELINE_CLASSES = {"MusePipeline": MusePipeline, **{name: AmusedPipeline for name in AMUSED_CLASSES}}
+PIPELINE_CLASSES = {"MusePipeline": MusePipeline, **{name: AmusedPipeline for name in AMUSED_CLASSES},
+                    "MeissonicPipeline": MeissonicPipeline}
 
 
 def load(name_or_path: str | os.PathLike = "demo", *, device: str | torch.device | None = None,
@@ -21,7 +24,8 @@ def load(name_or_path: str | os.PathLike = "demo", *, device: str | torch.device
 
     ``name_or_path``: ``"demo"`` (the model embedded in the package); a local folder in
     musefast format (``model_index.json`` written by ``save_pretrained``) or in diffusers'
-    aMUSEd layout (an :class:`AmusedPipeline`); or a hub id (``owner/name``), downloaded with
+    aMUSEd layout (an :class:`AmusedPipeline`) or Meissonic's (a :class:`MeissonicPipeline`,
+    recognised by its transformer config's keys); or a hub id (``owner/name``), downloaded with
     huggingface_hub — only when you name one.
     """
     if str(name_or_path) == "demo":
@@ -32,6 +36,8 @@ def load(name_or_path: str | os.PathLike = "demo", *, device: str | torch.device
         folder = _resolve(name_or_path)
         index = _read_index(folder)
         cls_name = index.get("_class") or index.get("_class_name")
+        if is_meissonic_pipeline(folder):  # the peer's class names are generic: its transformer config's keys tell
+            cls_name = "MeissonicPipeline"
         if cls_name not in PIPELINE_CLASSES:
             raise ValueError(f"{folder / PIPELINE_INDEX}: unsupported pipeline class {cls_name!r}; "
                              f"this version loads {sorted(PIPELINE_CLASSES)}")
