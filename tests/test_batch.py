@@ -54,6 +54,9 @@ def test_tokens_do_not_depend_on_batch_size_or_order(pipe):
         tokens = pipe(row.prompt, seed=row.seed, num_steps=STEPS, output_type="tokens", progress=False)
         assert tokens_hash(tokens[0]) == alone[row.id]
     assert len(set(alone.values())) > 8  # seeds differ per row: repeated prompts still differ
+    assert _tokens(Worker(pipe, make_job(pipe, "demo"), deterministic=True), rows, 16) == alone
+    with pytest.raises(ValueError, match="seed has 1 entries for a batch of 2"):
+        pipe(["a red circle", "a blue ring"], seed=[1], num_steps=1, output_type="tokens", progress=False)
 
 
 def _lines(out):

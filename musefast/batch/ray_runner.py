@@ -10,6 +10,7 @@ bytes) and the manifest ignores an id it already holds.
 """
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -57,6 +58,9 @@ def run_on_ray(batches: list[list[Row]], job: Job, out_dir: Path, *, model: str,
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     if not batches:
         return
+    # musefast's bar is the one progress display; Ray Data's own bars and INFO lines would interleave
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = gpus > 0 and (device is None or str(device).startswith("cuda"))
     if workers is None:  # one per GPU, else one per cpus_per_worker cores
