@@ -171,3 +171,12 @@ def test_resume_after_sigkill_of_the_driver(tmp_path):
     batch_generate(prompts, tmp_path / "clean", num_steps=STEPS, progress=False)
     assert {k: r["sha256"] for k, r in lines.items()} == {k: r["sha256"] for k, r in
                                                            _check_outputs(tmp_path / "clean", n).items()}
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    from musefast.cli import main
+
+    with pytest.raises(SystemExit, match="musefast batch: prompts file not found"):
+        main(["batch", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="workers applies to Ray runs"):
+        main(["batch", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "out"), "--workers", "2"])

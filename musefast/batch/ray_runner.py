@@ -53,11 +53,11 @@ def run_on_ray(batches: list[list[Row]], job: Job, out_dir: Path, *, model: str,
         import ray
     except ImportError:
         raise ValueError("--ray needs Ray: pip install -e \".[distributed]\"") from None
+    if not batches:  # nothing left to do: no cluster to start
+        return
     backend = backend or os.environ.get("MUSEFAST_BACKEND")  # the CLI passes --backend this way
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    if not batches:
-        return
     # musefast's bar is the one progress display; Ray Data's own bars and INFO lines would interleave
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -41,6 +41,8 @@ def batch_generate(prompts_or_path, out_dir, *, model="demo", batch_size: int | 
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if workers is not None and not (ray or ray_address):
+        raise ValueError("workers applies to Ray runs: add ray=True (--ray) or ray_address (--ray-address)")
     if format == "webdataset" and overwrite:
         raise ValueError("--overwrite cannot replace rows inside existing webdataset shards; use a new folder")
     out = Path(out_dir)
@@ -49,6 +51,7 @@ def batch_generate(prompts_or_path, out_dir, *, model="demo", batch_size: int | 
     with _exclusive(out):
         from musefast import load
 
+        rows = read_rows(prompts_or_path, global_seed=seed)  # before the model: bad files fail fast
         if isinstance(model, (str, os.PathLike)):
             pipe = load(model, device=device, dtype=dtype)
         elif ray or ray_address:
@@ -57,7 +60,6 @@ def batch_generate(prompts_or_path, out_dir, *, model="demo", batch_size: int | 
             pipe, model = model, type(model).__name__
         job = make_job(pipe, model, num_steps=num_steps, guidance_scale=guidance_scale,
                        negative_prompt=negative_prompt, fmt=format)
-        rows = read_rows(prompts_or_path, global_seed=seed)
         manifest = Manifest(out / "manifest.jsonl")
         pending, errors, skipped = _plan(rows, job, manifest, overwrite=overwrite)
         errors_file = out / "errors.jsonl"
