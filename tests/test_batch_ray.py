@@ -83,8 +83,11 @@ def test_an_actor_killed_mid_run_gives_every_row_once(local_ray, tmp_path):
     result = {}
 
     def run():
-        result["summary"] = batch_generate(_prompts(n), out, num_steps=STEPS, batch_size=2, ray=True, workers=2,
-                                           cpus_per_worker=1, progress=False)
+        try:
+            result["summary"] = batch_generate(_prompts(n), out, num_steps=STEPS, batch_size=2, ray=True,
+                                               workers=2, cpus_per_worker=1, progress=False)
+        except Exception as exc:  # Ray may give up on the batch: the re-run below must then finish the job
+            result["error"] = exc
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -93,16 +96,17 @@ def test_an_actor_killed_mid_run_gives_every_row_once(local_ray, tmp_path):
     killed = None
     while time.monotonic() < deadline and thread.is_alive() and killed is None:
         if manifest.exists() and len(manifest.read_bytes().splitlines()) >= 2:
-            pids = _my_actor_pids()
-            if pids:
-                killed = pids[0]
-                os.kill(killed, signal.SIGKILL)
+            pids = _my_actor_pids()  # an idle pool of the previous test may linger: kill every one found
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            killed = pids or None
         time.sleep(0.05)
     thread.join(timeout=300)
     assert killed is not None, "no actor was found to kill before the run ended"
-    assert result["summary"]["done"] + result["summary"]["skipped"] <= n
     lines = _lines(out)
-    if len(lines) < n:  # Ray gave up on the batch: a re-run completes the job, still exactly once
+    if "summary" in result:  # Ray restarted the actor and retried its batch
+        assert result["summary"]["done"] == n and len(lines) == n
+    else:  # a re-run completes the job, still exactly once
         batch_generate(_prompts(n), out, num_steps=STEPS, batch_size=2, progress=False)
         lines = _lines(out)
     assert len(lines) == n
