@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from musefast.batch.png import METADATA_KEYS
 from musefast.batch.rows import Row
 
 SAMPLER_FIELDS = ("preset", "temperature", "choice_temperature", "guidance_schedule", "mask_schedule",
@@ -69,7 +70,6 @@ def make_record(row: Row, job: Job) -> dict:
 
 
 def png_metadata(record: dict) -> dict:
-    """The PNG text chunks of a row (the same keys ``musefast generate`` writes)."""
-    return {"prompt": record["prompt"], "negative_prompt": record["negative_prompt"], "seed": record["seed"],
-            "num_steps": record["num_steps"], "guidance_scale": record["guidance_scale"],
-            "sampler": record["sampler"]["preset"], "model": record["model"], "musefast_version": record["musefast"]}
+    """The PNG text chunks of a row (the same keys ``musefast generate`` writes), in METADATA_KEYS order."""
+    values = {**record, "sampler": record["sampler"]["preset"], "musefast_version": record["musefast"]}
+    return {k: values[k] for k in METADATA_KEYS}
