@@ -5,7 +5,9 @@ from musefast.compat.amused_accelerate import accelerate
 from musefast.pipelines import MusePipeline, generate, load
 from musefast.pipelines.amused import AmusedPipeline
 from musefast.pipelines.meissonic import MeissonicPipeline
+from musefast.batch import batch_generate
 
 __version__ = "0.1.0"
 __all__ = ["ops", "doctor", "generate", "load", "MusePipeline", "AmusedPipeline", "MeissonicPipeline", "accelerate",
+           "batch_generate",
            "__version__"]

@@ -106,6 +106,52 @@ def _edit(args) -> int:
     return _run(args, lambda: pipe.edit(image, args.prompt, iterations=args.iterations, fraction=args.fraction, **kw))
 
 
+def _batch(args) -> int:
+    import torch
+
+    from musefast.batch import batch_generate
+
+    try:
+        summary = batch_generate(
+            args.prompts, args.output, model=args.model, batch_size=args.batch_size, seed=args.seed,
+            num_steps=args.steps, guidance_scale=args.guidance, negative_prompt=args.negative, format=args.format,
+            shard_size=args.shard_size, overwrite=args.overwrite, deterministic=args.deterministic,
+            device=args.device, dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None, backend=args.backend,
+            ray=args.ray, ray_address=args.ray_address, workers=args.workers,
+            cpus_per_worker=args.cpus_per_worker, progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"musefast batch: {exc}") from None
+    return 0 if summary["failed"] == 0 else 1
+
+
+def _add_batch(sub) -> None:
+    b = sub.add_parser("batch", help="one image per row of a prompts file, resumable (manifest.jsonl)")
+    b.add_argument("prompts", help=".txt (a prompt a line), .jsonl, .csv or .parquet with a 'prompt' column and "
+                                   "optional id, seed, negative_prompt, num_steps, guidance_scale")
+    b.add_argument("-o", "--output", required=True, help="output folder (images/, manifest.jsonl, errors.jsonl)")
+    b.add_argument("--model", default="demo", help='"demo", a pipeline folder, or a hub id')
+    b.add_argument("--steps", type=int, default=None, help="decoding steps for rows without num_steps")
+    b.add_argument("--guidance", type=float, default=None, help="guidance scale for rows without one")
+    b.add_argument("--negative", default=None, help="negative prompt for rows without one")
+    b.add_argument("--seed", type=int, default=0, help="global seed: rows without a seed get hash(id, seed)")
+    b.add_argument("--batch-size", type=int, default=None, help="rows per forward pass (default: 8 CPU, 32 GPU)")
+    b.add_argument("--format", default="png", choices=["png", "webdataset"])
+    b.add_argument("--shard-size", type=int, default=1000, help="images per webdataset tar shard")
+    b.add_argument("--overwrite", action="store_true", help="regenerate rows whose settings changed")
+    b.add_argument("--deterministic", action="store_true",
+                   help="run each row alone so batch size cannot change a token (slower)")
+    b.add_argument("--ray", action="store_true", help="run on a local Ray (pip install -e '.[distributed]')")
+    b.add_argument("--ray-address", default=None, help="run on the Ray cluster at ADDR (e.g. auto, ray://host:10001)")
+    b.add_argument("--workers", type=int, default=None, help="Ray actors (default: one per GPU, or per "
+                                                               "--cpus-per-worker cores)")
+    b.add_argument("--cpus-per-worker", type=int, default=2, help="CPU cores (torch threads) per Ray actor")
+    b.add_argument("--backend", default=None, help="force one backend for every op (e.g. reference)")
+    b.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
+    b.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="weights dtype")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    b.set_defaults(func=_batch)
+
+
 def _train_demo(args) -> int:
     from musefast.training.demo import run
 
@@ -165,6 +211,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     e.add_argument("--fraction", type=float, default=None, help="fraction of tokens resampled per iteration")
     _add_common(e)
     e.set_defaults(func=_edit)
+
+    _add_batch(sub)
 
     t = sub.add_parser("train-demo", help="train the demo model from scratch (a pipeline folder)")
     words = sys.argv[1:] if argv is None else argv

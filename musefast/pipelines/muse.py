@@ -272,7 +272,7 @@ class MusePipeline:
             high_tokens = torch.full((B, hcfg.seq_len), hcfg.mask_token_id, dtype=torch.long, device=self.device)
             high_masked = torch.ones(B, hcfg.seq_len, dtype=torch.bool, device=self.device)
         high = self._decode_stage(stage="super-res", tokens=high_tokens, masked=high_masked, cond=cond,
-                                  uncond=uncond, s=s, seed=seed + 1, backend=backend,
+                                  uncond=uncond, s=s, seed=_next_seed(seed), backend=backend,
                                   progress=progress, low_tokens=low)
         return high.view(B, hcfg.grid_size, hcfg.grid_size)
 
@@ -449,13 +449,24 @@ class MusePipeline:
                    settings=MuseSettings(**index.get("settings", {})))
 
 
-def _resolve_seed(seed) -> int:
-    """None -> a fresh seed from torch's global RNG (so torch.manual_seed governs it too)."""
+def _resolve_seed(seed) -> int | list[int]:
+    """None -> a fresh seed from torch's global RNG (so torch.manual_seed governs it too).
+    A list gives one seed per image (see MaskGitSampler): each image's tokens then depend on its
+    own seed only, not on the other images of the call."""
     if seed is None:
         return int(torch.randint(0, 2**62, ()))
+    if isinstance(seed, (list, tuple)):
+        if not seed:
+            raise ValueError("seed is an empty list: pass one seed per image, or one int")
+        return [_resolve_seed(s) for s in seed]
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
     return seed
+
+
+def _next_seed(seed):
+    """The super-res stage's seed(s): the base stage's plus one."""
+    return [s + 1 for s in seed] if isinstance(seed, list) else seed + 1
 
 
 def _grid(model) -> int:

@@ -7,7 +7,7 @@ gives the same tokens on every backend (up to floating-point near-ties).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -41,7 +41,7 @@ class MaskGitSampler:
         self.progress = progress
 
     def step(self, model_fn: ModelFn, tokens: torch.Tensor, masked: torch.Tensor, *, shape: torch.Size, step: int,
-             seed: int, mask_token_id: int, masked_start: torch.Tensor, starting_mask_ratio=1.0):
+             seed: int | list[int], mask_token_id: int, masked_start: torch.Tensor, starting_mask_ratio=1.0):
         """One decoding step on flat (B, N) ``tokens``/``masked`` -> the next (tokens, masked).
 
         The model forward, the preset's parameters for ``step`` and the fused
@@ -56,10 +56,12 @@ class MaskGitSampler:
             step, num_classes=K, masked_now=masked.sum(dim=1), masked_start=masked_start, seq_len=N,
             starting_mask_ratio=starting_mask_ratio,
         )
-        return ops.cfg_sample_remask(
-            cond.reshape(B, N, K), None if uncond is None else uncond.reshape(B, N, K),
-            tokens=tokens, masked=masked, seed=seed, step=step, backend=self.backend, **params,
-        )
+        cond = cond.reshape(B, N, K)
+        uncond = None if uncond is None else uncond.reshape(B, N, K)
+        if isinstance(seed, (list, tuple)):  # one seed per image (batch generation)
+            return self._step_per_image(cond, uncond, tokens, masked, seed, step, params)
+        return ops.cfg_sample_remask(cond, uncond, tokens=tokens, masked=masked, seed=seed, step=step,
+                                     backend=self.backend, **params)
 
     @torch.no_grad()
     def __call__(
@@ -69,7 +71,7 @@ class MaskGitSampler:
         masked: torch.Tensor | None = None,
         *,
         mask_token_id: int,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         start_step: int = 0,
         starting_mask_ratio=None,
         callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
@@ -82,7 +84,9 @@ class MaskGitSampler:
             tokens: (B, *shape) int64; positions to generate may hold anything.
             masked: (B, *shape) bool, True = generate; default ``tokens == mask_token_id``.
             mask_token_id: id written at masked positions of the model's input.
-            seed: Philox seed (int in [0, 2**64)).
+            seed: Philox seed (int in [0, 2**64)), or one seed per image: then each image is
+                sampled as if it were alone in its batch (Philox's counter holds the image's
+                index in the batch), so its tokens do not depend on its batch neighbours.
             start_step: first step to run (image-to-image starts part-way).
             starting_mask_ratio: aMUSEd's inpainting scale of the mask counts; default: the
                 masked fraction of the batch (1 when everything is masked).
@@ -103,6 +107,7 @@ class MaskGitSampler:
         if not 0 <= start_step < T:
             raise ValueError(f"start_step must lie in [0, num_steps={T}), got {start_step}")
         B = shape[0]
+        seeds = _per_image_seeds(seed, B)
         tokens = tokens.reshape(B, -1).clone()
         masked = masked.reshape(B, -1).clone()
         masked_start = masked.sum(dim=1)
@@ -114,9 +119,33 @@ class MaskGitSampler:
 
             steps = tqdm(steps, desc=f"{preset.name} decoding", leave=False)
         for step in steps:
-            tokens, masked = self.step(model_fn, tokens, masked, shape=shape, step=step, seed=seed,
+            tokens, masked = self.step(model_fn, tokens, masked, shape=shape, step=step,
+                                       seed=seed if seeds is None else seeds,
                                        mask_token_id=mask_token_id, masked_start=masked_start,
                                        starting_mask_ratio=starting_mask_ratio)
             if callback is not None:
                 callback(step, tokens.reshape(shape), masked.reshape(shape))
         return tokens.reshape(shape)
+
+    def _step_per_image(self, cond, uncond, tokens, masked, seeds, step, params):
+        """One step image by image, each with its own seed as image 0 of a batch of one.
+        (The kernels key a whole batch by one seed; a per-image key would save these calls.)"""
+        counts = params.pop("num_to_mask")
+        out_tokens, out_masked = [], []
+        for b, seed in enumerate(seeds):
+            count = counts[b:b + 1] if isinstance(counts, torch.Tensor) and counts.dim() else counts
+            t, m = ops.cfg_sample_remask(cond[b:b + 1], None if uncond is None else uncond[b:b + 1],
+                                         tokens=tokens[b:b + 1], masked=masked[b:b + 1], num_to_mask=count,
+                                         seed=seed, step=step, backend=self.backend, **params)
+            out_tokens.append(t)
+            out_masked.append(m)
+        return torch.cat(out_tokens), torch.cat(out_masked)
+
+
+def _per_image_seeds(seed, batch_size: int) -> list[int] | None:
+    """None for one seed for the batch; the list when ``seed`` gives one per image."""
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != batch_size:
+            raise ValueError(f"seed has {len(seed)} entries for a batch of {batch_size} images")
+        return list(seed)
+    return None
