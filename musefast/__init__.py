@@ -4,6 +4,7 @@ from musefast.doctor import doctor
 from musefast.compat.amused_accelerate import accelerate
 from musefast.pipelines import MusePipeline, generate, load
 from musefast.pipelines.amused import AmusedPipeline
+from musefast.sampling.cache import StepCache
 
 __version__ = "0.1.0"
-__all__ = ["ops", "doctor", "generate", "load", "MusePipeline", "AmusedPipeline", "accelerate", "__version__"]
+__all__ = ["ops", "doctor", "generate", "load", "MusePipeline", "AmusedPipeline", "accelerate", "StepCache", "__version__"]
