@@ -326,3 +326,25 @@ def test_cli_generate_takes_cache_fast():
     assert "cache" not in _common_kwargs(build_parser().parse_args(["generate", "a red circle"]))
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "a red circle", "--cache", "slow"])
+
+
+def test_amused_pipeline_cache_and_guidance_interval(tmp_path):
+    pytest.importorskip("diffusers")
+    from amused_tiny import make_tiny_amused
+    from musefast.pipelines.amused import AmusedPipeline
+
+    make_tiny_amused(tmp_path, "512")
+    pipe = AmusedPipeline.from_pretrained(tmp_path)
+    kw = dict(prompt=["a cat", "a dog"], seed=3, num_inference_steps=6, output_type="tokens", progress=False)
+    exact = pipe(**kw)
+    assert torch.equal(pipe(**kw, cache=StepCache(refresh=1)), exact)
+    assert pipe(**kw, cache="fast", guidance_interval=(0.0, 0.5)).shape == exact.shape
+    image = pipe.decode(exact)
+    mask = torch.zeros(2, *image.shape[-2:])
+    mask[:, :, : image.shape[-1] // 2] = 1
+    out = pipe.inpaint(image, mask, ["a cat", "a dog"], seed=0, num_inference_steps=6, output_type="tokens",
+                       progress=False, cache="fast")
+    half = out.shape[-1] // 2
+    assert torch.equal(out[..., half:], pipe.encode(image)[..., half:])
+    with pytest.raises(ValueError, match="fused"):
+        pipe(**kw, sampler="compat", cache="fast")
