@@ -305,10 +305,16 @@ def test_steps_without_guidance_halve_the_batch(pipe):
     assert batches == [4] * 4 + [2] * 4
 
 
+def test_the_fast_preset_brings_its_guidance_interval_unless_one_is_given():
+    assert MaskGitSampler("maskgit", cache="fast").preset.guidance_interval == (0.0, 0.5)
+    assert MaskGitSampler("maskgit", cache="fast", guidance_interval=(0, 1)).preset.guidance_interval == (0, 1)
+    assert MaskGitSampler("maskgit", cache=StepCache()).preset.guidance_interval is None
+
+
 def test_cache_settings_are_checked():
     assert resolve_cache("fast") is musefast.sampling.cache.FAST and resolve_cache(None) is None
     for bad, match in [(dict(refresh=0), "refresh"), (dict(recompute="all"), "recompute"),
-                       (dict(fraction=0.0), "fraction")]:
+                       (dict(fraction=0.0), "fraction"), (dict(guidance_interval=(1, 0)), "guidance_interval")]:
         with pytest.raises(ValueError, match=match):
             StepCache(**bad)
     with pytest.raises(ValueError, match="cache must be"):

@@ -27,7 +27,8 @@ class MaskGitSampler:
         backend: backend of ``cfg_sample_remask`` (None = the best available).
         progress: show a tqdm progress bar.
         cache: the step cache (``musefast.sampling.cache``): None (exact), ``"fast"`` or a
-            :class:`StepCache`; needs a :class:`GuidedForward` as ``model_fn``.
+            :class:`StepCache`; needs a :class:`GuidedForward` as ``model_fn``. A cache
+            setting's ``guidance_interval`` applies unless one is given here.
         **overrides: fields of the preset to change, e.g. ``num_steps=16, guidance_scale=4.0,
             guidance_schedule="linear", guidance_interval=(0.0, 0.5), temperature=0.9,
             choice_temperature=(3.0, 0.0), mask_schedule="linear"`` (None = keep the preset's
@@ -48,6 +49,8 @@ class MaskGitSampler:
         self.backend = backend
         self.progress = progress
         self.cache = resolve_cache(cache)
+        if self.cache is not None and self.preset.guidance_interval is None:
+            self.preset = self.preset.replace(guidance_interval=self.cache.guidance_interval)
         self.last_cache_run: CacheRun | None = None  # the last call's cache (step counts, memory), for reports
 
     @torch.no_grad()
