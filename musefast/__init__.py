@@ -6,8 +6,8 @@ from musefast.pipelines import MusePipeline, generate, load
 from musefast.pipelines.amused import AmusedPipeline
 from musefast.pipelines.meissonic import MeissonicPipeline
 from musefast.batch import batch_generate
+from musefast.sampling.cache import StepCache
 
 __version__ = "0.1.0"
 __all__ = ["ops", "doctor", "generate", "load", "MusePipeline", "AmusedPipeline", "MeissonicPipeline", "accelerate",
-           "batch_generate",
-           "__version__"]
+           "batch_generate", "StepCache", "__version__"]

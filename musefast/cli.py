@@ -65,6 +65,8 @@ def _common_kwargs(args) -> dict:
         kw["num_steps"] = args.steps
     if args.guidance is not None:
         kw["guidance_scale"] = args.guidance
+    if args.cache is not None:
+        kw["cache"] = args.cache
     return kw
 
 
@@ -165,6 +167,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--cache", default=None, choices=["fast"],
+                   help="step cache: cheap steps reuse the K/V of decoded tokens (default: exact decoding)")
     p.add_argument("--backend", default=None, help="force one backend for every op (e.g. reference)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="weights dtype")

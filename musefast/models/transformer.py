@@ -112,13 +112,17 @@ class TransformerBlock(nn.Module):
                                gelu_approximate=cfg.gelu_approximate)
         self.norm_after = cfg.norm_position == "post"
 
-    def forward(self, x, kv: CrossAttentionKV | None = None, memory_mask: torch.Tensor | None = None):
+    def forward(self, x, kv: CrossAttentionKV | None = None, memory_mask: torch.Tensor | None = None, *,
+                kv_store=None, rows: torch.Tensor | None = None):
+        """x (B, L, dim); with ``rows`` (B, M) x holds only those rows of the sequence and the
+        self-attention reads the other rows' K/V from ``kv_store`` (musefast.nn.row_cache)."""
+        cache = dict(kv_store=kv_store, rows=rows)
         if self.norm_after:
-            x = self.norm1(x + self.attn(x))
+            x = self.norm1(x + self.attn(x, **cache))
             if self.cross_attn is not None:
                 x = self.norm2(x + self.cross_attn(x, kv=kv, key_padding_mask=memory_mask))
             return self.norm3(x + self.mlp(x))
-        h = self.attn(self.norm1(x))
+        h = self.attn(self.norm1(x), **cache)
         x = x + (h if self.post_norm1 is None else self.post_norm1(h))
         if self.cross_attn is not None:
             h = self.cross_attn(self.norm2(x), kv=kv, key_padding_mask=memory_mask)
@@ -210,14 +214,26 @@ class MuseTransformer(nn.Module):
         *,
         context: Context | None = None,
         class_labels: torch.Tensor | None = None,
+        kv_store=None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = self.token_embed(self._check_tokens(tokens)) + self.pos_embed
+        """-> logits (B, N, codebook_size). Step cache (musefast.nn.row_cache): with ``kv_store``
+        and ``rows=None`` the self-attention K/V are recorded; with ``rows`` (B, M) only those
+        image positions are computed, against the recorded K/V, -> logits (B, M, codebook_size)."""
+        flat = self._check_tokens(tokens)
+        if rows is None:
+            x = self.token_embed(flat) + self.pos_embed
+        else:
+            x = self.token_embed(flat.gather(1, rows)) + self.pos_embed[0][rows]
+        cache = dict(kv_store=kv_store, rows=rows)
         if self.class_embed is not None:
             if class_labels is None:
                 raise ValueError("class-conditional transformer: pass class_labels (B,) (num_classes = null class)")
             x = self.embed_norm(torch.cat([self.class_embed(class_labels)[:, None], x], dim=1))
+            if rows is not None:  # the class token (key 0) attends to every token: always recomputed
+                cache["rows"] = torch.cat([torch.zeros_like(rows[:, :1]), rows + 1], dim=1)
             for blk in self.blocks:
-                x = blk(x)
+                x = blk(x, **cache)
             x = x[:, 1:]
         else:
             if context is None:
@@ -226,7 +242,7 @@ class MuseTransformer(nn.Module):
                 context = self.prepare_context(text_hidden, text_mask)
             x = self.embed_norm(x)
             for blk, kv in zip(self.blocks, context.kvs):
-                x = blk(x, kv, context.mask)
+                x = blk(x, kv, context.mask, **cache)
         x = self.norm(x)
         if self.head_mlp is not None:
             x = self.head_mlp(x)
@@ -286,9 +302,11 @@ class SuperResTransformer(nn.Module):
             mask = torch.cat([torch.ones(low.shape, dtype=torch.bool, device=low.device), text_mask], dim=1)
         return self.transformer.context_from_memory(memory, mask)
 
-    def forward(self, tokens, low_tokens=None, text_hidden=None, text_mask=None, *, context: Context | None = None):
+    def forward(self, tokens, low_tokens=None, text_hidden=None, text_mask=None, *, context: Context | None = None,
+                kv_store=None, rows: torch.Tensor | None = None):
+        """``kv_store``/``rows``: the step cache, as :meth:`MuseTransformer.forward`."""
         if context is None:
             if low_tokens is None or text_hidden is None:
                 raise ValueError("pass low_tokens and text_hidden, or a prepared context")
             context = self.prepare_context(low_tokens, text_hidden, text_mask)
-        return self.transformer(tokens, context=context)
+        return self.transformer(tokens, context=context, kv_store=kv_store, rows=rows)

@@ -44,6 +44,7 @@ from musefast.compat.amused_weights import is_diffusers_folder, load_converted, 
 from musefast.models.serialization import config_from_dict, load_component, read_config, register_component
 from musefast.nn.attention import Attention, CrossAttention, CrossAttentionKV
 from musefast.nn.feedforward import FeedForward
+from musefast.nn.row_cache import gather_rows, rows_from_mask, scatter_rows_
 
 DIFFUSERS_CLASS = "UVit2DModel"
 
@@ -335,9 +336,9 @@ class TransformerLayer(nn.Module):
         mods = (self.norm1.modulation(cond), self.norm2.modulation(cond), self.norm3.modulation(cond))
         return mods, self.attn2.precompute_kv(text)
 
-    def forward(self, x: torch.Tensor, prepared) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prepared, *, kv_store=None, rows: torch.Tensor | None = None) -> torch.Tensor:
         (m1, m2, m3), kv = prepared
-        x = x + self.attn1(self.norm1(x, m1))
+        x = x + self.attn1(self.norm1(x, m1), kv_store=kv_store, rows=rows)
         x = x + self.attn2(self.norm2(x, m2), kv=kv)
         return x + self.ff(self.norm3(x, m3))
 
@@ -462,9 +463,19 @@ class UVit2D(nn.Module):
         micro_conds: torch.Tensor | None = None,
         *,
         context: UVitContext | None = None,
+        kv_store=None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens (B, h, w) and either the conditioning or a prepared ``context`` -> logits
-        (B, h, w, codebook_size)."""
+        (B, h, w, codebook_size).
+
+        Step cache (musefast.nn.row_cache): with ``kv_store`` and ``rows=None`` the transformer
+        layers record their self-attention K/V and the stack's output; with ``rows`` (B, M)
+        token positions, the transformer layers run only on those rows (on a downsampling
+        model: the cells holding them) against the recorded K/V, the convolutional blocks
+        run on the whole grid (their depthwise convolutions and response norms mix positions),
+        and the logits of the rows come back as (B, M, codebook_size).
+        """
         self._check_tokens(tokens)
         if context is None:
             if encoder_hidden_states is None or pooled_text_emb is None or micro_conds is None:
@@ -474,11 +485,33 @@ class UVit2D(nn.Module):
             raise ValueError(f"context was prepared for batch {context.batch_size}, tokens have batch {tokens.shape[0]}")
         x = self.down_block(self.embed(tokens), context.down)
         B, h, w, C = x.shape
-        x = self.project_to_hidden(self.project_to_hidden_norm(x.reshape(B, h * w, C)))
+        x = x.reshape(B, h * w, C)
+        inner_rows = None if rows is None else self._inner_rows(rows, tokens.shape[1:], (h, w))
+        if inner_rows is not None:
+            x = gather_rows(x, inner_rows)
+        x = self.project_to_hidden(self.project_to_hidden_norm(x))
         for layer, prepared in zip(self.transformer_layers, context.layers):
-            x = layer(x, prepared)
-        x = self.project_from_hidden(self.project_from_hidden_norm(x)).view(B, h, w, C)
-        return self.mlm_layer(self.up_block(x, context.up))
+            x = layer(x, prepared, kv_store=kv_store, rows=inner_rows)
+        x = self.project_from_hidden(self.project_from_hidden_norm(x))
+        if kv_store is not None:
+            if inner_rows is None:
+                kv_store.put(self, "hidden", x)  # the up block reads every position
+            else:
+                x = scatter_rows_(kv_store.get(self, "hidden"), inner_rows, x)
+        x = self.up_block(x.view(B, h, w, C), context.up)
+        if rows is None:
+            return self.mlm_layer(x)
+        return self.mlm_layer(gather_rows(x.reshape(B, -1, C), rows))
+
+    @staticmethod
+    def _inner_rows(rows: torch.Tensor, grid: tuple, inner: tuple) -> torch.Tensor:
+        """Token rows (B, M) -> rows of the transformer's grid (the 2x2 cells holding them)."""
+        if tuple(grid) == tuple(inner):
+            return rows
+        B = rows.shape[0]
+        selected = torch.zeros(B, grid[0] * grid[1], dtype=torch.bool, device=rows.device).scatter_(1, rows, True)
+        selected = F.max_pool2d(selected.view(B, 1, *grid).float(), 2, ceil_mode=True)[:, 0] > 0
+        return rows_from_mask(selected.reshape(B, -1))
 
     # -- loading -----------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from musefast.nn.row_cache import KVStore, scatter_head_rows_
 from musefast.ops.attention import attention
 
 
@@ -122,11 +123,28 @@ class Attention(_MultiHead):
         super().__init__(dim, num_heads, head_dim, bias, out_bias, qk_norm, norm_eps, scale, backend, null_kv)
         self.to_qkv = nn.Linear(dim, 3 * self.inner_dim, bias=bias)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, L, dim), key_padding_mask (B, L) bool (True = attend) -> (B, L, dim)."""
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, *,
+                kv_store: KVStore | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, dim), key_padding_mask (B, L) bool (True = attend) -> (B, L, dim).
+
+        With ``kv_store`` (see :mod:`musefast.nn.row_cache`): ``rows=None`` computes as usual
+        and records the K/V; ``rows`` (B, M) means x holds only those rows (B, M, dim) of the
+        sequence: their K/V replace the recorded ones and their queries attend to all keys.
+        """
         q, k, v = self._split_heads(self.to_qkv(x), 3)
-        k, v = self._with_null(k, v)
-        return self._attend(q, self._norm_k(k), v, key_padding_mask)
+        if rows is None:
+            k, v = self._with_null(k, v)
+            k = self._norm_k(k)
+            if kv_store is not None:  # contiguous copies: a view would keep the whole QKV buffer alive
+                kv_store.put(self, "k", k.contiguous())
+                kv_store.put(self, "v", v.contiguous())
+            return self._attend(q, k, v, key_padding_mask)
+        if kv_store is None:
+            raise ValueError("rows= needs the kv_store of a full forward")
+        key_rows = rows if self.null_kv is None else rows + 1  # the null slot is key 0
+        k_all = scatter_head_rows_(kv_store.get(self, "k"), key_rows, self._norm_k(k))
+        v_all = scatter_head_rows_(kv_store.get(self, "v"), key_rows, v)
+        return self._attend(q, k_all, v_all, key_padding_mask)
 
 
 class CrossAttention(_MultiHead):

@@ -46,7 +46,8 @@ from musefast.models.uvit import UVit2D
 from musefast.models.vqgan import VQGAN
 from musefast.models.vqmodel import load_vqmodel
 from musefast.pipelines.images import format_output, to_mask, to_tensor, token_mask
-from musefast.sampling import MaskGitSampler, mask_ratio
+from musefast.sampling import GuidedForward, MaskGitSampler, mask_ratio
+from musefast.sampling.cache import batch_slice
 
 PIPELINE_INDEX = "model_index.json"
 AMUSED_CLASSES = ("AmusedPipeline", "AmusedImg2ImgPipeline", "AmusedInpaintPipeline")
@@ -285,6 +286,8 @@ class AmusedPipeline:
         num_steps: int | None = None,
         backend: str | None = None,
         progress: bool = True,
+        guidance_interval: tuple | None = None,
+        cache=None,
     ):
         """Generate. Text-to-image by default; ``image=`` gives image-to-image (``strength``
         default 0.5: the last ``int(T · strength)`` steps run); ``image=`` + ``mask_image=``
@@ -294,8 +297,12 @@ class AmusedPipeline:
 
         Arguments are diffusers', plus: ``seed`` (instead of a generator), ``sampler``
         (``"fused"`` / ``"compat"``; default: the pipeline's), ``guidance_schedule`` (fused
-        only: ``constant``, ``linear``, ``cosine``), ``num_steps`` (= num_inference_steps,
-        default 12), ``backend`` (of the fused step), ``progress``. ``output_type``: ``"pil"``,
+        only: ``constant``, ``linear``, ``cosine``, ``cosine_decay``), ``guidance_interval``
+        (fused only: guidance on the steps in that fraction (a, b) of the decoding, the
+        conditional branch alone elsewhere), ``cache`` (fused only: the step cache, None /
+        ``"fast"`` / a :class:`musefast.StepCache`; inpainting keeps the unmasked tokens exactly
+        with it too), ``num_steps`` (= num_inference_steps, default 12), ``backend`` (of the
+        fused step), ``progress``. ``output_type``: ``"pil"``,
         ``"np"``, ``"pt"``, or ``"latent"`` / ``"tokens"`` (the token grid). Returns the images
         — for ``"pil"`` a list that also answers ``.images`` — or diffusers' output object with
         ``return_dict=True``, a 1-tuple with ``return_dict=False``.
@@ -307,6 +314,8 @@ class AmusedPipeline:
         sampler = _check_sampler(self.sampler if sampler is None else sampler)
         if sampler == "compat" and guidance_schedule != "constant":
             raise ValueError("the compat sampler follows diffusers: guidance_schedule must be 'constant'")
+        if sampler == "compat" and (cache is not None or guidance_interval is not None):
+            raise ValueError("the compat sampler follows diffusers: cache and guidance_interval need sampler='fused'")
         if mask_image is not None and image is None:
             raise ValueError("mask_image needs image=")
         if image is None and strength is not None:
@@ -365,21 +374,23 @@ class AmusedPipeline:
         context = self.transformer.prepare_context(hidden, pooled, micro)
 
         def logits_of(model_in: torch.Tensor):
-            """(B, h, w) -> guided (B, h·w, K) logits (compat) or (cond, uncond) (fused)."""
+            """(B, h, w) -> guided (B, h·w, K) logits (the compat sampler's model)."""
             out = self.transformer(torch.cat([model_in, model_in]) if use_cfg else model_in, context=context)
             out = out.reshape(out.shape[0], -1, out.shape[-1])
             if not use_cfg:
                 return out
             uncond, cond = out.chunk(2)
-            return uncond + guidance_scale * (cond - uncond) if compat else (cond, uncond)
+            return uncond + guidance_scale * (cond - uncond)
 
         if compat is not None:
             tokens = self._run_compat(compat, logits_of, tokens, start, ratio, generator, callback, callback_steps,
                                       progress)
-        else:
-            tokens = self._run_fused(logits_of, tokens, steps, start, ratio, use_cfg, guidance_scale,
+        else:  # negatives come first in a CFG batch, as in diffusers
+            forward = (GuidedForward(self.transformer, batch_slice(context, slice(B, 2 * B)), context, uncond_first=True)
+                       if use_cfg else GuidedForward(self.transformer, context))
+            tokens = self._run_fused(forward, tokens, steps, start, ratio, use_cfg, guidance_scale,
                                      guidance_schedule, temperature, mask_image is not None, seed, backend, callback,
-                                     callback_steps, progress)
+                                     callback_steps, progress, guidance_interval, cache)
         return self._output(tokens, output_type, return_dict)
 
     def inpaint(self, image, mask, prompt=None, **kwargs):
@@ -424,12 +435,14 @@ class AmusedPipeline:
                 callback(i, compat.timesteps[i], tokens)
         return tokens
 
-    def _run_fused(self, logits_of, tokens, steps, start, ratio, use_cfg, guidance_scale, guidance_schedule,
-                   temperature, inpaint, seed, backend, callback, callback_steps, progress) -> torch.Tensor:
+    def _run_fused(self, forward, tokens, steps, start, ratio, use_cfg, guidance_scale, guidance_schedule,
+                   temperature, inpaint, seed, backend, callback, callback_steps, progress, guidance_interval=None,
+                   cache=None) -> torch.Tensor:
         temps = choice_temperatures(steps, temperature)
         sampler = MaskGitSampler(
-            "amused", backend=backend, progress=progress, num_steps=steps,
+            "amused", backend=backend, progress=progress, num_steps=steps, cache=cache,
             guidance_scale=float(guidance_scale) if use_cfg else 1.0, guidance_schedule=guidance_schedule,
+            guidance_interval=guidance_interval,
             choice_temperature=(float(temps[0]), float(temps[-1])),
             mask_schedule="linear" if inpaint else self.masking_schedule,
         )
@@ -438,7 +451,7 @@ class AmusedPipeline:
             if step % callback_steps == 0:
                 callback(step, steps - 1 - step, now.masked_fill(masked, self.mask_token_id))
 
-        return sampler(logits_of, tokens, mask_token_id=self.mask_token_id, seed=seed, start_step=start,
+        return sampler(forward, tokens, mask_token_id=self.mask_token_id, seed=seed, start_step=start,
                        starting_mask_ratio=1.0 if ratio is None else ratio,
                        callback=None if callback is None else report)
 

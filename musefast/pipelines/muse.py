@@ -21,7 +21,7 @@ from musefast.models.text import TextEmbeddings, as_text_embeddings, load_text_e
 from musefast.models.transformer import Context, MuseTransformer, SuperResTransformer
 from musefast.models.vqgan import VQGAN
 from musefast.pipelines.images import OUTPUT_TYPES, format_output, to_mask, to_tensor, token_mask
-from musefast.sampling import MaskGitSampler
+from musefast.sampling import GuidedForward, MaskGitSampler
 
 PIPELINE_INDEX = "model_index.json"
 
@@ -46,7 +46,8 @@ class MuseSettings:
     num_steps: int = 24  # base stage (Muse paper)
     super_res_steps: int = 8
     guidance_scale: float = 4.0
-    guidance_schedule: str = "constant"  # or "linear" (the Muse ramp), "cosine"
+    guidance_schedule: str = "constant"  # or "linear" (the Muse ramp), "cosine", "cosine_decay"
+    guidance_interval: tuple | None = None  # (a, b): guidance only on that fraction of the steps
     temperature: float = 1.0
     choice_temperature: float = 4.5  # annealed by the preset's choice schedule (maskgit: ·(1 − r))
     mask_schedule: str = "cosine"
@@ -187,54 +188,43 @@ class MusePipeline:
         return replace(self.settings, **{k: v for k, v in overrides.items() if v is not None})
 
     def _sampler(self, s: MuseSettings, num_steps: int, backend, progress, *, guidance_scale=None,
-                 top_k: int | None = None, codebook_size: int | None = None) -> MaskGitSampler:
+                 top_k: int | None = None, codebook_size: int | None = None, cache=None) -> MaskGitSampler:
         overrides = dict(num_steps=num_steps, mask_schedule=s.mask_schedule,
                          guidance_scale=s.guidance_scale if guidance_scale is None else guidance_scale,
-                         guidance_schedule=s.guidance_schedule, temperature=s.temperature,
-                         choice_temperature=s.choice_temperature)
+                         guidance_schedule=s.guidance_schedule, guidance_interval=s.guidance_interval,
+                         temperature=s.temperature, choice_temperature=s.choice_temperature)
         if top_k is not None:
             # presets express top-k as lucidrains' threshold: keep ceil((1 - thres) K) logits;
             # aim at the middle of the interval that gives exactly top_k
             overrides["topk_filter_thres"] = 1.0 - (top_k - 0.5) / codebook_size
-        return MaskGitSampler(s.preset, backend=backend, progress=progress, **overrides)
+        return MaskGitSampler(s.preset, backend=backend, progress=progress, cache=cache, **overrides)
 
     @staticmethod
-    def _guided_forward(model, context: Context, use_cfg: bool, **extra):
-        """tokens (B, N) -> (cond, uncond) logits: both branches in one batched forward."""
-
-        def forward(tokens: torch.Tensor):
-            if not use_cfg:
-                return model(tokens, context=context, **extra), None
-            logits = model(torch.cat([tokens, tokens]), context=context, **extra)
-            return logits.chunk(2)
-
-        return forward
-
-    def _contexts(self, model_prepare, cond_args, uncond_args, use_cfg: bool) -> Context:
+    def _guided_forward(model, model_prepare, cond_args, uncond_args, use_cfg: bool) -> GuidedForward:
+        """tokens (B, N) -> (cond, uncond) logits: both branches in one batched forward, or
+        the conditional one alone on steps without guidance."""
         cond = model_prepare(*cond_args)
-        if not use_cfg:
-            return cond
-        return Context.cat([cond, model_prepare(*uncond_args)])
+        both = Context.cat([cond, model_prepare(*uncond_args)]) if use_cfg else None
+        return GuidedForward(model, cond, both)
 
     @torch.no_grad()
     def _decode_stage(self, *, stage: str, tokens, masked, cond: TextEmbeddings, uncond: TextEmbeddings,
                       s: MuseSettings, seed: int, backend, progress, low_tokens=None, num_steps=None,
-                      guidance_scale=None):
+                      guidance_scale=None, cache=None):
         """Run one stage's sampler from (tokens, masked); returns the final tokens (B, N)."""
         g = s.guidance_scale if guidance_scale is None else guidance_scale
         use_cfg = g != 1.0
         if stage == "base":
             model = self.transformer
-            context = self._contexts(model.prepare_context, (cond.hidden, cond.mask),
-                                     (uncond.hidden, uncond.mask), use_cfg)
+            forward = self._guided_forward(model, model.prepare_context, (cond.hidden, cond.mask),
+                                           (uncond.hidden, uncond.mask), use_cfg)
             steps = s.num_steps if num_steps is None else num_steps
         else:
             model = self.super_res
-            context = self._contexts(model.prepare_context, (low_tokens, cond.hidden, cond.mask),
-                                     (low_tokens, uncond.hidden, uncond.mask), use_cfg)
+            forward = self._guided_forward(model, model.prepare_context, (low_tokens, cond.hidden, cond.mask),
+                                           (low_tokens, uncond.hidden, uncond.mask), use_cfg)
             steps = s.super_res_steps if num_steps is None else num_steps
-        sampler = self._sampler(s, steps, backend, progress, guidance_scale=g)
-        forward = self._guided_forward(model, context, use_cfg)
+        sampler = self._sampler(s, steps, backend, progress, guidance_scale=g, cache=cache)
         return sampler(forward, tokens, masked, mask_token_id=model.mask_token_id, seed=seed)
 
     def _prepare(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt):
@@ -254,7 +244,7 @@ class MusePipeline:
         raise ValueError(f"{cond.batch_size} prompts for {num_images} images: pass one prompt, or one per image")
 
     def _run(self, cond, uncond, s, seed, backend, progress, *, base_tokens=None, base_masked=None,
-             high_tokens=None, high_masked=None):
+             high_tokens=None, high_masked=None, cache=None):
         """Base stage (from the given state, or all masked), then super-res if present."""
         B = cond.batch_size
         cfg = self.transformer.config
@@ -263,7 +253,7 @@ class MusePipeline:
             base_tokens = torch.full((B, cfg.seq_len), cfg.mask_token_id, dtype=torch.long, device=self.device)
             base_masked = torch.ones(B, cfg.seq_len, dtype=torch.bool, device=self.device)
         low = self._decode_stage(stage="base", tokens=base_tokens, masked=base_masked, cond=cond, uncond=uncond,
-                                 s=s, seed=seed, backend=backend, progress=progress)
+                                 s=s, seed=seed, backend=backend, progress=progress, cache=cache)
         low = low.view(B, cfg.grid_size, cfg.grid_size)
         if self.super_res is None:
             return low
@@ -273,7 +263,7 @@ class MusePipeline:
             high_masked = torch.ones(B, hcfg.seq_len, dtype=torch.bool, device=self.device)
         high = self._decode_stage(stage="super-res", tokens=high_tokens, masked=high_masked, cond=cond,
                                   uncond=uncond, s=s, seed=_next_seed(seed), backend=backend,
-                                  progress=progress, low_tokens=low)
+                                  progress=progress, low_tokens=low, cache=cache)
         return high.view(B, hcfg.grid_size, hcfg.grid_size)
 
     def _output(self, tokens, output_type):
@@ -286,21 +276,24 @@ class MusePipeline:
     @_scoped_backend
     def __call__(self, prompt=None, *, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
                  num_steps=None, super_res_steps=None, guidance_scale=None, guidance_schedule=None,
-                 temperature=None, choice_temperature=None, seed=None, num_images_per_prompt=1,
-                 output_type="pil", backend=None, progress=True):
+                 guidance_interval=None, temperature=None, choice_temperature=None, seed=None,
+                 num_images_per_prompt=1, output_type="pil", backend=None, progress=True, cache=None):
         """Generate images for ``prompt`` (a string or a list of strings).
 
         Returns a list of PIL images (``output_type="pil"``), a numpy array (B, H, W, 3)
         (``"np"``), a tensor (B, 3, H, W) in [0, 1] (``"pt"``) or the tokens (``"tokens"``).
+        ``guidance_interval=(a, b)``: guidance only on the steps in that fraction of the
+        decoding (the others run the conditional branch alone); ``cache``: the step cache —
+        None (exact), ``"fast"`` or a :class:`musefast.StepCache` (musefast.sampling.cache).
         """
         if prompt is None and prompt_embeds is None:
             raise ValueError("pass a prompt or prompt_embeds")
         s = self._settings(dict(num_steps=num_steps, super_res_steps=super_res_steps, guidance_scale=guidance_scale,
-                                guidance_schedule=guidance_schedule, temperature=temperature,
-                                choice_temperature=choice_temperature))
+                                guidance_schedule=guidance_schedule, guidance_interval=guidance_interval,
+                                temperature=temperature, choice_temperature=choice_temperature))
         cond, uncond = self._prepare(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                      num_images_per_prompt)
-        tokens = self._run(cond, uncond, s, seed, backend, progress)
+        tokens = self._run(cond, uncond, s, seed, backend, progress, cache=cache)
         return self._output(tokens, output_type)
 
     # -- zero-shot editing -----------------------------------------------------------------
@@ -332,11 +325,13 @@ class MusePipeline:
 
     @_scoped_backend
     def inpaint(self, image, mask, prompt=None, *, negative_prompt=None, prompt_embeds=None,
-                negative_prompt_embeds=None, seed=None, output_type="pil", backend=None, progress=True, **overrides):
+                negative_prompt_embeds=None, seed=None, output_type="pil", backend=None, progress=True, cache=None,
+                **overrides):
         """Repaint the region under ``mask`` (white / nonzero = repaint) following ``prompt``.
 
-        Every token not under the mask keeps its ``encode(image)`` value exactly; with a
-        super-res stage both resolutions are inpainted (multi-scale).
+        Every token not under the mask keeps its ``encode(image)`` value exactly — with the
+        step cache on too (``cache=``: known tokens are never resampled, whatever the
+        logits); with a super-res stage both resolutions are inpainted (multi-scale).
         """
         pixel_mask = to_mask(mask)
         state = self._edit_state(image, pixel_mask)
@@ -345,7 +340,7 @@ class MusePipeline:
                                                 negative_prompt_embeds)
         high = state.get("high", (None, None))
         tokens = self._run(cond, uncond, s, seed, backend, progress, base_tokens=state["base"][0],
-                           base_masked=state["base"][1], high_tokens=high[0], high_masked=high[1])
+                           base_masked=state["base"][1], high_tokens=high[0], high_masked=high[1], cache=cache)
         return self._output(tokens, output_type)
 
     def outpaint(self, image, prompt=None, *, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0,
@@ -374,9 +369,11 @@ class MusePipeline:
     @torch.no_grad()
     def edit(self, image, prompt=None, *, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
              iterations=None, fraction=None, guidance_scale=None, top_k=None, seed=None, output_type="pil",
-             backend=None, progress=True):
+             backend=None, progress=True, cache=None):
         """Mask-free editing (Muse §3.3): ``iterations`` rounds, each resampling a random
-        ``fraction`` of the base tokens in one step under ``prompt`` (guidance, top-k)."""
+        ``fraction`` of the base tokens in one step under ``prompt`` (guidance, top-k).
+        ``cache`` is accepted for a uniform API; each round is a one-step decode, which is
+        always a full step, so it computes exactly what ``cache=None`` does."""
         s = self.settings
         iterations = s.edit_iterations if iterations is None else iterations
         fraction = s.edit_fraction if fraction is None else fraction
@@ -396,11 +393,9 @@ class MusePipeline:
         gen = torch.Generator().manual_seed(seed)
         g = s.edit_guidance_scale if guidance_scale is None else guidance_scale
         sampler = self._sampler(s, 1, backend, False, guidance_scale=g, top_k=s.edit_top_k if top_k is None else top_k,
-                                codebook_size=self.transformer.config.codebook_size)
-        use_cfg = g != 1.0
-        context = self._contexts(self.transformer.prepare_context, (cond.hidden, cond.mask),
-                                 (uncond.hidden, uncond.mask), use_cfg)
-        forward = self._guided_forward(self.transformer, context, use_cfg)
+                                codebook_size=self.transformer.config.codebook_size, cache=cache)
+        forward = self._guided_forward(self.transformer, self.transformer.prepare_context, (cond.hidden, cond.mask),
+                                       (uncond.hidden, uncond.mask), g != 1.0)
         from tqdm.auto import tqdm
 
         for it in tqdm(range(iterations), desc="musefast edit", disable=not progress):

@@ -1,4 +1,5 @@
 """MaskGIT / Muse decoding: schedules, peer presets and the sampler (DESIGN §5)."""
+from musefast.sampling.cache import GuidedForward, StepCache
 from musefast.sampling.presets import PRESETS, Preset, get_preset
 from musefast.sampling.sampler import MaskGitSampler
 from musefast.sampling.schedules import (
@@ -11,6 +12,8 @@ from musefast.sampling.schedules import (
 
 __all__ = [
     "MaskGitSampler",
+    "StepCache",
+    "GuidedForward",
     "Preset",
     "PRESETS",
     "get_preset",

@@ -31,6 +31,7 @@ class Preset:
     mask_count_rule: str = "maskgit"
     guidance_scale: float = 1.0
     guidance_schedule: str = "constant"
+    guidance_interval: tuple | None = None  # (a, b): guidance only on steps in that fraction of the decoding
     temperature: float = 1.0
     temperature_schedule: str = "constant"
     choice_temperature: float | tuple = 0.0
@@ -65,7 +66,8 @@ class Preset:
                 self.mask_count_rule, step, T, masked_now=masked_now, masked_start=masked_start,
                 seq_len=seq_len, schedule=self.mask_schedule, starting_mask_ratio=starting_mask_ratio,
             ),
-            "guidance_scale": schedules.guidance_scale_at(self.guidance_schedule, self.guidance_scale, step, T),
+            "guidance_scale": schedules.guidance_scale_at(self.guidance_schedule, self.guidance_scale, step, T,
+                                                          self.guidance_interval),
             "temperature": schedules.temperature_at(self.temperature_schedule, self.temperature, step, T),
             "choice_temperature": schedules.choice_temperature_at(
                 self.choice_schedule, self.choice_temperature, step, T

@@ -12,7 +12,9 @@ from typing import Callable, Sequence
 import torch
 
 from musefast import ops
+from musefast.sampling.cache import CacheRun, GuidedForward, StepCache, resolve_cache
 from musefast.sampling.presets import Preset, get_preset
+from musefast.sampling.schedules import check_guidance_interval, guidance_scale_at
 
 ModelFn = Callable[[torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
 
@@ -24,33 +26,53 @@ class MaskGitSampler:
         preset: ``"amused"``, ``"maskgit"``, ``"lucidrains"`` or a :class:`Preset`.
         backend: backend of ``cfg_sample_remask`` (None = the best available).
         progress: show a tqdm progress bar.
+        cache: the step cache (``musefast.sampling.cache``): None (exact), ``"fast"`` or a
+            :class:`StepCache`; needs a :class:`GuidedForward` as ``model_fn``. A cache
+            setting's ``guidance_interval`` applies unless one is given here.
         **overrides: fields of the preset to change, e.g. ``num_steps=16, guidance_scale=4.0,
-            guidance_schedule="linear", temperature=0.9, choice_temperature=(3.0, 0.0),
-            mask_schedule="linear"`` (None = keep the preset's value).
+            guidance_schedule="linear", guidance_interval=(0.0, 0.5), temperature=0.9,
+            choice_temperature=(3.0, 0.0), mask_schedule="linear"`` (None = keep the preset's
+            value). Steps whose guidance scale is 1 run the conditional branch alone when
+            ``model_fn`` is a :class:`GuidedForward`.
     """
 
     def __init__(self, preset: str | Preset = "amused", *, backend: str | None = None, progress: bool = True,
-                 **overrides):
+                 cache: str | StepCache | None = None, **overrides):
         unknown = set(overrides) - {f.name for f in Preset.__dataclass_fields__.values()} - {"name"}
         if unknown:
             raise TypeError(f"unknown preset field(s): {sorted(unknown)}")
         self.preset = get_preset(preset).replace(**overrides)
         if not isinstance(self.preset.num_steps, int) or self.preset.num_steps < 1:
             raise ValueError(f"num_steps must be an int >= 1, got {self.preset.num_steps!r}")
+        if self.preset.guidance_interval is not None:
+            check_guidance_interval(self.preset.guidance_interval)
         self.backend = backend
         self.progress = progress
+        self.cache = resolve_cache(cache)
+        if self.cache is not None and self.preset.guidance_interval is None:
+            self.preset = self.preset.replace(guidance_interval=self.cache.guidance_interval)
+        self.last_cache_run: CacheRun | None = None  # the last call's cache (step counts, memory), for reports
 
     def step(self, model_fn: ModelFn, tokens: torch.Tensor, masked: torch.Tensor, *, shape: torch.Size, step: int,
-             seed: int | list[int], mask_token_id: int, masked_start: torch.Tensor, starting_mask_ratio=1.0):
+             seed: int | list[int], mask_token_id: int, masked_start: torch.Tensor, starting_mask_ratio=1.0,
+             run: CacheRun | None = None):
         """One decoding step on flat (B, N) ``tokens``/``masked`` -> the next (tokens, masked).
 
-        The model forward, the preset's parameters for ``step`` and the fused
-        ``cfg_sample_remask``: the unit ``torch.compile(fullgraph=True)`` and a CUDA graph capture.
+        The model forward (through the step cache's ``run`` when there is one; a
+        :class:`GuidedForward` skips the unconditional branch on steps without guidance), the
+        preset's parameters for ``step`` and the fused ``cfg_sample_remask``: without a cache,
+        the unit ``torch.compile(fullgraph=True)`` and a CUDA graph capture.
         """
+        preset = self.preset
         B, N = tokens.shape
         model_in = tokens.masked_fill(masked, mask_token_id).reshape(shape)
-        out = model_fn(model_in)
-        cond, uncond = out if isinstance(out, (tuple, list)) else (out, None)
+        if run is not None or isinstance(model_fn, GuidedForward):
+            g = guidance_scale_at(preset.guidance_schedule, preset.guidance_scale, step, preset.num_steps,
+                                  preset.guidance_interval)
+            cond, uncond = run(model_in, masked, g != 1.0) if run is not None else model_fn(model_in, cfg=g != 1.0)
+        else:
+            out = model_fn(model_in)
+            cond, uncond = out if isinstance(out, (tuple, list)) else (out, None)
         K = cond.shape[-1]
         params = self.preset.step_params(
             step, num_classes=K, masked_now=masked.sum(dim=1), masked_start=masked_start, seq_len=N,
@@ -80,7 +102,9 @@ class MaskGitSampler:
 
         Args:
             model_fn: tokens (B, *shape) int64 -> logits (B, *shape, K), or a pair
-                (cond logits, uncond logits) for classifier-free guidance.
+                (cond logits, uncond logits) for classifier-free guidance; or a
+                :class:`GuidedForward` (needed by the cache and to halve the batch on steps
+                without guidance).
             tokens: (B, *shape) int64; positions to generate may hold anything.
             masked: (B, *shape) bool, True = generate; default ``tokens == mask_token_id``.
             mask_token_id: id written at masked positions of the model's input.
@@ -118,11 +142,17 @@ class MaskGitSampler:
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, desc=f"{preset.name} decoding", leave=False)
+        guided = isinstance(model_fn, GuidedForward)
+        if self.cache is not None and not guided:
+            raise ValueError("cache= needs a musefast.sampling.GuidedForward as model_fn: a plain function "
+                             "cannot run a subset of the tokens")
+        run = CacheRun(self.cache, model_fn) if self.cache is not None else None
+        self.last_cache_run = run
         for step in steps:
             tokens, masked = self.step(model_fn, tokens, masked, shape=shape, step=step,
                                        seed=seed if seeds is None else seeds,
                                        mask_token_id=mask_token_id, masked_start=masked_start,
-                                       starting_mask_ratio=starting_mask_ratio)
+                                       starting_mask_ratio=starting_mask_ratio, run=run)
             if callback is not None:
                 callback(step, tokens.reshape(shape), masked.reshape(shape))
         return tokens.reshape(shape)

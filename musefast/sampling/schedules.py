@@ -12,7 +12,7 @@ import math
 import torch
 
 MASK_SCHEDULES = ("cosine", "linear", "pow", "log", "exp", "arccos")
-GUIDANCE_SCHEDULES = ("constant", "linear", "cosine")
+GUIDANCE_SCHEDULES = ("constant", "linear", "cosine", "cosine_decay")
 CHOICE_SCHEDULES = ("constant", "linear", "maskgit")
 TEMPERATURE_SCHEDULES = ("constant", "lucidrains")
 MASK_COUNT_RULES = ("maskgit", "amused", "lucidrains")
@@ -115,20 +115,43 @@ def mask_count(
     return torch.maximum(torch.minimum(masked_now.to(torch.int64) - 1, count), torch.ones_like(count))
 
 
-def guidance_scale_at(schedule: str, scale: float, step: int, num_steps: int) -> float:
+def guidance_scale_at(schedule: str, scale: float, step: int, num_steps: int,
+                      interval: tuple[float, float] | None = None) -> float:
     """Guidance scale g of step ``step`` (convention l = lu + g (lc − lu); g = 1: no guidance).
 
     ``constant``: g; ``linear``: ramps from 1 at the first step to g at the last (the Muse
     paper's linearly increasing guidance t, with g = 1 + t); ``cosine``: the same ramp eased,
-    1 + (g − 1)(1 − cos(π s)) / 2 with s = step / (T − 1).
+    1 + (g − 1)(1 − cos(π s)) / 2 with s = step / (T − 1); ``cosine_decay``: the reverse,
+    from g at the first step down to 1 at the last, 1 + (g − 1)(1 + cos(π s)) / 2 (the
+    annealed guidance of MaskGen / MaskBit).
+    ``interval`` (a, b): guidance only on the steps whose middle, (step + ½) / T, lies in
+    [a, b]; elsewhere g = 1 (the sampler then runs the conditional branch alone).
     """
     if schedule not in GUIDANCE_SCHEDULES:
         raise ValueError(f"guidance schedule must be one of {GUIDANCE_SCHEDULES}, got {schedule!r}")
+    if interval is not None:
+        a, b = check_guidance_interval(interval)
+        if not a <= (step + 0.5) / num_steps <= b:
+            return 1.0
     if schedule == "constant" or num_steps == 1:
         return float(scale)
     s = step / (num_steps - 1)
-    ramp = s if schedule == "linear" else (1 - math.cos(math.pi * s)) / 2
+    if schedule == "cosine_decay":
+        ramp = (1 + math.cos(math.pi * s)) / 2
+    else:
+        ramp = s if schedule == "linear" else (1 - math.cos(math.pi * s)) / 2
     return 1.0 + (float(scale) - 1.0) * ramp
+
+
+def check_guidance_interval(interval) -> tuple[float, float]:
+    """(a, b) with 0 <= a <= b <= 1, as floats; a clear error otherwise."""
+    try:
+        a, b = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance_interval must be a pair (a, b) of fractions of the decoding, got {interval!r}") from None
+    if not 0.0 <= a <= b <= 1.0:
+        raise ValueError(f"guidance_interval must satisfy 0 <= a <= b <= 1, got {interval!r}")
+    return a, b
 
 
 def choice_temperature_at(schedule: str, value, step: int, num_steps: int) -> float:
