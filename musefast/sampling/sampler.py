@@ -13,6 +13,7 @@ import torch
 
 from musefast import ops
 from musefast.sampling.presets import Preset, get_preset
+from musefast.sampling.schedules import check_guidance_scale, uses_guidance
 
 ModelFn = Callable[[torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
 
@@ -26,7 +27,9 @@ class MaskGitSampler:
         progress: show a tqdm progress bar.
         **overrides: fields of the preset to change, e.g. ``num_steps=16, guidance_scale=4.0,
             guidance_schedule="linear", temperature=0.9, choice_temperature=(3.0, 0.0),
-            mask_schedule="linear"`` (None = keep the preset's value).
+            mask_schedule="linear"`` (None = keep the preset's value). ``guidance_scale`` follows
+            diffusers: <= 1 means no guidance (an unconditional branch from ``model_fn`` is
+            ignored; callers should not compute it), negative or non-finite is an error.
     """
 
     def __init__(self, preset: str | Preset = "amused", *, backend: str | None = None, progress: bool = True,
@@ -37,6 +40,7 @@ class MaskGitSampler:
         self.preset = get_preset(preset).replace(**overrides)
         if not isinstance(self.preset.num_steps, int) or self.preset.num_steps < 1:
             raise ValueError(f"num_steps must be an int >= 1, got {self.preset.num_steps!r}")
+        self.use_guidance = uses_guidance(check_guidance_scale(self.preset.guidance_scale))
         self.backend = backend
         self.progress = progress
 
@@ -97,6 +101,8 @@ class MaskGitSampler:
             model_in = tokens.masked_fill(masked, mask_token_id).reshape(shape)
             out = model_fn(model_in)
             cond, uncond = out if isinstance(out, (tuple, list)) else (out, None)
+            if not self.use_guidance:
+                uncond = None  # guidance <= 1: the conditional branch alone, as diffusers
             K = cond.shape[-1]
             params = preset.step_params(
                 step, num_classes=K, masked_now=masked.sum(dim=1), masked_start=masked_start, seq_len=N,
