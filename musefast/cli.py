@@ -284,7 +284,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    metavar="N", help="images for the prompt (default: 1)")
     g.add_argument("--from-png", default=None, metavar="IMAGE",
                    help="regenerate a PNG written by musefast generate, from the parameters stored in it "
-                        "(options given here override them)")
+                        "(options given here override them) (default: none)")
     _add_common(g, demo)
     g.set_defaults(func=_generate, num_images=1)
 

@@ -22,8 +22,7 @@ def save_image(image, path: Path, params: dict) -> None:
 
     info = PngInfo()
     for key, value in params.items():
-        if value is not None:
-            info.add_text(PREFIX + key, json.dumps(value))
+        info.add_text(PREFIX + key, json.dumps(value))  # None too: "no negative prompt" is a setting
     info.add_text("parameters", _readable(params))
     image.save(path, pnginfo=info)
 
