@@ -291,9 +291,9 @@ class TextEncoder(nn.Module):
             out.append(" ".join(words))
         if unknown:
             listed = ", ".join(repr(w) for w in unknown)
+            usable = sorted(w for w in known if not self.normalize or w == w.lower())
             warnings.warn(f"this text encoder does not know the word(s) {listed}: ignored. It knows only: "
-                          f"{' '.join(sorted(known))} (README: 'The demo model's captions')", UserWarning,
-                          stacklevel=4)
+                          f"{' '.join(usable)} (README: 'The demo model's captions')", UserWarning, stacklevel=4)
         return out
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -546,4 +546,17 @@ def load_text_encoder(path: str | os.PathLike, tokenizer_path: str | os.PathLike
         if cls is None:
             raise ValueError(f"{config_file}: model_type {model_type!r} is not a supported text encoder "
                              f"(supported: {sorted(_BY_MODEL_TYPE)})")
+    if cls is T5TextEncoder and tokenizer_path is None:
+        # a plain-PyTorch twin of transformers' T5 encoder: no transformers import (start-up time)
+        from musefast.models.t5_encoder import load_plain_t5
+
+        plain = load_plain_t5(folder, kwargs.get("dtype"))
+        if plain is not None:
+            device = kwargs.pop("device", None)
+            kwargs.pop("dtype", None)
+            kwargs.pop("local_files_only", None)
+            saved = _read_settings(str(path), subfolder)
+            saved.pop("_class", None)
+            encoder = cls(*plain, **{**saved, **kwargs})
+            return encoder.to(device) if device is not None else encoder
     return cls.from_pretrained(path, tokenizer_path, subfolder=subfolder, **kwargs)
