@@ -167,3 +167,17 @@ def test_help_gives_every_option_a_text_and_a_default():
     text = " ".join(commands["generate"].format_help().split())
     demo = json.loads(cli._DEMO_INDEX.read_text())["settings"]
     assert f"demo: {demo['num_steps']}" in text and "(default: out.png)" in text
+
+
+def test_threads_option_and_demo_default(model_dir, tmp_path, monkeypatch):
+    import torch
+
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.append(n))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    out = ["-q", "--steps", "1", "--seed", "0", "-o", str(tmp_path / "t.png")]
+    assert main(["generate", "a red circle on the left", *out]) == 0  # the demo: one thread
+    assert main(["generate", "a cat", "--model", model_dir, "--threads", "3", *out]) == 0
+    assert main(["generate", "a cat", "--model", model_dir, *out]) == 0  # other models: torch's default
+    restored = torch.get_num_threads()
+    assert seen == [1, restored, 3, restored, restored]
