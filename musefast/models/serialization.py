@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -127,12 +127,20 @@ def save_component(module: nn.Module, folder: str | os.PathLike, config: Any = N
     return folder
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file, or a ValueError naming the file and where the mistake is."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON ({exc})") from None
+
+
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     """The raw ``config.json`` of a component folder (with its ``_class`` entry)."""
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}: not a musefast component folder")
-    data = json.loads(path.read_text())
+    data = read_json(path)
     if not isinstance(data, dict) or "_class" not in data:
         raise ValueError(f"{path} has no '_class' entry: not a musefast component config")
     return data
@@ -143,9 +151,12 @@ def load_state_dict_file(path: str | os.PathLike, device: str | torch.device = "
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-        aliases = json.loads((f.metadata() or {}).get(_ALIASES_KEY, "{}"))
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+            aliases = json.loads((f.metadata() or {}).get(_ALIASES_KEY, "{}"))
+    except (SafetensorError, OSError, ValueError) as exc:  # truncated or not a safetensors file
+        raise ValueError(f"{path}: corrupt or truncated weights file ({exc}); re-download or re-save it") from None
     for alias, stored in aliases.items():
         state[alias] = state[stored]
     return state

@@ -14,9 +14,11 @@ Precomputed embeddings enter through :func:`as_text_embeddings`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,8 @@ from torch import nn
 
 ENCODER_CONFIG_NAME = "musefast_text_encoder.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# a word of a normalised prompt: anything between whitespace and ASCII punctuation
+_WORDS = re.compile(r"[^\s!-/:-@\[-`{-~]+")
 
 
 @dataclass
@@ -175,18 +179,25 @@ class TextEncoder(nn.Module):
     Args:
         model: the transformers model.
         tokenizer: its tokenizer.
-        max_length: prompts are truncated and padded to this many tokens.
+        max_length: prompts are truncated (with a warning) and padded to this many tokens.
         cache_size: how many prompts :meth:`encode_cached` keeps (least recently used dropped).
+        normalize: lower-case prompts and read punctuation as spaces (for encoders trained on
+            plain lower-case captions, like the demo's).
+        closed_vocabulary: the encoder knows only the whole words of its tokenizer (the demo's):
+            other words are dropped from the prompt with one warning naming them.
     """
 
     model_class: ClassVar[str]
     default_max_length: ClassVar[int | None] = None
 
-    def __init__(self, model: nn.Module, tokenizer, *, max_length: int | None = None, cache_size: int = 8):
+    def __init__(self, model: nn.Module, tokenizer, *, max_length: int | None = None, cache_size: int = 8,
+                 normalize: bool = False, closed_vocabulary: bool = False):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.max_length = self._pick_max_length(max_length)
+        self.normalize = bool(normalize)
+        self.closed_vocabulary = bool(closed_vocabulary)
         if cache_size < 0:
             raise ValueError(f"cache_size must be >= 0, got {cache_size}")
         self.cache_size = cache_size
@@ -257,11 +268,56 @@ class TextEncoder(nn.Module):
             raise TypeError(f"every prompt must be a str, got {bad[0]}")
         return list(prompts)
 
+    @property
+    def vocabulary(self) -> list[str]:
+        """The whole words the tokenizer has one token for (what a closed vocabulary knows)."""
+        marker = "\u2581"  # sentencepiece's word-start mark
+        return sorted(piece[1:] for piece in self.tokenizer.get_vocab() if piece.startswith(marker) and len(piece) > 1)
+
+    def prepare_prompts(self, prompts: list[str]) -> list[str]:
+        """The text the tokenizer sees: normalised, and with a closed vocabulary only known
+        words (one warning names the others)."""
+        if not (self.normalize or self.closed_vocabulary):
+            return prompts
+        known = set(self.vocabulary) if self.closed_vocabulary else None
+        unknown: dict[str, None] = {}
+        out = []
+        for prompt in prompts:
+            text = prompt.lower() if self.normalize else prompt
+            words = _WORDS.findall(text) if self.normalize else text.split()
+            if known is not None:
+                unknown.update((w, None) for w in words if w not in known)
+                words = [w for w in words if w in known]
+            out.append(" ".join(words))
+        if unknown:
+            listed = ", ".join(repr(w) for w in unknown)
+            usable = sorted(w for w in known if not self.normalize or w == w.lower())
+            warnings.warn(f"this text encoder does not know the word(s) {listed}: ignored. It knows only: "
+                          f"{' '.join(usable)} (README: 'The demo model's captions')", UserWarning, stacklevel=4)
+        return out
+
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts -> (input_ids (B, max_length) int64, attention_mask (B, max_length) bool) on the model's device."""
+        """Prompts -> (input_ids (B, max_length) int64, attention_mask (B, max_length) bool) on the model's device.
+
+        A prompt longer than ``max_length`` tokens is cut there, with a warning."""
+        prompts = self.prepare_prompts(prompts)
         enc = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                              return_tensors="pt")
+        self._warn_if_truncated(prompts)
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device).bool()
+
+    def _warn_if_truncated(self, prompts: list[str]) -> None:
+        # a cheap upper bound first: a token covers at least one character (plus the special ones)
+        if all(len(p) + 2 <= self.max_length for p in prompts):
+            return
+        lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False)["input_ids"]]
+        long = [(p, n) for p, n in zip(prompts, lengths) if n > self.max_length]
+        if long:
+            p, n = long[0]
+            shown = p if len(p) <= 60 else p[:57] + "..."
+            more = f" (and {len(long) - 1} more prompts)" if len(long) > 1 else ""
+            warnings.warn(f"prompt {shown!r} is {n} tokens long but this text encoder reads {self.max_length}: "
+                          f"the rest is cut{more}; shorten it", UserWarning, stacklevel=4)
 
     def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextEmbeddings:
         raise NotImplementedError
@@ -303,13 +359,17 @@ class TextEncoder(nn.Module):
     # -- loading and saving --------------------------------------------------------------------
 
     def _settings(self) -> dict:
-        return {"max_length": self.max_length}
+        settings = {"max_length": self.max_length}
+        # written only when on, so that other encoders' saved settings stay as they were
+        settings.update({k: True for k in ("normalize", "closed_vocabulary") if getattr(self, k)})
+        return settings
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Model, tokenizer and the encoder settings (``musefast_text_encoder.json``) in one folder."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(folder)
+        with _no_transformers_bars():
+            self.model.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
         settings = {"_class": type(self).__name__, **self._settings()}
         (folder / ENCODER_CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n")
@@ -356,12 +416,28 @@ class TextEncoder(nn.Module):
             raise ValueError(f"{path} holds a {saved_class}, not a {cls.__name__}: use load_text_encoder "
                              f"or {saved_class}.from_pretrained")
         model_kw = {"dtype": dtype} if dtype is not None else {}
-        model = getattr(transformers, cls.model_class).from_pretrained(
-            model_src, subfolder=subfolder or "", local_files_only=model_local or local_files_only, **model_kw)
+        with _no_transformers_bars():
+            model = getattr(transformers, cls.model_class).from_pretrained(
+                model_src, subfolder=subfolder or "", local_files_only=model_local or local_files_only, **model_kw)
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             tok_src, subfolder=tokenizer_subfolder or "", local_files_only=tok_local or local_files_only)
         encoder = cls(model, tokenizer, **{**saved, **settings})
         return encoder.to(device) if device is not None else encoder
+
+
+@contextlib.contextmanager
+def _no_transformers_bars():
+    """transformers draws "Loading weights" / "Writing model shards" bars for every model, even
+    a tiny one: loading and saving a component is quiet in musefast."""
+    from transformers.utils import logging as tf_logging
+
+    was_on = tf_logging.is_progress_bar_enabled()
+    tf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            tf_logging.enable_progress_bar()
 
 
 def _resolve_source(path, subfolder: str | None, what: str) -> tuple[str, bool]:
@@ -470,4 +546,17 @@ def load_text_encoder(path: str | os.PathLike, tokenizer_path: str | os.PathLike
         if cls is None:
             raise ValueError(f"{config_file}: model_type {model_type!r} is not a supported text encoder "
                              f"(supported: {sorted(_BY_MODEL_TYPE)})")
+    if cls is T5TextEncoder and tokenizer_path is None:
+        # a plain-PyTorch twin of transformers' T5 encoder: no transformers import (start-up time)
+        from musefast.models.t5_encoder import load_plain_t5
+
+        plain = load_plain_t5(folder, kwargs.get("dtype"))
+        if plain is not None:
+            device = kwargs.pop("device", None)
+            kwargs.pop("dtype", None)
+            kwargs.pop("local_files_only", None)
+            saved = _read_settings(str(path), subfolder)
+            saved.pop("_class", None)
+            encoder = cls(*plain, **{**saved, **kwargs})
+            return encoder.to(device) if device is not None else encoder
     return cls.from_pretrained(path, tokenizer_path, subfolder=subfolder, **kwargs)

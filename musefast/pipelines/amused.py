@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +44,10 @@ from musefast.models.text import CLIPTextEncoder, TextEmbeddings
 from musefast.models.uvit import UVit2D
 from musefast.models.vqgan import VQGAN
 from musefast.models.vqmodel import load_vqmodel
-from musefast.pipelines.images import format_output, to_mask, to_tensor, token_mask
-from musefast.sampling import GuidedForward, MaskGitSampler, mask_ratio
+from musefast.pipelines.images import ImageList, format_output, to_mask, to_tensor, token_mask
+from musefast.pipelines.images import PipelineOutput as AmusedPipelineOutput
+from musefast.pipelines.options import ProgressBarConfig
+from musefast.sampling import GuidedForward, MaskGitSampler, check_guidance_scale, mask_ratio, uses_guidance
 from musefast.sampling.cache import batch_slice
 
 PIPELINE_INDEX = "model_index.json"
@@ -56,22 +57,7 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent", "tokens")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-@dataclass
-class AmusedPipelineOutput:
-    """diffusers' ``ImagePipelineOutput``: ``images`` (list of PIL, numpy, tensor or tokens)."""
-
-    images: object
-
-
-class ImageList(list):
-    """A list of PIL images that also answers ``.images`` (diffusers' ``pipe(...).images``)."""
-
-    @property
-    def images(self) -> "ImageList":
-        return self
-
-
-class AmusedPipeline:
+class AmusedPipeline(ProgressBarConfig):
     """aMUSEd text-to-image, image-to-image and inpainting.
 
     Args:
@@ -323,7 +309,8 @@ class AmusedPipeline:
         if image is not None and (latents is not None or height is not None or width is not None):
             raise ValueError("with image=, the size comes from the image: do not pass latents, height or width")
         steps = _steps(num_inference_steps, num_steps)
-        use_cfg = guidance_scale > 1.0  # diffusers: no guidance at all for g <= 1
+        use_cfg = uses_guidance(check_guidance_scale(guidance_scale))  # diffusers: no guidance at all for g <= 1
+        progress = self._progress(progress)
         pooled, hidden, B = self.encode_prompt(
             prompt, negative_prompt, prompt_embeds=prompt_embeds, encoder_hidden_states=encoder_hidden_states,
             negative_prompt_embeds=negative_prompt_embeds,

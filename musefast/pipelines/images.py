@@ -6,11 +6,28 @@ tensors (C, H, W) / (B, C, H, W) in [0, 1].
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from PIL import Image
 
 OUTPUT_TYPES = ("pil", "np", "pt", "tokens")
+
+
+@dataclass
+class PipelineOutput:
+    """diffusers' ``ImagePipelineOutput``: ``images`` (list of PIL, numpy, tensor or tokens)."""
+
+    images: object
+
+
+class ImageList(list):
+    """A list of PIL images that also answers ``.images`` (diffusers' ``pipe(...).images``)."""
+
+    @property
+    def images(self) -> "ImageList":
+        return self
 
 
 def to_tensor(image, *, name: str = "image") -> torch.Tensor:

@@ -1,7 +1,6 @@
 """``musefast.load`` and ``musefast.generate``: one entry point for every model source."""
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -9,6 +8,7 @@ from pathlib import Path
 import torch
 
 from musefast.compat.meissonic import is_meissonic_pipeline
+from musefast.models.serialization import read_json
 from musefast.pipelines.amused import AMUSED_CLASSES, AmusedPipeline
 from musefast.pipelines.meissonic import MeissonicPipeline
 from musefast.pipelines.muse import PIPELINE_INDEX, MusePipeline
@@ -19,15 +19,21 @@ PIPELINE_CLASSES = {"MusePipeline": MusePipeline, **{name: AmusedPipeline for na
 
 
 def load(name_or_path: str | os.PathLike = "demo", *, device: str | torch.device | None = None,
-         dtype: torch.dtype | None = None):
+         dtype: torch.dtype | None = None, torch_dtype: torch.dtype | None = None):
     """Load a pipeline.
 
     ``name_or_path``: ``"demo"`` (the model embedded in the package); a local folder in
     musefast format (``model_index.json`` written by ``save_pretrained``) or in diffusers'
     aMUSEd layout (an :class:`AmusedPipeline`) or Meissonic's (a :class:`MeissonicPipeline`,
     recognised by its transformer config's keys); or a hub id (``owner/name``), downloaded with
-    huggingface_hub — only when you name one.
+    huggingface_hub — only when you name one and no such local folder exists.
+    ``torch_dtype`` is diffusers' name for ``dtype``. A device that is not available here is
+    refused before anything loads.
     """
+    from musefast.pipelines.options import check_device, pick
+
+    dtype = pick("dtype", dtype, "torch_dtype", torch_dtype)
+    check_device(device)
     if str(name_or_path) == "demo":
         from musefast.pipelines import demo
 
@@ -48,23 +54,36 @@ def load(name_or_path: str | os.PathLike = "demo", *, device: str | torch.device
 
 
 def _resolve(name_or_path) -> Path:
+    """A local folder; a hub download only for a string shaped exactly ``owner/name`` (no ./, ../,
+    ~ or absolute path) when no such folder exists here."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise ValueError(f"{path} is a file; musefast.load expects a pipeline folder")
-    if isinstance(name_or_path, str) and _HUB_ID.match(name_or_path):
-        from huggingface_hub import snapshot_download
+    text = str(name_or_path)
+    if isinstance(name_or_path, str) and _HUB_ID.match(text) and not text.startswith((".", "~")):
+        return _download(text, path)
+    raise FileNotFoundError(f"model folder not found: {path.absolute()}")
 
-        return Path(snapshot_download(name_or_path))
-    raise FileNotFoundError(f"{name_or_path!r} is neither a local folder nor a hub id (owner/name)")
+
+def _download(repo_id: str, local: Path) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as exc:  # noqa: BLE001 - offline, unknown repo, gated: one line for all
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FileNotFoundError(f"{repo_id!r} is not a local folder ({local.absolute()} does not exist) and could "
+                                f"not be fetched from the Hugging Face hub: {first}") from None
 
 
 def _read_index(folder: Path) -> dict:
     index_file = folder / PIPELINE_INDEX
     if not index_file.is_file():
         raise FileNotFoundError(f"{index_file} not found: {folder} is not a pipeline folder")
-    return json.loads(index_file.read_text())
+    return read_json(index_file)
+
 
 
 def generate(prompt, *, model="demo", device=None, dtype=None, **kw):

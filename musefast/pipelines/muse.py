@@ -15,13 +15,15 @@ from pathlib import Path
 
 import torch
 
-from musefast.models.serialization import load_component, save_component
+from musefast.models.serialization import load_component, read_json, save_component
 from musefast.ops.registry import use_backend
 from musefast.models.text import TextEmbeddings, as_text_embeddings, load_text_encoder
 from musefast.models.transformer import Context, MuseTransformer, SuperResTransformer
 from musefast.models.vqgan import VQGAN
-from musefast.pipelines.images import OUTPUT_TYPES, format_output, to_mask, to_tensor, token_mask
-from musefast.sampling import GuidedForward, MaskGitSampler
+from musefast.pipelines.images import OUTPUT_TYPES, ImageList, PipelineOutput, format_output, to_mask, to_tensor, token_mask
+from musefast.pipelines.options import (ProgressBarConfig, check_device, pick, resize_images, resize_mask,
+                                        resolve_seed, size_error, to_arguments)
+from musefast.sampling import GuidedForward, MaskGitSampler, check_guidance_scale, uses_guidance
 
 PIPELINE_INDEX = "model_index.json"
 
@@ -58,7 +60,7 @@ class MuseSettings:
     edit_top_k: int = 3
 
 
-class MusePipeline:
+class MusePipeline(ProgressBarConfig):
     """Text-to-image Muse: VQGAN + text encoder + base transformer [+ super-res stage].
 
     Args:
@@ -87,6 +89,7 @@ class MusePipeline:
         self.vqgan, self.transformer, self.text_encoder = vqgan, transformer, text_encoder
         self.super_res, self.vqgan_high = super_res, vqgan_high
         self.settings = settings or MuseSettings()
+        self._offload_device: torch.device | None = None
         for module in self._modules().values():
             module.eval()
 
@@ -99,17 +102,50 @@ class MusePipeline:
 
     @property
     def device(self) -> torch.device:
+        """Where the computation runs (the GPU under :meth:`enable_model_cpu_offload`)."""
+        if self._offload_device is not None:
+            return self._offload_device
         return next(self.transformer.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.transformer.parameters()).dtype
 
-    def to(self, device=None, dtype=None) -> "MusePipeline":
+    def to(self, *args, device=None, dtype=None) -> "MusePipeline":
+        """``pipe.to("cuda")``, ``pipe.to(torch.float16)``, ``pipe.to("cuda", torch.float16)`` or keywords.
+
+        A device that is not available here raises one ValueError saying so. The dtype applies
+        to the transformers and VQGANs; the text encoder keeps its own dtype policy.
+        """
+        device, dtype = to_arguments(args, device, dtype)
+        if device is not None:
+            self._offload_device = None
         for name, module in self._modules().items():
             # tokenizers and text encoders keep their own dtype policy; VQGANs upcast themselves
             module.to(device=device, dtype=dtype if name != "text_encoder" else None)
         return self
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device="cuda") -> None:
+        """Keep every component on the CPU and move each to the GPU only while it runs (as
+        diffusers): for GPUs without room for the whole pipeline. Needs a CUDA GPU."""
+        target = torch.device(device) if gpu_id is None else torch.device(f"cuda:{gpu_id}")
+        if target.type != "cuda" or not torch.cuda.is_available():
+            raise RuntimeError("enable_model_cpu_offload moves components between the CPU and a CUDA GPU, and no "
+                               "CUDA GPU is available here: the pipeline already runs on the CPU, nothing to do")
+        check_device(target)
+        for module in self._modules().values():
+            module.to("cpu")
+        self._offload_device = target
+
+    def _onload(self, name: str):
+        """The component ``name``, on the device it runs on (others go back to the CPU under offload)."""
+        module = self._modules()[name]
+        if self._offload_device is not None:
+            for other, m in self._modules().items():
+                if other != name:
+                    m.to("cpu")
+            module.to(self._offload_device)
+        return module
 
     @property
     def image_size(self) -> int:
@@ -151,7 +187,7 @@ class MusePipeline:
     def _text_encoder(self):
         if self.text_encoder is None:
             raise ValueError("this pipeline has no text encoder: pass prompt_embeds (and negative_prompt_embeds)")
-        return self.text_encoder
+        return self._onload("text_encoder")
 
     # -- tokens <-> images -----------------------------------------------------------------
 
@@ -168,24 +204,29 @@ class MusePipeline:
             high_res = self.super_res is not None and img.shape[-1] == self.output_size
         if high_res and self.vqgan_high is None:
             raise ValueError("this pipeline has no super-res stage")
-        return (self.vqgan_high if high_res else self.vqgan).encode(img)
+        return self._onload("vqgan_high" if high_res else "vqgan").encode(img)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, *, high_res: bool | None = None) -> torch.Tensor:
         """Tokens (B, h, w) -> images (B, 3, H, W) float in [0, 1]."""
         if high_res is None:
             high_res = self.super_res is not None and tokens.shape[-1] == self.super_res.config.high.grid_size
-        vq = self.vqgan_high if high_res else self.vqgan
+        vq = self._onload("vqgan_high" if high_res else "vqgan")
         return vq.decode(tokens.to(self.device)).float().clamp(0, 1)
 
     # -- decoding --------------------------------------------------------------------------
 
     def _settings(self, overrides: dict) -> MuseSettings:
+        overrides = dict(overrides)
+        overrides["num_steps"] = pick("num_steps", overrides.get("num_steps"), "num_inference_steps",
+                                      overrides.pop("num_inference_steps", None))
         known = {f.name for f in fields(MuseSettings)}
         unknown = sorted(k for k, v in overrides.items() if k not in known)
         if unknown:
             raise TypeError(f"unexpected argument(s) {unknown}")
-        return replace(self.settings, **{k: v for k, v in overrides.items() if v is not None})
+        s = replace(self.settings, **{k: v for k, v in overrides.items() if v is not None})
+        check_guidance_scale(s.guidance_scale)
+        return s
 
     def _sampler(self, s: MuseSettings, num_steps: int, backend, progress, *, guidance_scale=None,
                  top_k: int | None = None, codebook_size: int | None = None, cache=None) -> MaskGitSampler:
@@ -213,14 +254,14 @@ class MusePipeline:
                       guidance_scale=None, cache=None):
         """Run one stage's sampler from (tokens, masked); returns the final tokens (B, N)."""
         g = s.guidance_scale if guidance_scale is None else guidance_scale
-        use_cfg = g != 1.0
+        use_cfg = uses_guidance(g)  # <= 1: the conditional branch alone (half the work), as diffusers
         if stage == "base":
-            model = self.transformer
+            model = self._onload("transformer")
             forward = self._guided_forward(model, model.prepare_context, (cond.hidden, cond.mask),
                                            (uncond.hidden, uncond.mask), use_cfg)
             steps = s.num_steps if num_steps is None else num_steps
         else:
-            model = self.super_res
+            model = self._onload("super_res")
             forward = self._guided_forward(model, model.prepare_context, (low_tokens, cond.hidden, cond.mask),
                                            (low_tokens, uncond.hidden, uncond.mask), use_cfg)
             steps = s.super_res_steps if num_steps is None else num_steps
@@ -248,7 +289,6 @@ class MusePipeline:
         """Base stage (from the given state, or all masked), then super-res if present."""
         B = cond.batch_size
         cfg = self.transformer.config
-        seed = _resolve_seed(seed)
         if base_tokens is None:
             base_tokens = torch.full((B, cfg.seq_len), cfg.mask_token_id, dtype=torch.long, device=self.device)
             base_masked = torch.ones(B, cfg.seq_len, dtype=torch.bool, device=self.device)
@@ -266,55 +306,89 @@ class MusePipeline:
                                   progress=progress, low_tokens=low, cache=cache)
         return high.view(B, hcfg.grid_size, hcfg.grid_size)
 
-    def _output(self, tokens, output_type):
+    def _output(self, tokens, output_type, return_dict=None, size=None):
+        """Tokens -> what the call returns: the images (PIL images as a list that also answers
+        ``.images``), or diffusers' output object (``return_dict=True``) / 1-tuple (False).
+        ``size`` (height, width): resize the decoded images back to the caller's size."""
+        if output_type == "tokens":
+            images = tokens
+        else:
+            pixels = self.decode(tokens)
+            if size is not None:
+                pixels = resize_images(pixels, *size)
+            images = format_output(pixels, output_type)
+            if output_type == "pil":
+                images = ImageList(images)
+        if return_dict is None:
+            return images
+        return PipelineOutput(images) if return_dict else (images,)
+
+    @staticmethod
+    def _check_output_type(output_type):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if output_type == "tokens":
-            return tokens
-        return format_output(self.decode(tokens), output_type)
 
     @_scoped_backend
     def __call__(self, prompt=None, *, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
                  num_steps=None, super_res_steps=None, guidance_scale=None, guidance_schedule=None,
                  guidance_interval=None, temperature=None, choice_temperature=None, seed=None,
-                 num_images_per_prompt=1, output_type="pil", backend=None, progress=True, cache=None):
+                 num_images_per_prompt=1, output_type="pil", backend=None, progress=True, cache=None,
+                 num_inference_steps=None, generator=None, return_dict=None):
         """Generate images for ``prompt`` (a string or a list of strings).
 
-        Returns a list of PIL images (``output_type="pil"``), a numpy array (B, H, W, 3)
-        (``"np"``), a tensor (B, 3, H, W) in [0, 1] (``"pt"``) or the tokens (``"tokens"``).
+        Returns a list of PIL images that also answers ``.images`` (``output_type="pil"``), a
+        numpy array (B, H, W, 3) (``"np"``), a tensor (B, 3, H, W) in [0, 1] (``"pt"``) or the
+        tokens (``"tokens"``); ``return_dict=True`` wraps them in an object with ``.images``.
+        ``guidance_scale`` <= 1 turns classifier-free guidance off (one branch, as diffusers).
         ``guidance_interval=(a, b)``: guidance only on the steps in that fraction of the
         decoding (the others run the conditional branch alone); ``cache``: the step cache —
         None (exact), ``"fast"`` or a :class:`musefast.StepCache` (musefast.sampling.cache).
+        diffusers' names work too: ``num_inference_steps`` (= ``num_steps``) and ``generator``
+        (a ``torch.Generator`` the seed is drawn from, instead of ``seed``). ``seed`` may be a
+        list with one seed per image.
         """
         if prompt is None and prompt_embeds is None:
             raise ValueError("pass a prompt or prompt_embeds")
-        s = self._settings(dict(num_steps=num_steps, super_res_steps=super_res_steps, guidance_scale=guidance_scale,
+        self._check_output_type(output_type)
+        s = self._settings(dict(num_steps=num_steps, num_inference_steps=num_inference_steps,
+                                super_res_steps=super_res_steps, guidance_scale=guidance_scale,
                                 guidance_schedule=guidance_schedule, guidance_interval=guidance_interval,
                                 temperature=temperature, choice_temperature=choice_temperature))
+        seed = resolve_seed(seed, generator)
         cond, uncond = self._prepare(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                      num_images_per_prompt)
-        tokens = self._run(cond, uncond, s, seed, backend, progress, cache=cache)
-        return self._output(tokens, output_type)
+        tokens = self._run(cond, uncond, s, seed, backend, self._progress(progress), cache=cache)
+        return self._output(tokens, output_type, return_dict)
 
     # -- zero-shot editing -----------------------------------------------------------------
 
-    def _edit_state(self, image, pixel_mask):
+    def _fit(self, img: torch.Tensor, pixel_mask: torch.Tensor | None, resize: bool, size: int):
+        """Images (and mask) at the model's ``size``: resized when ``resize``, else checked.
+        Returns (img, mask, the caller's (height, width) to resize the result back to, or None)."""
+        H, W = img.shape[-2:]
+        if pixel_mask is not None and tuple(pixel_mask.shape[-2:]) != (H, W):
+            mh, mw = pixel_mask.shape[-2:]
+            raise ValueError(f"mask is {mw}×{mh} but the image is {W}×{H} (width×height): give them one size")
+        if (H, W) == (size, size):
+            return img, pixel_mask, None
+        if not resize:
+            raise size_error("image", H, W, size)
+        img = resize_images(img, size, size)
+        pixel_mask = None if pixel_mask is None else resize_mask(pixel_mask, size, size)
+        return img, pixel_mask, (H, W)
+
+    def _edit_state(self, img, pixel_mask):
         """Encode the image at each stage and mask the tokens under the pixel mask."""
-        img = to_tensor(image).to(self.device)
         B = img.shape[0]
         if pixel_mask.shape[0] not in (1, B):
             raise ValueError(f"mask batch ({pixel_mask.shape[0]}) must be 1 or match the images ({B})")
-        if tuple(pixel_mask.shape[-2:]) != tuple(img.shape[-2:]):
-            raise ValueError(f"mask size {tuple(pixel_mask.shape[-2:])} != image size {tuple(img.shape[-2:])}")
-        if tuple(img.shape[-2:]) != (self.output_size, self.output_size):
-            raise ValueError(f"image must be {self.output_size}x{self.output_size} for this model, "
-                             f"got {img.shape[-2]}x{img.shape[-1]}")
         pixel_mask = pixel_mask.to(self.device).expand(B, -1, -1)
         state = {}
-        stages = [("base", self.vqgan, self.transformer)]
+        stages = [("base", "vqgan", "transformer")]
         if self.super_res is not None:
-            stages.append(("high", self.vqgan_high, self.super_res))
-        for name, vq, model in stages:
+            stages.append(("high", "vqgan_high", "super_res"))
+        for name, vq_name, model_name in stages:
+            vq, model = self._onload(vq_name), self._modules()[model_name]
             f = self.output_size // (vq.downsampling_factor * _grid(model))
             src = img if f == 1 else torch.nn.functional.interpolate(img, scale_factor=1 / f, mode="area")
             m = pixel_mask if f == 1 else torch.nn.functional.max_pool2d(pixel_mask[:, None].float(), f)[:, 0] > 0
@@ -326,85 +400,98 @@ class MusePipeline:
     @_scoped_backend
     def inpaint(self, image, mask, prompt=None, *, negative_prompt=None, prompt_embeds=None,
                 negative_prompt_embeds=None, seed=None, output_type="pil", backend=None, progress=True, cache=None,
-                **overrides):
+                resize: bool = False, generator=None, return_dict=None, **overrides):
         """Repaint the region under ``mask`` (white / nonzero = repaint) following ``prompt``.
 
         Every token not under the mask keeps its ``encode(image)`` value exactly — with the
         step cache on too (``cache=``: known tokens are never resampled, whatever the
-        logits); with a super-res stage both resolutions are inpainted (multi-scale).
+        logits); with a super-res stage both resolutions are inpainted (multi-scale). The image
+        must have the model's size, or pass ``resize=True``: image and mask are resized to it
+        and the result back to the image's size. ``overrides``: decoding settings
+        (``num_steps`` / ``num_inference_steps``, ``guidance_scale``, ...).
         """
-        pixel_mask = to_mask(mask)
-        state = self._edit_state(image, pixel_mask)
+        self._check_output_type(output_type)
+        img = to_tensor(image).to(self.device)
+        img, pixel_mask, size = self._fit(img, to_mask(mask), resize, self.output_size)
         s = self._settings(overrides)
+        seed = resolve_seed(seed, generator)
+        state = self._edit_state(img, pixel_mask)
         cond, uncond = self._prompts_for_images(state["base"][0].shape[0], prompt, negative_prompt, prompt_embeds,
                                                 negative_prompt_embeds)
         high = state.get("high", (None, None))
-        tokens = self._run(cond, uncond, s, seed, backend, progress, base_tokens=state["base"][0],
+        tokens = self._run(cond, uncond, s, seed, backend, self._progress(progress), base_tokens=state["base"][0],
                            base_masked=state["base"][1], high_tokens=high[0], high_masked=high[1], cache=cache)
-        return self._output(tokens, output_type)
+        return self._output(tokens, output_type, return_dict, size)
 
     def outpaint(self, image, prompt=None, *, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0,
-                 fill: float = 0.5, **kw):
+                 fill: float = 0.5, resize: bool = False, **kw):
         """Grow the canvas by the given pixel margins and generate the new region.
 
-        The grown canvas must be the model's resolution; tokens fully inside the original
-        image are kept exactly.
+        The grown canvas must be the model's size, or pass ``resize=True`` (the canvas is
+        resized to the model's size and the result back to the canvas size); tokens fully inside
+        the original image are kept exactly (without resizing).
         """
         img = to_tensor(image)
         for name, v in dict(left=left, right=right, top=top, bottom=bottom).items():
-            if not isinstance(v, int) or v < 0:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative int (pixels), got {v!r}")
         if left + right + top + bottom == 0:
             raise ValueError("outpaint needs at least one of left/right/top/bottom > 0")
         H, W = img.shape[-2] + top + bottom, img.shape[-1] + left + right
-        if (H, W) != (self.output_size, self.output_size):
-            raise ValueError(f"image {img.shape[-2]}x{img.shape[-1]} grown by top={top} bottom={bottom} left={left} "
-                             f"right={right} is {H}x{W}; this model makes {self.output_size}x{self.output_size}")
+        if (H, W) != (self.output_size, self.output_size) and not resize:
+            n = self.output_size
+            raise ValueError(f"image {img.shape[-1]}×{img.shape[-2]} (width×height) grown by left={left} right={right} "
+                             f"top={top} bottom={bottom} is {W}×{H}, but this model works at {n}×{n}: choose margins "
+                             f"that make {n}×{n}, or pass resize=True (CLI: --resize)")
         canvas = torch.nn.functional.pad(img, (left, right, top, bottom), value=fill)
         mask = torch.ones(img.shape[0], H, W, dtype=torch.bool)
         mask[:, top:top + img.shape[-2], left:left + img.shape[-1]] = False
-        return self.inpaint(canvas, mask, prompt, **kw)
+        return self.inpaint(canvas, mask, prompt, resize=resize, **kw)
 
     @_scoped_backend
     @torch.no_grad()
     def edit(self, image, prompt=None, *, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
              iterations=None, fraction=None, guidance_scale=None, top_k=None, seed=None, output_type="pil",
-             backend=None, progress=True, cache=None):
+             backend=None, progress=True, cache=None, resize: bool = False, generator=None, return_dict=None):
         """Mask-free editing (Muse §3.3): ``iterations`` rounds, each resampling a random
         ``fraction`` of the base tokens in one step under ``prompt`` (guidance, top-k).
         ``cache`` is accepted for a uniform API; each round is a one-step decode, which is
-        always a full step, so it computes exactly what ``cache=None`` does."""
+        always a full step, so it computes exactly what ``cache=None`` does.
+
+        The image must have the base stage's size, or pass ``resize=True`` (the result is
+        resized back to the image's size)."""
         s = self.settings
         iterations = s.edit_iterations if iterations is None else iterations
         fraction = s.edit_fraction if fraction is None else fraction
-        if not isinstance(iterations, int) or iterations < 1:
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations must be a positive int, got {iterations!r}")
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-        img = to_tensor(image).to(self.device)
-        if tuple(img.shape[-2:]) != (self.image_size, self.image_size):
-            raise ValueError(f"image must be {self.image_size}x{self.image_size} (the base stage), "
-                             f"got {img.shape[-2]}x{img.shape[-1]}")
-        tokens = self.vqgan.encode(img).flatten(1)
+        g = check_guidance_scale(s.edit_guidance_scale if guidance_scale is None else guidance_scale)
+        self._check_output_type(output_type)
+        img, _, size = self._fit(to_tensor(image).to(self.device), None, resize, self.image_size)
+        tokens = self._onload("vqgan").encode(img).flatten(1)
         B, N = tokens.shape
         cond, uncond = self._prompts_for_images(B, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds)
         count = max(1, round(fraction * N))
-        seed = _resolve_seed(seed)
+        seed = resolve_seed(seed, generator)
+        if isinstance(seed, list):
+            raise ValueError("edit takes one seed (an int), not a list")
         gen = torch.Generator().manual_seed(seed)
-        g = s.edit_guidance_scale if guidance_scale is None else guidance_scale
         sampler = self._sampler(s, 1, backend, False, guidance_scale=g, top_k=s.edit_top_k if top_k is None else top_k,
                                 codebook_size=self.transformer.config.codebook_size, cache=cache)
-        forward = self._guided_forward(self.transformer, self.transformer.prepare_context, (cond.hidden, cond.mask),
-                                       (uncond.hidden, uncond.mask), g != 1.0)
+        transformer = self._onload("transformer")
+        forward = self._guided_forward(transformer, transformer.prepare_context, (cond.hidden, cond.mask),
+                                       (uncond.hidden, uncond.mask), uses_guidance(g))
         from tqdm.auto import tqdm
 
-        for it in tqdm(range(iterations), desc="musefast edit", disable=not progress):
+        for it in tqdm(range(iterations), desc="musefast edit", disable=not self._progress(progress)):
             chosen = torch.rand(B, N, generator=gen).argsort(dim=1)[:, :count].to(self.device)
             masked = torch.zeros(B, N, dtype=torch.bool, device=self.device).scatter_(1, chosen, True)
-            start = tokens.masked_fill(masked, self.transformer.mask_token_id)
-            tokens = sampler(forward, start, masked, mask_token_id=self.transformer.mask_token_id, seed=seed + it + 1)
+            start = tokens.masked_fill(masked, transformer.mask_token_id)
+            tokens = sampler(forward, start, masked, mask_token_id=transformer.mask_token_id, seed=seed + it + 1)
         tokens = tokens.view(B, self.transformer.config.grid_size, -1)
-        return self._output(tokens, output_type)
+        return self._output(tokens, output_type, return_dict, size)
 
     # -- save / load -----------------------------------------------------------------------
 
@@ -423,40 +510,33 @@ class MusePipeline:
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, *, device=None, dtype=None) -> "MusePipeline":
+    def from_pretrained(cls, folder: str | os.PathLike, *, device=None, dtype=None, torch_dtype=None) -> "MusePipeline":
+        """Load a folder written by :meth:`save_pretrained` (``torch_dtype`` = ``dtype``, diffusers' name)."""
+        dtype = pick("dtype", dtype, "torch_dtype", torch_dtype)
         folder = Path(folder)
         index_file = folder / PIPELINE_INDEX
         if not index_file.is_file():
             raise FileNotFoundError(f"{index_file} not found: not a musefast pipeline folder")
-        index = json.loads(index_file.read_text())
+        index = read_json(index_file)
         parts = {}
         for name, sub in index["components"].items():
             path = folder / sub
             if not path.is_dir():
                 raise FileNotFoundError(f"component {name!r} missing: {path}")
-            parts[name] = (load_text_encoder(path, device=device) if name == "text_encoder"
-                           else load_component(path, device=device, dtype=dtype))
+            try:
+                parts[name] = (load_text_encoder(path, device=device) if name == "text_encoder"
+                               else load_component(path, device=device, dtype=dtype))
+            except (OSError, ValueError, RuntimeError) as exc:
+                message = str(exc)
+                if str(path) not in message:  # transformers' errors do not always name the folder
+                    message = f"{path}: {message}"
+                raise ValueError(f"cannot load component {name!r}: {message}") from None
         for required in ("vqgan", "transformer"):
             if required not in parts:
                 raise ValueError(f"{index_file} lists no {required!r} component")
         return cls(parts["vqgan"], parts["transformer"], parts.get("text_encoder"),
                    super_res=parts.get("super_res"), vqgan_high=parts.get("vqgan_high"),
                    settings=MuseSettings(**index.get("settings", {})))
-
-
-def _resolve_seed(seed) -> int | list[int]:
-    """None -> a fresh seed from torch's global RNG (so torch.manual_seed governs it too).
-    A list gives one seed per image (see MaskGitSampler): each image's tokens then depend on its
-    own seed only, not on the other images of the call."""
-    if seed is None:
-        return int(torch.randint(0, 2**62, ()))
-    if isinstance(seed, (list, tuple)):
-        if not seed:
-            raise ValueError("seed is an empty list: pass one seed per image, or one int")
-        return [_resolve_seed(s) for s in seed]
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
-    return seed
 
 
 def _next_seed(seed):

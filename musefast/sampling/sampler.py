@@ -14,7 +14,7 @@ import torch
 from musefast import ops
 from musefast.sampling.cache import CacheRun, GuidedForward, StepCache, resolve_cache
 from musefast.sampling.presets import Preset, get_preset
-from musefast.sampling.schedules import check_guidance_interval, guidance_scale_at
+from musefast.sampling.schedules import check_guidance_interval, check_guidance_scale, guidance_scale_at, uses_guidance
 
 ModelFn = Callable[[torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
 
@@ -32,8 +32,9 @@ class MaskGitSampler:
         **overrides: fields of the preset to change, e.g. ``num_steps=16, guidance_scale=4.0,
             guidance_schedule="linear", guidance_interval=(0.0, 0.5), temperature=0.9,
             choice_temperature=(3.0, 0.0), mask_schedule="linear"`` (None = keep the preset's
-            value). Steps whose guidance scale is 1 run the conditional branch alone when
-            ``model_fn`` is a :class:`GuidedForward`.
+            value). ``guidance_scale`` follows diffusers: <= 1 means no guidance (an unconditional
+            branch from ``model_fn`` is ignored), negative or non-finite is an error. Steps without
+            guidance run the conditional branch alone when ``model_fn`` is a :class:`GuidedForward`.
     """
 
     def __init__(self, preset: str | Preset = "amused", *, backend: str | None = None, progress: bool = True,
@@ -44,6 +45,7 @@ class MaskGitSampler:
         self.preset = get_preset(preset).replace(**overrides)
         if not isinstance(self.preset.num_steps, int) or self.preset.num_steps < 1:
             raise ValueError(f"num_steps must be an int >= 1, got {self.preset.num_steps!r}")
+        self.use_guidance = uses_guidance(check_guidance_scale(self.preset.guidance_scale))
         if self.preset.guidance_interval is not None:
             check_guidance_interval(self.preset.guidance_interval)
         self.backend = backend
@@ -66,13 +68,16 @@ class MaskGitSampler:
         preset = self.preset
         B, N = tokens.shape
         model_in = tokens.masked_fill(masked, mask_token_id).reshape(shape)
+        # diffusers' rule, per step: guidance only where the step's scale is above 1
+        guided = self.use_guidance and uses_guidance(guidance_scale_at(
+            preset.guidance_schedule, preset.guidance_scale, step, preset.num_steps, preset.guidance_interval))
         if run is not None or isinstance(model_fn, GuidedForward):
-            g = guidance_scale_at(preset.guidance_schedule, preset.guidance_scale, step, preset.num_steps,
-                                  preset.guidance_interval)
-            cond, uncond = run(model_in, masked, g != 1.0) if run is not None else model_fn(model_in, cfg=g != 1.0)
+            cond, uncond = run(model_in, masked, guided) if run is not None else model_fn(model_in, cfg=guided)
         else:
             out = model_fn(model_in)
             cond, uncond = out if isinstance(out, (tuple, list)) else (out, None)
+            if not guided:
+                uncond = None  # the conditional branch alone, as diffusers
         K = cond.shape[-1]
         params = self.preset.step_params(
             step, num_classes=K, masked_now=masked.sum(dim=1), masked_start=masked_start, seq_len=N,

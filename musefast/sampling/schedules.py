@@ -8,6 +8,7 @@ step 8 of 12 keep 127 of 256 tokens masked, not 128.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -113,6 +114,21 @@ def mask_count(
     else:
         raise ValueError(f"mask count rule must be one of {MASK_COUNT_RULES}, got {rule!r}")
     return torch.maximum(torch.minimum(masked_now.to(torch.int64) - 1, count), torch.ones_like(count))
+
+
+def check_guidance_scale(value, name: str = "guidance_scale") -> float:
+    """A guidance scale as diffusers reads it: any finite number >= 0, where <= 1 means no
+    classifier-free guidance (one branch). Negative or non-finite values are an error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 (<= 1: no guidance), got {value!r}")
+    return float(value)
+
+
+def uses_guidance(scale: float) -> bool:
+    """diffusers' rule: classifier-free guidance runs only for a scale above 1."""
+    return scale > 1.0
 
 
 def guidance_scale_at(schedule: str, scale: float, step: int, num_steps: int,

@@ -81,7 +81,7 @@ class DemoConfig:
     # not the gate's seed 0: shape 0.976 / 0.955 / 0.918 / 0.866 at guidance 1 / 1.5 / 2 / 3 with
     # temperature 0.5, a point or two lower at temperature 1; colour and position >= 0.976 throughout)
     settings: dict = field(default_factory=lambda: dict(
-        num_steps=12, guidance_scale=1.5, temperature=0.5, edit_iterations=50, edit_fraction=0.05,
+        num_steps=12, guidance_scale=1.5, temperature=0.5, edit_iterations=50, edit_fraction=0.1,
         edit_guidance_scale=1.5))
 
     def to_dict(self) -> dict:

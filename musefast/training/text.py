@@ -71,7 +71,10 @@ def build_text_encoder(cfg: TextTrainConfig, *, seed: int = 0) -> T5TextEncoder:
                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                       decoder_start_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    return T5TextEncoder(T5EncoderModel(config), tokenizer, max_length=cfg.max_length)
+    # prompts are read as the captions were written (lower case, no punctuation), and words outside
+    # the captions' vocabulary are reported and dropped rather than spelt out in letter pieces
+    return T5TextEncoder(T5EncoderModel(config), tokenizer, max_length=cfg.max_length, normalize=True,
+                         closed_vocabulary=True)
 
 
 IGNORE = -100  # target of tokens that carry no shape (padding, </s>, relation words)

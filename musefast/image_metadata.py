@@ -1,0 +1,46 @@
+"""Generation parameters in a PNG's text chunks, so that an image says how to make it again.
+
+Each parameter is its own ``tEXt`` entry under a ``musefast:`` key (prompt, negative_prompt,
+seed, steps, guidance_scale, sampler, model, version, ...), plus one human-readable
+``parameters`` entry in the layout other image-generation tools write (prompt on the first
+line, then ``Negative prompt:`` and ``Key: value`` pairs), which image viewers and galleries show.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PREFIX = "musefast:"
+
+
+def save_image(image, path: Path, params: dict) -> None:
+    """Save a PIL image; a PNG carries ``params`` (JSON-able values) in its text chunks."""
+    if path.suffix.lower() != ".png":
+        image.save(path)
+        return
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in params.items():
+        info.add_text(PREFIX + key, json.dumps(value))  # None too: "no negative prompt" is a setting
+    info.add_text("parameters", _readable(params))
+    image.save(path, pnginfo=info)
+
+
+def read_params(path: str | Path) -> dict:
+    """The parameters :func:`save_image` wrote into a PNG ({} if it has none)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        text = dict(getattr(im, "text", {}) or {})
+    return {k[len(PREFIX):]: json.loads(v) for k, v in text.items() if k.startswith(PREFIX)}
+
+
+def _readable(params: dict) -> str:
+    lines = [params.get("prompt") or ""]
+    if params.get("negative_prompt"):
+        lines.append(f"Negative prompt: {params['negative_prompt']}")
+    names = {"steps": "Steps", "sampler": "Sampler", "guidance_scale": "CFG scale", "seed": "Seed",
+             "size": "Size", "model": "Model", "version": "Version"}
+    lines.append(", ".join(f"{label}: {params[key]}" for key, label in names.items() if params.get(key) is not None))
+    return "\n".join(lines)

@@ -1,0 +1,125 @@
+"""MusePipeline speaks diffusers' conventions too: guidance <= 1 = no CFG, diffusers' argument
+names, output objects, ``to()``, numpy seeds, resizing, progress-bar config (issue 15)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from musefast.models.text import load_text_encoder
+from musefast.pipelines.random_init import random_pipeline
+from musefast.sampling import MaskGitSampler
+from tiny_text import make_tiny_t5
+
+FAST = dict(num_steps=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    t5 = load_text_encoder(make_tiny_t5(tmp_path_factory.mktemp("t5")))
+    return random_pipeline("tiny", text_encoder=t5)
+
+
+def _forward_batches(pipe, call):
+    """The batch sizes the base transformer saw during ``call()``."""
+    seen = []
+    handle = pipe.transformer.register_forward_hook(lambda m, args, out: seen.append(out.shape[0]))
+    try:
+        result = call()
+    finally:
+        handle.remove()
+    return seen, result
+
+
+@pytest.mark.parametrize("g", [0.0, 0.5, 1.0])
+def test_guidance_at_most_one_is_one_branch_and_the_same_image(pipe, g):
+    seen, tokens = _forward_batches(pipe, lambda: pipe("a red cat", seed=3, guidance_scale=g, output_type="tokens",
+                                                       **FAST))
+    assert set(seen) == {1}  # the conditional branch alone: half the work of CFG
+    assert torch.equal(tokens, pipe("a red cat", seed=3, guidance_scale=1.0, output_type="tokens", **FAST))
+    seen, _ = _forward_batches(pipe, lambda: pipe("a red cat", seed=3, guidance_scale=2.0, output_type="tokens",
+                                                  **FAST))
+    assert set(seen) == {2}  # guidance on: both branches in one forward
+
+
+@pytest.mark.parametrize("g", [-1.0, math.nan, math.inf])
+def test_negative_or_non_finite_guidance_is_an_error(pipe, g):
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        pipe("a cat", guidance_scale=g, **FAST)
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        pipe.edit(np.zeros((32, 32, 3), np.uint8), "a cat", guidance_scale=g, iterations=1, progress=False)
+    for preset in ("maskgit", "amused", "lucidrains"):
+        with pytest.raises(ValueError, match="finite number >= 0"):
+            MaskGitSampler(preset, guidance_scale=g)
+
+
+@pytest.mark.parametrize("preset", ["maskgit", "amused", "lucidrains"])
+def test_every_preset_ignores_the_unconditional_branch_at_guidance_one_or_less(preset):
+    torch.manual_seed(0)
+    cond, uncond = torch.randn(1, 16, 32), torch.randn(1, 16, 32)
+    tokens = torch.full((1, 16), 32, dtype=torch.long)
+    run = lambda g, out: MaskGitSampler(preset, num_steps=4, guidance_scale=g, progress=False)(  # noqa: E731
+        lambda t: out, tokens, mask_token_id=32, seed=1)
+    assert torch.equal(run(0.5, (cond, uncond)), run(1.0, cond))
+    assert not torch.equal(run(4.0, (cond, uncond)), run(1.0, cond))
+
+
+def test_diffusers_argument_names(pipe):
+    ours = pipe("a cat", seed=5, num_steps=3, output_type="tokens", progress=False)
+    theirs = pipe("a cat", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="tokens",
+                  progress=False)
+    drawn = torch.randint(0, 2**63 - 1, (), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(theirs, pipe("a cat", seed=int(drawn), num_steps=3, output_type="tokens", progress=False))
+    assert torch.equal(ours, pipe("a cat", seed=np.int64(5), num_inference_steps=3, output_type="tokens",
+                                  progress=False))
+    with pytest.raises(ValueError, match="seed or generator"):
+        pipe("a cat", seed=1, generator=torch.Generator(), **FAST)
+    with pytest.raises(ValueError, match="num_steps or num_inference_steps"):
+        pipe("a cat", num_steps=2, num_inference_steps=3, progress=False)
+
+
+def test_output_objects(pipe):
+    images = pipe("a cat", seed=0, **FAST)
+    assert isinstance(images[0], Image.Image) and images.images is images
+    out = pipe("a cat", seed=0, return_dict=True, **FAST)
+    assert isinstance(out.images[0], Image.Image)
+    (arr,) = pipe("a cat", seed=0, output_type="np", return_dict=False, **FAST)
+    assert arr.shape == (1, 32, 32, 3)
+
+
+def test_to_device_and_dtype(pipe):
+    assert pipe.to(torch.float64).dtype == torch.float64
+    assert pipe.to("cpu", torch.float32).dtype == torch.float32 and pipe.device.type == "cpu"
+    with pytest.raises(TypeError, match="floating torch.dtype"):
+        pipe.to(torch.int8)
+    with pytest.raises(ValueError, match="not a device"):
+        pipe.to("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            pipe.to("cuda")
+        with pytest.raises(RuntimeError, match="no CUDA GPU is available"):
+            pipe.enable_model_cpu_offload()
+
+
+def test_progress_bar_config(pipe, capfd):
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        pipe("a cat", seed=0, num_steps=3)
+        assert "decoding" not in capfd.readouterr().err
+    finally:
+        pipe.set_progress_bar_config()
+    pipe("a cat", seed=0, num_steps=3)
+    assert "decoding" in capfd.readouterr().err
+
+
+def test_resize_any_size(pipe):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8))  # 50×30
+    mask = Image.fromarray(np.pad(np.full((30, 25), 255, np.uint8), ((0, 0), (0, 25))))
+    with pytest.raises(ValueError, match=r"image is 50×30 \(width×height\).*resize=True"):
+        pipe.inpaint(image, mask, "a cat", seed=0, **FAST)
+    assert pipe.inpaint(image, mask, "a cat", seed=0, resize=True, **FAST)[0].size == (50, 30)
+    assert pipe.edit(image, "a cat", iterations=2, seed=0, resize=True, progress=False)[0].size == (50, 30)
+    with pytest.raises(ValueError, match=r"is 66×30, but this model works at 32×32"):
+        pipe.outpaint(image, "a tree", left=16, seed=0, **FAST)
+    assert pipe.outpaint(image, "a tree", left=16, seed=0, resize=True, **FAST)[0].size == (66, 30)
