@@ -240,7 +240,8 @@ def _summary(exc: BaseException) -> str:
     """One line for an exception: the compiler's first error line when it has one (the last
     line of a failed build is only ninja's "build stopped")."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    errors = [line for line in lines[1:] if re.search(r"\berror\b", line, re.IGNORECASE)]
+    errors = [line for line in lines[1:] if re.search(r"\b(error|fatal)\b", line, re.IGNORECASE)
+              and not line.startswith(("[", "FAILED"))]  # ninja's step and command lines
     line = errors[0] if errors else (lines[-1] if lines else "")
     return f"{type(exc).__name__}: {line[:300]}" if line else type(exc).__name__
 

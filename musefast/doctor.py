@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import platform
+import re
 
 import torch
 
@@ -27,6 +28,12 @@ def _versions() -> list[str]:
     return lines
 
 
+def _arch_names(arch_list: str) -> str:
+    """"8.0;9.0+PTX" -> "sm_80, sm_90 + PTX" (names other than numbers are left as they are)."""
+    return ", ".join(re.sub(r"^(\d+)\.(\d)", r"sm_\1\2", a).replace("+PTX", " + PTX")
+                     for a in re.split(r"[;\s]+", arch_list.strip()))
+
+
 def _build_lines(status: dict) -> list[str]:
     """One line per part of musefast._C: built how, or why not."""
     if status["built"]:
@@ -34,7 +41,7 @@ def _build_lines(status: dict) -> list[str]:
     else:
         cpu = f"NOT built: {status['error']}"
     if status["cuda_kernels"]:
-        archs = f" for {status['cuda_archs']}" if status["cuda_archs"] else ""
+        archs = f" for {_arch_names(status['cuda_archs'])}" if status["cuda_archs"] else ""
         cuda = f"built {status['cuda_how']}{archs} in {status['cuda_seconds']:.1f}s"
     else:
         cuda = f"not built: {status['cuda_error']}"

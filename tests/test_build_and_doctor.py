@@ -42,6 +42,7 @@ def test_cuda_part_builds_wherever_it_can():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"musefast::{op}", "CPU")
     if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         assert status["cuda_archs"].endswith("+PTX") and "9.0" in status["cuda_archs"]
+        assert "sm_90 + PTX in " in musefast.doctor()
 
 
 def test_cli_doctor_runs():
@@ -187,3 +188,12 @@ def test_nvcc_lists_its_architectures():
         pytest.skip("no nvcc")
     archs = _build._nvcc_archs(nvcc)
     assert archs and all(a.count(".") == 1 for a in archs) and "9.0" in archs
+
+
+def test_build_failure_summary_is_the_compilers_first_error():
+    log = ("Error building extension 'musefast_C_cuda': [1/5] nvcc -gencode=arch=compute_70,code=sm_70 -c vq.cu\n"
+           "FAILED: [code=1] vq.cuda.o\n"
+           "nvcc fatal   : Unsupported gpu architecture 'compute_70'\n"
+           "ninja: build stopped: subcommand failed.")
+    assert _build._summary(RuntimeError(log)) == "RuntimeError: nvcc fatal   : Unsupported gpu architecture 'compute_70'"
+    assert _build._summary(IndexError("list index out of range")) == "IndexError: list index out of range"
