@@ -215,20 +215,33 @@ def cache_dir(with_cuda: bool = False) -> Path:
     return path
 
 
-# torch's JIT loader serialises builds with a ``lock`` file in the build folder and waits for it
-# to disappear; a build killed half-way (Ctrl-C, OOM, a killed job) leaves it behind and every
-# later import would wait forever. No build of this extension takes anywhere near this long.
+# Up to torch 2.13 the JIT loader serialises builds with a ``lock`` file in the build folder and
+# waits for it to disappear; a build killed half-way (Ctrl-C, OOM, a killed job) leaves it behind
+# and every later import would wait forever. No build of this extension takes anywhere near this
+# long. torch 2.14 holds an OS advisory lock on that file instead (the kernel drops it when the
+# holder dies, and the file stays): there an old file means nothing and must not be removed, as
+# deleting it under a running build would let a second build start beside it.
 STALE_LOCK_SECONDS = 20 * 60
 
 
-def clear_stale_build_lock(build_dir: Path, max_age_s: float = STALE_LOCK_SECONDS) -> bool:
-    """Remove ``build_dir/lock`` when it is older than ``max_age_s``; True if removed."""
+def _torch_waits_for_lock_file() -> bool:
+    """True when torch's JIT loader treats the mere existence of ``lock`` as "build running"."""
+    cpp_extension = _cpp_extension()
+    return hasattr(cpp_extension, "FileBaton") and not hasattr(cpp_extension, "FileLock")
+
+
+def clear_stale_build_lock(build_dir: Path, max_age_s: float = STALE_LOCK_SECONDS,
+                           existence_lock: bool | None = None) -> bool:
+    """Remove ``build_dir/lock`` when it is older than ``max_age_s`` and torch waits for such a
+    file to disappear (``existence_lock``, default: ask torch); True if removed."""
+    if existence_lock is None:
+        existence_lock = _torch_waits_for_lock_file()
     lock = Path(build_dir) / "lock"
     try:
         age = time.time() - lock.stat().st_mtime
     except FileNotFoundError:
         return False
-    if age < max_age_s:
+    if not existence_lock or age < max_age_s:
         return False
     warnings.warn(f"removing a stale extension build lock ({lock}, {age / 60:.0f} min old) left by an "
                   "interrupted build", RuntimeWarning, stacklevel=2)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -67,21 +68,34 @@ def test_disabled_extension_still_works_and_says_why():
 
 
 def test_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
-    """A build killed half-way leaves torch's ``lock`` file; an old one must not hang imports."""
-    import os
-    import time
-
+    """torch <= 2.13: a build killed half-way leaves its ``lock`` file; an old one must not hang
+    imports. torch 2.14+ locks the file instead: an old file is harmless and is left alone."""
     from musefast._build import STALE_LOCK_SECONDS, clear_stale_build_lock
 
-    assert clear_stale_build_lock(tmp_path) is False  # no lock at all
+    assert clear_stale_build_lock(tmp_path, existence_lock=True) is False  # no lock at all
     lock = tmp_path / "lock"
     lock.touch()
-    assert clear_stale_build_lock(tmp_path) is False and lock.exists()  # a build may be running
+    assert clear_stale_build_lock(tmp_path, existence_lock=True) is False and lock.exists()  # a build may run
     old = time.time() - STALE_LOCK_SECONDS - 5
     os.utime(lock, (old, old))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert clear_stale_build_lock(tmp_path, existence_lock=False) is False and lock.exists()
     with pytest.warns(RuntimeWarning, match="stale extension build lock"):
-        assert clear_stale_build_lock(tmp_path) is True
+        assert clear_stale_build_lock(tmp_path, existence_lock=True) is True
     assert not lock.exists()
+
+
+def test_stale_lock_rule_follows_the_running_torch(tmp_path):
+    """Which rule applies is read from torch: its loader before 2.14 waits on the file itself."""
+    waits_on_file = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14)
+    assert _build._torch_waits_for_lock_file() is waits_on_file
+    (tmp_path / "lock").touch()
+    old = time.time() - _build.STALE_LOCK_SECONDS - 5
+    os.utime(tmp_path / "lock", (old, old))
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        assert _build.clear_stale_build_lock(tmp_path) is waits_on_file
 
 
 @pytest.fixture
