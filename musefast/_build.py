@@ -121,11 +121,6 @@ def _flags(native: bool) -> tuple[list[str], list[str]]:
     return cflags, cuda_flags
 
 
-def _version_tuple(arch: str) -> tuple[int, int]:
-    major, minor = arch.split(".")
-    return int(major), int(minor)
-
-
 @functools.lru_cache(maxsize=None)
 def _nvcc_archs(nvcc: str) -> frozenset[str] | None:
     """The architectures nvcc compiles for ({"8.0", "9.0", ...}), or None if it cannot say."""
@@ -159,8 +154,8 @@ def cuda_archs() -> tuple[str, str]:
         caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
         return ";".join(f"{a}.{b}" for a, b in caps), "the visible GPUs"  # torch's builder reads them too
     nvcc = nvcc_path()
-    wanted = [a for a in DEFAULT_CUDA_ARCHS
-              if (_torch_archs() or {a}) >= {a} and (nvcc is None or (_nvcc_archs(nvcc) or {a}) >= {a})]
+    known = [found for found in (_torch_archs(), _nvcc_archs(nvcc) if nvcc else None) if found]
+    wanted = [a for a in DEFAULT_CUDA_ARCHS if all(a in found for found in known)]
     if wanted:
         wanted[-1] += "+PTX"
     return ";".join(wanted), "default (no visible GPU)"
@@ -171,7 +166,7 @@ def _gencode_flags(arch_list: str) -> list[str]:
     which needs a visible device when TORCH_CUDA_ARCH_LIST is unset."""
     flags = []
     for arch in arch_list.split(";"):
-        num = "".join(str(v) for v in _version_tuple(arch.removesuffix("+PTX")))
+        num = arch.removesuffix("+PTX").replace(".", "")
         flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
         if arch.endswith("+PTX"):
             flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
