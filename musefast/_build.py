@@ -530,6 +530,9 @@ def aot_extension():
                          extra_compile_args={"cxx": cflags})]
     reason = cuda_unavailable_reason()
     if reason is None:
+        fixed_home = _usable_cuda_home()
+        if fixed_home:  # this process only builds: torch's builder may keep the corrected path
+            _cpp_extension().CUDA_HOME = fixed_home
         exts.append(CUDAExtension("musefast._C_cuda", [os.path.relpath(s) for s in sources(with_cuda=True)],
                                   include_dirs=include,
                                   extra_compile_args={"cxx": cflags, "nvcc": cuda_flags + cuda_arch_flags()}))
