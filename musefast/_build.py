@@ -366,6 +366,12 @@ def _cuda_fingerprint() -> str:
     return digest.hexdigest()
 
 
+def _warn_cuda_build_failed() -> None:
+    warnings.warn(f"musefast: the CUDA kernels could not be built ({_cuda_state['error']}); the CPU kernels are "
+                  "unaffected, CUDA tensors use the Triton/PyTorch backends. `musefast doctor` says more.",
+                  RuntimeWarning, stacklevel=3)
+
+
 def cuda_extension() -> bool:
     """True when the CUDA kernels are loaded (building them first if needed). The CPU part is
     loaded first: it defines the ops the CUDA part implements."""
@@ -401,6 +407,8 @@ def cuda_extension() -> bool:
             if earlier.get("fingerprint") == fingerprint:
                 _cuda_state["error"] = f"{earlier['error']} (an earlier build failed; full log: {record}; " \
                                        "delete it to retry)"
+                if torch.cuda.is_available():  # a GPU is losing its kernels: say so in every process
+                    _warn_cuda_build_failed()
                 return False
             try:
                 _jit_build_cuda()
@@ -408,9 +416,7 @@ def cuda_extension() -> bool:
                 _cuda_state["error"] = _summary(exc)
                 record.write_text(json.dumps({"fingerprint": fingerprint, "error": _cuda_state["error"],
                                               "log": str(exc)}, indent=1))
-                warnings.warn(f"musefast: the CUDA kernels could not be built ({_cuda_state['error']}); the CPU "
-                              "kernels are unaffected, CUDA tensors use the Triton/PyTorch backends. "
-                              "`musefast doctor` says more.", RuntimeWarning, stacklevel=2)
+                _warn_cuda_build_failed()
                 return False
             _cuda_state["how"] = f"just-in-time (cached in {cache_dir(with_cuda=True)})"
         _cuda_state["loaded"], _cuda_state["seconds"] = True, time.perf_counter() - start

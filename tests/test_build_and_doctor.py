@@ -144,8 +144,19 @@ def test_failed_cuda_build_keeps_the_cpu_kernels_warns_once_and_is_remembered(fr
     # the next process does not pay for the same failing compile again, and says where the log is
     monkeypatch.setattr(_build, "_cuda_state", {"tried": False, "loaded": False, "error": None, "how": None,
                                                 "seconds": None, "archs": None})
-    assert _build.cuda_extension() is False and len(calls) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no GPU here to lose kernels on: no warning again
+        assert _build.cuda_extension() is False and len(calls) == 1
     assert "an earlier build failed" in _build.cuda_extension_error() and str(record) in _build.cuda_extension_error()
+    # with a GPU that loses its kernels every process says so, once
+    archs = _build.cuda_archs()
+    monkeypatch.setattr(_build, "cuda_archs", lambda: archs)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_build, "_cuda_state", {"tried": False, "loaded": False, "error": None, "how": None,
+                                                "seconds": None, "archs": None})
+    with pytest.warns(RuntimeWarning, match="CUDA kernels could not be built") as caught:
+        assert _build.cuda_extension() is False and _build.cuda_extension() is False
+    assert len(caught) == 1 and len(calls) == 1
 
 
 def test_without_nvcc_only_the_cpu_part_and_no_warning(fresh_build_state, monkeypatch):
