@@ -513,12 +513,19 @@ def _aot_build_ext():
     from torch.utils.cpp_extension import BuildExtension
 
     class MusefastBuildExtension(BuildExtension):
+        def build_extensions(self):
+            self.musefast_failed = []
+            super().build_extensions()
+            # what failed is not installed (an in-place or editable install copies every extension)
+            self.extensions = [ext for ext in self.extensions if ext.name not in self.musefast_failed]
+
         def build_extension(self, ext):
             if not ext.name.endswith("_C_cuda"):
                 return super().build_extension(ext)
             try:
                 return super().build_extension(ext)
             except Exception as exc:
+                self.musefast_failed.append(ext.name)
                 print(f"musefast: CUDA kernels not built ahead of time ({_summary(exc)}); installing the "
                       "CPU kernels only", file=sys.stderr)
 
