@@ -1,6 +1,7 @@
-// Python module entry point of musefast._C. The ops themselves are registered with
-// TORCH_LIBRARY_FRAGMENT(musefast, ...) in their own files, so loading this module makes
-// them visible as torch.ops.musefast.* (and to torch.compile).
+// Python module entry point of musefast._C, the CPU part of the extension. The ops themselves
+// are registered with TORCH_LIBRARY_FRAGMENT(musefast, ...) in their own files, so loading this
+// module makes them visible as torch.ops.musefast.* (and to torch.compile). Their CUDA kernels
+// are a separate library (csrc/cuda/, see musefast/_build.py) that needs this one loaded first.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -9,11 +10,6 @@ namespace {
 
 pybind11::dict build_info() {
   pybind11::dict info;
-#ifdef MUSEFAST_WITH_CUDA
-  info["cuda_kernels"] = true;
-#else
-  info["cuda_kernels"] = false;
-#endif
 #if defined(__AVX512F__)
   info["cpu_isa"] = "avx512";
 #elif defined(__AVX2__)
@@ -28,6 +24,6 @@ pybind11::dict build_info() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "musefast C++/CUDA kernels (ops live under torch.ops.musefast)";
+  m.doc() = "musefast C++ kernels (ops live under torch.ops.musefast)";
   m.def("build_info", &build_info, "How this extension was compiled");
 }

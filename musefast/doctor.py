@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import platform
+import re
 
 import torch
 
@@ -27,6 +28,26 @@ def _versions() -> list[str]:
     return lines
 
 
+def _arch_names(arch_list: str) -> str:
+    """"8.0;9.0+PTX" -> "sm_80, sm_90 + PTX" (names other than numbers are left as they are)."""
+    return ", ".join(re.sub(r"^(\d+)\.(\d)", r"sm_\1\2", a).replace("+PTX", " + PTX")
+                     for a in re.split(r"[;\s]+", arch_list.strip()))
+
+
+def _build_lines(status: dict) -> list[str]:
+    """One line per part of musefast._C: built how, or why not."""
+    if status["built"]:
+        cpu = f"built {status['how']} in {status['seconds']:.1f}s; cpu isa {status['cpu_isa']}"
+    else:
+        cpu = f"NOT built: {status['error']}"
+    if status["cuda_kernels"]:
+        archs = f" for {_arch_names(status['cuda_archs'])}" if status["cuda_archs"] else ""
+        cuda = f"built {status['cuda_how']}{archs} in {status['cuda_seconds']:.1f}s"
+    else:
+        cuda = f"not built: {status['cuda_error']}"
+    return [f"musefast._C CPU kernels: {cpu}", f"musefast._C CUDA kernels: {cuda}"]
+
+
 def doctor() -> str:
     """A human-readable report; builds musefast._C first if it was not tried yet."""
     from musefast import _build
@@ -35,15 +56,7 @@ def doctor() -> str:
     status = _build.extension_status()
     out = ["musefast doctor", "==============="]
     out += _versions()
-    if status["built"]:
-        out.append(
-            f"musefast._C: built {status['how']} in {status['seconds']:.1f}s; "
-            f"cpu isa {status['cpu_isa']}; cuda kernels {'yes' if status['cuda_kernels'] else 'no'}"
-        )
-        if not status["cuda_kernels"]:
-            out.append(f"  cuda kernels not compiled: {_build.cuda_unavailable_reason()}")
-    else:
-        out.append(f"musefast._C: NOT built: {status['error']}")
+    out += _build_lines(status)
     out.append(auto_order_table())
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:

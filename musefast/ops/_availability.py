@@ -40,17 +40,18 @@ def triton_reasons(*tensors: torch.Tensor, bf16_ok_on_cpu: bool = False) -> list
 
 
 def extension_reasons(op_name: str, device_type: str) -> list[str]:
-    """Reasons the compiled op ``torch.ops.musefast.<op_name>`` cannot run on device_type."""
+    """Reasons the compiled op ``torch.ops.musefast.<op_name>`` cannot run on device_type:
+    CPU tensors need the CPU part of musefast._C, CUDA tensors its CUDA part as well."""
     from musefast import _build
 
-    if _build.extension() is None:
-        return [f"musefast._C is not built ({_build.extension_status()['error']})"]
-    if not hasattr(torch.ops.musefast, op_name):
-        return [f"musefast._C has no op {op_name}"]
-    if device_type == "cuda" and not _build.extension().build_info()["cuda_kernels"]:
-        return [f"CUDA kernels were not compiled ({_build.cuda_unavailable_reason()})"]
     if device_type not in ("cpu", "cuda"):
         return [f"no compiled kernel for {device_type} tensors"]
+    if _build.extension() is None:
+        return [f"musefast._C is not built ({_build.extension_error()})"]
+    if not hasattr(torch.ops.musefast, op_name):
+        return [f"musefast._C has no op {op_name}"]
+    if device_type == "cuda" and not _build.cuda_extension():
+        return [f"CUDA kernels were not compiled ({_build.cuda_extension_error()})"]
     return []
 
 
