@@ -44,6 +44,9 @@ def doctor() -> str:
             out.append(f"  cuda kernels not compiled: {_build.cuda_unavailable_reason()}")
     else:
         out.append(f"musefast._C: NOT built: {status['error']}")
+    from musefast.engine import cpu as cpu_engine
+
+    out += cpu_engine.describe()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         out.append(f"backends for {device} tensors:")

@@ -162,4 +162,6 @@ def load_converted(build: Callable[[], nn.Module], folder: str | os.PathLike,
     module.load_state_dict(converted, strict=True, assign=True)
     if device is not None or dtype is not None:
         module.to(device=device, dtype=dtype)
-    return module.eval()
+    from musefast.engine.cpu import apply_default  # the CPU path (packed oneDNN linears) by default
+
+    return apply_default(module.eval())

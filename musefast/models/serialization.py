@@ -204,4 +204,6 @@ def load_component(
     load_weights_strict(module, load_state_dict_file(weights), source=str(weights))
     if device is not None or dtype is not None:
         module.to(device=device, dtype=dtype)
-    return module.eval()
+    from musefast.engine.cpu import apply_default  # the CPU path (packed oneDNN linears) by default
+
+    return apply_default(module.eval())

@@ -361,7 +361,12 @@ class TextEncoder(nn.Module):
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             tok_src, subfolder=tokenizer_subfolder or "", local_files_only=tok_local or local_files_only)
         encoder = cls(model, tokenizer, **{**saved, **settings})
-        return encoder.to(device) if device is not None else encoder
+        if device is not None:
+            encoder.to(device)
+        from musefast.engine.cpu import apply_default  # the CPU path (packed oneDNN linears) by default
+
+        apply_default(encoder.model)
+        return encoder
 
 
 def _resolve_source(path, subfolder: str | None, what: str) -> tuple[str, bool]:

@@ -41,6 +41,7 @@ from musefast.compat.amused_scheduler import (
     choice_temperatures,
     seed_from_generator,
 )
+from musefast.engine import cpu as cpu_engine
 from musefast.models.text import CLIPTextEncoder, TextEmbeddings
 from musefast.models.uvit import UVit2D
 from musefast.models.vqgan import VQGAN
@@ -603,4 +604,7 @@ def _load_clip(folder: Path, variant: str | None, device, dtype) -> CLIPTextEnco
         te, variant=use, local_files_only=True, **({"dtype": dtype} if dtype is not None else {}))
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     encoder = CLIPTextEncoder(model, tokenizer)
-    return encoder.to(device) if device is not None else encoder
+    if device is not None:
+        encoder.to(device)
+    cpu_engine.apply_default(encoder.model)
+    return encoder
