@@ -153,3 +153,38 @@ def test_doctor_reports_the_engine():
     cpu.apply(model)
     text = musefast.doctor()
     assert "cpu engine:" in text and "MuseTransformer:" in text and "linears packed" in text
+
+
+@pytest.fixture(scope="module")
+def tiny_amused(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    from amused_tiny import make_tiny_amused
+
+    folder = tmp_path_factory.mktemp("amused")
+    make_tiny_amused(folder)
+    return folder
+
+
+@torch.no_grad()
+def test_auto_dtype_pipeline_and_the_compat_promise(tiny_amused, monkeypatch):
+    """dtype="auto" (the default) runs bf16 where the ISA has it; a compat call still gives the
+    tokens of the weights' own dtype, and sampler="compat" at load keeps that dtype."""
+    import musefast
+    from musefast.pipelines.amused import AmusedPipeline
+
+    monkeypatch.setattr(cpu, "cpu_isa", lambda: {"bf16": True, "int8": True, "onednn": True})
+    monkeypatch.setattr(cpu, "AUTO_BF16_MIN_PARAMS", 0)  # the tiny model counts as large here
+    auto = musefast.load(tiny_amused)
+    assert auto.dtype == torch.bfloat16 and auto.text_encoder.dtype == torch.bfloat16
+    assert next(auto.vqvae.parameters()).dtype == torch.float32
+    plain = AmusedPipeline.from_pretrained(tiny_amused, dtype=None)
+    assert plain.dtype == torch.float32
+    assert AmusedPipeline.from_pretrained(tiny_amused, sampler="compat").dtype == torch.float32
+    kw = dict(num_inference_steps=3, output_type="tokens", progress=False, sampler="compat")
+    want = plain("a red house", generator=torch.Generator().manual_seed(3), **kw)
+    got = auto("a red house", generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(got, want) and auto._compat_twin.dtype == torch.float32
+    fused = auto("a red house", seed=3, num_inference_steps=3, output_type="tokens", progress=False)
+    assert fused.shape == want.shape
+    monkeypatch.setattr(cpu, "cpu_isa", lambda: {"bf16": False, "int8": True, "onednn": True})
+    assert musefast.load(tiny_amused).dtype == torch.float32  # no native bf16: fp32

@@ -80,16 +80,24 @@ def auto_dtype_reason() -> str:
     return "float32 (the CPU has neither AVX512-BF16 nor AMX: bf16 would be emulated, slower than fp32)"
 
 
-def resolve_dtype(dtype, device, weights_dtype: torch.dtype) -> torch.dtype | None:
+AUTO_BF16_MIN_PARAMS = 20_000_000
+"""``dtype="auto"`` keeps smaller models in float32: their forwards are bound by per-op overhead,
+not by matrix products, and bf16 only adds conversions (the embedded demo model, 2.6M
+parameters, ran no faster in bf16)."""
+
+
+def resolve_dtype(dtype, device, weights_dtype: torch.dtype, num_params: int | None = None) -> torch.dtype | None:
     """``dtype`` as given (None = the weights'), with ``"auto"`` resolved for ``device``: on a
-    CPU :func:`auto_dtype` if the weights are float32 (half-precision weights stay as they are);
-    elsewhere the weights' dtype."""
+    CPU :func:`auto_dtype` if the weights are float32 and the model has at least
+    :data:`AUTO_BF16_MIN_PARAMS` parameters (when ``num_params`` is known); half-precision
+    weights stay as they are; elsewhere the weights' dtype."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype != "auto":
         raise ValueError(f"dtype must be a torch.dtype, None or 'auto', got {dtype!r}")
     on_cpu = device is None or torch.device(device).type == "cpu"
-    if on_cpu and weights_dtype == torch.float32:
+    small = num_params is not None and num_params < AUTO_BF16_MIN_PARAMS
+    if on_cpu and weights_dtype == torch.float32 and not small:
         return auto_dtype()
     return weights_dtype
 
@@ -363,7 +371,8 @@ def describe() -> list[str]:
              f"int8 dot products {'yes' if isa['int8'] else 'no'}; dtype='auto' on CPU -> {auto_dtype_reason()}"]
     if not enabled_by_default():
         lines.append("  not applied at load (MUSEFAST_CPU_ENGINE=0 or no oneDNN)")
-    lines += [f"  {m.__dict__[REPORT_ATTR].line()}" for m in list(_MODELS) if REPORT_ATTR in m.__dict__]
+    reports = [m.__dict__.get(REPORT_ATTR) for m in list(_MODELS)]
+    lines += [f"  {r.line()}" for r in reports if r is not None and r.linears]
     return lines
 
 

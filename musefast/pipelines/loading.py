@@ -16,29 +16,31 @@ PIPELINE_CLASSES = {"MusePipeline": MusePipeline, **{name: AmusedPipeline for na
 
 
 def load(name_or_path: str | os.PathLike = "demo", *, device: str | torch.device | None = None,
-         dtype: torch.dtype | None = None):
+         dtype: torch.dtype | str | None = "auto"):
     """Load a pipeline.
 
     ``name_or_path``: ``"demo"`` (the model embedded in the package); a local folder in
     musefast format (``model_index.json`` written by ``save_pretrained``) or in diffusers'
     aMUSEd layout (an :class:`AmusedPipeline`); or a hub id (``owner/name``), downloaded with
     huggingface_hub — only when you name one.
+
+    ``dtype``: of the transformer(s) and text encoder (the VQ stays float32). ``"auto"``
+    (default): bfloat16 on a CPU that computes it natively (AVX512-BF16 or AMX), else the
+    weights' own dtype; a compat-sampler call still runs in the weights' dtype (see
+    :meth:`AmusedPipeline.from_pretrained`). ``None``: the weights' dtype. On a CPU every
+    model runs through musefast's CPU engine (packed oneDNN linears; ``musefast doctor``).
     """
     if str(name_or_path) == "demo":
         from musefast.pipelines import demo
 
-        pipe = demo.load_demo()
-    else:
-        folder = _resolve(name_or_path)
-        index = _read_index(folder)
-        cls_name = index.get("_class") or index.get("_class_name")
-        if cls_name not in PIPELINE_CLASSES:
-            raise ValueError(f"{folder / PIPELINE_INDEX}: unsupported pipeline class {cls_name!r}; "
-                             f"this version loads {sorted(PIPELINE_CLASSES)}")
-        pipe = PIPELINE_CLASSES[cls_name].from_pretrained(folder)
-    if device is not None or dtype is not None:
-        pipe.to(device=device, dtype=dtype)
-    return pipe
+        return demo.load_demo(device=device, dtype=dtype)
+    folder = _resolve(name_or_path)
+    index = _read_index(folder)
+    cls_name = index.get("_class") or index.get("_class_name")
+    if cls_name not in PIPELINE_CLASSES:
+        raise ValueError(f"{folder / PIPELINE_INDEX}: unsupported pipeline class {cls_name!r}; "
+                         f"this version loads {sorted(PIPELINE_CLASSES)}")
+    return PIPELINE_CLASSES[cls_name].from_pretrained(folder, device=device, dtype=dtype)
 
 
 def _resolve(name_or_path) -> Path:

@@ -428,7 +428,10 @@ class MusePipeline:
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, *, device=None, dtype=None) -> "MusePipeline":
+    def from_pretrained(cls, folder: str | os.PathLike, *, device=None, dtype="auto") -> "MusePipeline":
+        """Load a folder written by :meth:`save_pretrained`. ``dtype`` of the transformers:
+        ``"auto"`` (default) = bfloat16 on a CPU with native bf16, else float32 (see
+        :func:`musefast.engine.cpu.resolve_dtype`); None = float32. The VQGANs stay float32."""
         folder = Path(folder)
         index_file = folder / PIPELINE_INDEX
         if not index_file.is_file():
@@ -440,7 +443,7 @@ class MusePipeline:
             if not path.is_dir():
                 raise FileNotFoundError(f"component {name!r} missing: {path}")
             parts[name] = (load_text_encoder(path, device=device) if name == "text_encoder"
-                           else load_component(path, device=device, dtype=dtype))
+                           else load_component(path, device=device, dtype=None if name.startswith("vqgan") else dtype))
         for required in ("vqgan", "transformer"):
             if required not in parts:
                 raise ValueError(f"{index_file} lists no {required!r} component")
