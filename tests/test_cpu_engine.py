@@ -55,10 +55,17 @@ def _plain_and_packed(model, run):
     return plain, run()
 
 
-def test_uvit_packed_equals_plain_fp32():
+def test_uvit_packed_equals_plain_fp32(monkeypatch):
     model = _uvit()
     tokens, ctx = _uvit_inputs(model)
+    calls = {"linear": 0, "linear_mul": 0}
+    for name in calls:  # count the oneDNN calls: the packed path must really run
+        def spy(*a, _name=name, _fn=getattr(cpu, name), **k):
+            calls[_name] += 1
+            return _fn(*a, **k)
+        monkeypatch.setattr(cpu, name, spy)
     plain, packed = _plain_and_packed(model, lambda: model(tokens, context=ctx))
+    assert calls["linear"] >= 20 and calls["linear_mul"] == UVIT.num_hidden_layers
     assert cpu.is_applied(model) and model.__dict__[cpu.REPORT_ATTR].fused_blocks > 0
     assert _rel(packed, plain) < 1e-5
 
