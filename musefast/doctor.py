@@ -57,6 +57,9 @@ def doctor() -> str:
     out = ["musefast doctor", "==============="]
     out += _versions()
     out += _build_lines(status)
+    from musefast.engine import cpu as cpu_engine
+
+    out += cpu_engine.describe()
     out.append(auto_order_table())
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:

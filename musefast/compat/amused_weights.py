@@ -152,14 +152,22 @@ def load_converted(build: Callable[[], nn.Module], folder: str | os.PathLike,
                    dtype: torch.dtype | None = None) -> nn.Module:
     """``build()`` a module (on the meta device: no time spent on a random init) and fill it
     with a diffusers folder's weights, strictly. It keeps the file's dtype unless ``dtype`` is
-    given; returned in eval mode on ``device`` (default CPU)."""
+    given (``"auto"``: see :func:`musefast.engine.cpu.resolve_dtype`); returned in eval mode on
+    ``device`` (default CPU), with the CPU engine applied there."""
     files = weights_files(folder, variant)
     source = str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} shards)"
     state = load_weights(files)
+    if dtype == "auto":  # bf16 on a CPU that computes it natively (musefast.engine.cpu)
+        from musefast.engine.cpu import resolve_dtype
+
+        dtype = resolve_dtype(dtype, device, next((t.dtype for t in state.values() if t.is_floating_point()),
+                                                  torch.float32), sum(t.numel() for t in state.values()))
     with torch.device("meta"):
         module = build()
     converted = convert_strict(module, state, source_keys, source=source)
     module.load_state_dict(converted, strict=True, assign=True)
     if device is not None or dtype is not None:
         module.to(device=device, dtype=dtype)
-    return module.eval()
+    from musefast.engine.cpu import apply_default  # the CPU path (packed oneDNN linears) by default
+
+    return apply_default(module.eval())

@@ -194,7 +194,8 @@ def load_component(
         cls_registry: ``{class name: class}``, or one class (then ``_class`` must name it);
             default: every class registered with :func:`register_component`.
         device, dtype: where and in which floating dtype to put the module (default: CPU,
-            float32 as constructed; the file's values are cast into it).
+            float32 as constructed; the file's values are cast into it; ``"auto"``: see
+            :func:`musefast.engine.cpu.resolve_dtype`). On a CPU the CPU engine is applied.
 
     Returns:
         the module in eval mode.
@@ -213,6 +214,12 @@ def load_component(
     module = cls(config)
     weights = folder / WEIGHTS_NAME
     load_weights_strict(module, load_state_dict_file(weights), source=str(weights))
+    if dtype == "auto":  # bf16 on a CPU that computes it natively (musefast.engine.cpu)
+        from musefast.engine.cpu import resolve_dtype
+
+        dtype = resolve_dtype(dtype, device, torch.float32, sum(p.numel() for p in module.parameters()))
     if device is not None or dtype is not None:
         module.to(device=device, dtype=dtype)
-    return module.eval()
+    from musefast.engine.cpu import apply_default  # the CPU path (packed oneDNN linears) by default
+
+    return apply_default(module.eval())

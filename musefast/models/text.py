@@ -415,14 +415,24 @@ class TextEncoder(nn.Module):
         if saved_class != cls.__name__:
             raise ValueError(f"{path} holds a {saved_class}, not a {cls.__name__}: use load_text_encoder "
                              f"or {saved_class}.from_pretrained")
-        model_kw = {"dtype": dtype} if dtype is not None else {}
+        auto = dtype == "auto"  # ours (musefast.engine.cpu), not transformers' "the file's dtype"
+        model_kw = {"dtype": dtype} if dtype is not None and not auto else {}
         with _no_transformers_bars():
             model = getattr(transformers, cls.model_class).from_pretrained(
                 model_src, subfolder=subfolder or "", local_files_only=model_local or local_files_only, **model_kw)
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             tok_src, subfolder=tokenizer_subfolder or "", local_files_only=tok_local or local_files_only)
         encoder = cls(model, tokenizer, **{**saved, **settings})
-        return encoder.to(device) if device is not None else encoder
+        if auto:
+            from musefast.engine.cpu import resolve_dtype
+
+            dtype = resolve_dtype("auto", device, encoder.dtype, sum(p.numel() for p in model.parameters()))
+        if device is not None or (auto and dtype != encoder.dtype):
+            encoder.to(device=device, dtype=dtype if auto else None)
+        from musefast.engine.cpu import apply_default  # the CPU path (packed oneDNN linears) by default
+
+        apply_default(encoder.model)
+        return encoder
 
 
 @contextlib.contextmanager

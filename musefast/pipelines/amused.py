@@ -25,6 +25,7 @@ decodes in float32. Batch order follows diffusers: with several prompts and
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -40,6 +41,7 @@ from musefast.compat.amused_scheduler import (
     choice_temperatures,
     seed_from_generator,
 )
+from musefast.engine import cpu as cpu_engine
 from musefast.models.text import CLIPTextEncoder, TextEmbeddings
 from musefast.models.uvit import UVit2D
 from musefast.models.vqgan import VQGAN
@@ -93,12 +95,14 @@ class AmusedPipeline(ProgressBarConfig):
             raise ValueError(f"masking_schedule must be one of {MASKING_SCHEDULES}, got {masking_schedule!r}")
         self.masking_schedule = masking_schedule
         self.sampler = _check_sampler(sampler)
+        self._compat_source: dict | None = None  # set by from_pretrained when dtype="auto" changed the dtype
+        self._compat_twin: AmusedPipeline | None = None
 
     # -- loading -----------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, folder_or_hub_id: str | os.PathLike, *, variant: str | None = None,
-                        device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None, dtype: torch.dtype | str | None = "auto",
                         sampler: str = "fused", backend: str | None = None,
                         local_files_only: bool = False) -> "AmusedPipeline":
         """Load a diffusers aMUSEd folder, or a hub id (``amused/amused-256``) — downloaded with
@@ -107,8 +111,13 @@ class AmusedPipeline(ProgressBarConfig):
         Args:
             variant: weight variant (``"fp16"``): its files are used where present (only
                 they are downloaded for a hub id).
-            device, dtype: where to run and the transformer's / text encoder's dtype (default:
-                the files' dtype). The VQ is always float32.
+            device, dtype: where to run and the transformer's / text encoder's dtype. The VQ is
+                always float32. ``None``: the files' dtype. ``"auto"`` (default): on a CPU with
+                native bf16 (AVX512-BF16 or AMX) float32 weights run in bfloat16, else as stored —
+                except for the compat sampler, which promises diffusers' tokens for a seed and so
+                runs in the weights' own dtype: with ``sampler="compat"`` here the pipeline loads
+                in that dtype, and a ``sampler="compat"`` call on a pipeline that "auto" put in
+                bf16 runs on a twin loaded once in the weights' dtype. Pass a dtype to choose.
             sampler: default sampler (``"fused"`` or ``"compat"``).
             backend: attention backend of the transformer (None = best available).
         """
@@ -123,16 +132,34 @@ class AmusedPipeline(ProgressBarConfig):
         for sub in ("transformer", "vqvae", "text_encoder", "tokenizer", "scheduler"):
             if not (folder / sub).is_dir():
                 raise FileNotFoundError(f"aMUSEd folder {folder} has no {sub}/ sub-folder")
+        sampler = _check_sampler(sampler)
+        weights_dtype, num_params = _file_dtype(folder / "transformer", _present(variant, folder / "transformer"))
+        run_dtype = dtype
+        if dtype == "auto":
+            run_dtype = (weights_dtype if sampler == "compat"
+                         else cpu_engine.resolve_dtype(dtype, device, weights_dtype, num_params))
         transformer = UVit2D.from_pretrained(folder / "transformer", variant=_present(variant, folder / "transformer"),
-                                             device=device, dtype=dtype, backend=backend)
+                                             device=device, dtype=run_dtype, backend=backend)
         vqvae = load_vqmodel(folder / "vqvae", variant=_present(variant, folder / "vqvae"), device=device)
-        text_encoder = _load_clip(folder, variant, device, dtype)
+        text_encoder = _load_clip(folder, variant, device, None if dtype == "auto" and run_dtype == weights_dtype
+                                  else run_dtype)
         scheduler_file = folder / "scheduler" / "scheduler_config.json"
         if not scheduler_file.is_file():
             raise FileNotFoundError(f"{scheduler_file} not found")
         scheduler = json.loads(scheduler_file.read_text())
-        return cls(vqvae, text_encoder, transformer, mask_token_id=scheduler.get("mask_token_id"),
+        pipe = cls(vqvae, text_encoder, transformer, mask_token_id=scheduler.get("mask_token_id"),
                    masking_schedule=scheduler.get("masking_schedule", "cosine"), sampler=sampler)
+        if run_dtype != weights_dtype and dtype == "auto":  # compat calls need the weights' own dtype
+            pipe._compat_source = dict(folder_or_hub_id=folder, variant=variant, device=device, backend=backend)
+        return pipe
+
+    def _compat_pipeline(self) -> "AmusedPipeline":
+        """The twin a compat call runs on when ``dtype="auto"`` changed this pipeline's dtype:
+        loaded once from the same folder in the weights' own dtype."""
+        if self._compat_twin is None:
+            self._compat_twin = type(self).from_pretrained(**self._compat_source, dtype=None, sampler="compat",
+                                                           local_files_only=True)
+        return self._compat_twin
 
     def to(self, device=None, dtype=None) -> "AmusedPipeline":
         """Move every component to ``device``; ``dtype`` applies to the transformer and the text
@@ -293,6 +320,9 @@ class AmusedPipeline(ProgressBarConfig):
         — for ``"pil"`` a list that also answers ``.images`` — or diffusers' output object with
         ``return_dict=True``, a 1-tuple with ``return_dict=False``.
         """
+        call_args = {k: v for k, v in locals().items() if k != "self"}
+        if (sampler or self.sampler) == "compat" and self._compat_source is not None:
+            return self._compat_pipeline()(**call_args)  # the weights' own dtype: see from_pretrained
         if cross_attention_kwargs:
             raise ValueError("cross_attention_kwargs (LoRA scales, attention processors) are not supported")
         if output_type not in OUTPUT_TYPES:
@@ -588,6 +618,26 @@ def _present(variant: str | None, folder: Path) -> str | None:
     return variant if variant and any(folder.glob(f"*.{variant}.safetensors*")) else None
 
 
+def _file_dtype(folder: Path, variant: str | None) -> tuple[torch.dtype, int | None]:
+    """(floating dtype, parameter count) of a diffusers component folder's weights, read from
+    the safetensors header; (float32, None) when the folder holds another format."""
+    from safetensors import safe_open
+
+    name = f"diffusion_pytorch_model.{variant}.safetensors" if variant else "diffusion_pytorch_model.safetensors"
+    files = [folder / name] if (folder / name).is_file() else sorted(folder.glob("*.safetensors"))
+    dtype, count = torch.float32, 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                tensor = f.get_slice(key)
+                dtype = _SAFETENSORS_FLOATS.get(tensor.get_dtype(), dtype)
+                count += math.prod(tensor.get_shape())
+    return dtype, count if files else None
+
+
+_SAFETENSORS_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
 def _load_clip(folder: Path, variant: str | None, device, dtype) -> CLIPTextEncoder:
     """CLIP text encoder + tokenizer of an aMUSEd folder, preferring the weight ``variant``."""
     te = folder / "text_encoder"
@@ -603,4 +653,7 @@ def _load_clip(folder: Path, variant: str | None, device, dtype) -> CLIPTextEnco
         te, variant=use, local_files_only=True, **({"dtype": dtype} if dtype is not None else {}))
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     encoder = CLIPTextEncoder(model, tokenizer)
-    return encoder.to(device) if device is not None else encoder
+    if device is not None:
+        encoder.to(device)
+    cpu_engine.apply_default(encoder.model)
+    return encoder

@@ -19,38 +19,40 @@ PIPELINE_CLASSES = {"MusePipeline": MusePipeline, **{name: AmusedPipeline for na
 
 
 def load(name_or_path: str | os.PathLike = "demo", *, device: str | torch.device | None = None,
-         dtype: torch.dtype | None = None, torch_dtype: torch.dtype | None = None):
+         dtype: torch.dtype | str | None = "auto", torch_dtype: torch.dtype | None = None):
     """Load a pipeline.
 
     ``name_or_path``: ``"demo"`` (the model embedded in the package); a local folder in
     musefast format (``model_index.json`` written by ``save_pretrained``) or in diffusers'
     aMUSEd layout (an :class:`AmusedPipeline`) or Meissonic's (a :class:`MeissonicPipeline`,
     recognised by its transformer config's keys); or a hub id (``owner/name``), downloaded with
-    huggingface_hub — only when you name one and no such local folder exists.
-    ``torch_dtype`` is diffusers' name for ``dtype``. A device that is not available here is
-    refused before anything loads.
-    """
-    from musefast.pipelines.options import check_device, pick
+    huggingface_hub — only when you name one and no such local folder exists. A device that is
+    not available here is refused before anything loads.
 
-    dtype = pick("dtype", dtype, "torch_dtype", torch_dtype)
+    ``dtype``: of the transformer(s) and text encoder (the VQ stays float32). ``"auto"``
+    (default): bfloat16 on a CPU that computes it natively (AVX512-BF16 or AMX), else the
+    weights' own dtype; a compat-sampler call still runs in the weights' dtype (see
+    :meth:`AmusedPipeline.from_pretrained`). ``None``: the weights' dtype. ``torch_dtype`` is
+    diffusers' name for ``dtype``. On a CPU every model runs through musefast's CPU engine
+    (packed oneDNN linears; ``musefast doctor``).
+    """
+    from musefast.pipelines.options import check_device, diffusers_dtype
+
+    dtype = diffusers_dtype(dtype, torch_dtype)
     check_device(device)
     if str(name_or_path) == "demo":
         from musefast.pipelines import demo
 
-        pipe = demo.load_demo()
-    else:
-        folder = _resolve(name_or_path)
-        index = _read_index(folder)
-        cls_name = index.get("_class") or index.get("_class_name")
-        if is_meissonic_pipeline(folder):  # the peer's class names are generic: its transformer config's keys tell
-            cls_name = "MeissonicPipeline"
-        if cls_name not in PIPELINE_CLASSES:
-            raise ValueError(f"{folder / PIPELINE_INDEX}: unsupported pipeline class {cls_name!r}; "
-                             f"this version loads {sorted(PIPELINE_CLASSES)}")
-        pipe = PIPELINE_CLASSES[cls_name].from_pretrained(folder)
-    if device is not None or dtype is not None:
-        pipe.to(device=device, dtype=dtype)
-    return pipe
+        return demo.load_demo(device=device, dtype=dtype)
+    folder = _resolve(name_or_path)
+    index = _read_index(folder)
+    cls_name = index.get("_class") or index.get("_class_name")
+    if is_meissonic_pipeline(folder):  # the peer's class names are generic: its transformer config's keys tell
+        cls_name = "MeissonicPipeline"
+    if cls_name not in PIPELINE_CLASSES:
+        raise ValueError(f"{folder / PIPELINE_INDEX}: unsupported pipeline class {cls_name!r}; "
+                         f"this version loads {sorted(PIPELINE_CLASSES)}")
+    return PIPELINE_CLASSES[cls_name].from_pretrained(folder, device=device, dtype=dtype)
 
 
 def _resolve(name_or_path) -> Path:

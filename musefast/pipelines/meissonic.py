@@ -24,6 +24,7 @@ import torch
 
 from musefast.compat.amused_scheduler import AmusedCompatSampler
 from musefast.compat.meissonic import is_meissonic_transformer
+from musefast.engine import cpu as cpu_engine
 from musefast.models.meissonic import MeissonicTransformer
 from musefast.models.text import CLIPTextEncoder
 from musefast.models.vqgan import VQGAN
@@ -36,6 +37,7 @@ from musefast.pipelines.amused import (
     _check_sampler,
     _load_clip,
     _match_batch,
+    _file_dtype,
     _present,
     _resolve,
     _resolve_seed,
@@ -78,7 +80,7 @@ class MeissonicPipeline(AmusedPipeline):
 
     @classmethod
     def from_pretrained(cls, folder_or_hub_id: str | os.PathLike, *, variant: str | None = None,
-                        dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                        dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
                         text_encoder: CLIPTextEncoder | None = None, sampler: str = "fused",
                         backend: str | None = None, local_files_only: bool = False) -> "MeissonicPipeline":
         """Load a Meissonic/Monetico pipeline folder or hub id (``MeissonFlow/Meissonic``;
@@ -88,7 +90,10 @@ class MeissonicPipeline(AmusedPipeline):
             variant: weight variant (``"fp16"``): its files are used where present (only they
                 are downloaded for a hub id); a folder holding only a variant loads it anyway.
             dtype, device: the transformer's and text encoder's dtype (default: the files') and
-                where to run. The VQ is always float32.
+                where to run. The VQ is always float32. ``"auto"`` (what ``musefast.load`` passes):
+                bfloat16 on a GPU and on a CPU that computes it natively (for models of 20M+
+                parameters), else the files' dtype; a compat-sampler call then runs on a twin in
+                the files' dtype, so it keeps the peer's tokens.
             text_encoder: a ready :class:`CLIPTextEncoder` to use instead of the folder's (the
                 authors' inference.py swaps in the original LAION CLIP-H), used as given: build
                 it with ``max_length=77`` to pad prompts as the peer does.
@@ -104,16 +109,27 @@ class MeissonicPipeline(AmusedPipeline):
         for sub in needed:
             if not (folder / sub).is_dir():
                 raise FileNotFoundError(f"Meissonic folder {folder} has no {sub}/ sub-folder")
+        requested = dtype
+        if dtype == "auto":
+            weights_dtype, num_params = _file_dtype(folder / "transformer", _present(variant, folder / "transformer"))
+            on_gpu = device is not None and torch.device(device).type == "cuda"
+            dtype = (weights_dtype if sampler == "compat" else torch.bfloat16 if on_gpu
+                     else cpu_engine.resolve_dtype("auto", device, weights_dtype, num_params))
+            dtype = None if dtype == weights_dtype else dtype
         transformer = MeissonicTransformer.from_pretrained(
             folder / "transformer", variant=_present(variant, folder / "transformer"), device=device, dtype=dtype,
             backend=backend)
+        cpu_engine.apply_default(transformer)
         vqvae = load_vqmodel(folder / "vqvae", variant=_present(variant, folder / "vqvae"), device=device)
         if text_encoder is None:
             loaded = _load_clip(folder, variant, device, dtype)
             text_encoder = CLIPTextEncoder(loaded.model, loaded.tokenizer, max_length=TEXT_LENGTH)
         scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-        return cls(vqvae, text_encoder, transformer, mask_token_id=scheduler.get("mask_token_id"),
+        pipe = cls(vqvae, text_encoder, transformer, mask_token_id=scheduler.get("mask_token_id"),
                    masking_schedule=scheduler.get("masking_schedule", "cosine"), sampler=sampler)
+        if requested == "auto" and dtype is not None:  # compat calls need the files' own dtype
+            pipe._compat_source = dict(folder_or_hub_id=folder, variant=variant, device=device, backend=backend)
+        return pipe
 
     @property
     def image_size(self) -> int:
@@ -162,6 +178,9 @@ class MeissonicPipeline(AmusedPipeline):
         ``num_steps`` (= num_inference_steps, musefast's name), ``backend`` and ``progress``. ``output_type``: ``"pil"``, ``"np"``, ``"pt"``, or
         ``"latent"`` / ``"tokens"`` (the token grid). Returns as :meth:`AmusedPipeline.__call__`.
         """
+        call_args = {k: v for k, v in locals().items() if k != "self"}
+        if (sampler or self.sampler) == "compat" and self._compat_source is not None:
+            return self._compat_pipeline()(**call_args)  # the files' own dtype: see from_pretrained
         if cross_attention_kwargs:
             raise ValueError("cross_attention_kwargs (LoRA scales, attention processors) are not supported")
         if output_type not in OUTPUT_TYPES:

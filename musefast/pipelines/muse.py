@@ -21,8 +21,8 @@ from musefast.models.text import TextEmbeddings, as_text_embeddings, load_text_e
 from musefast.models.transformer import Context, MuseTransformer, SuperResTransformer
 from musefast.models.vqgan import VQGAN
 from musefast.pipelines.images import OUTPUT_TYPES, ImageList, PipelineOutput, format_output, to_mask, to_tensor, token_mask
-from musefast.pipelines.options import (ProgressBarConfig, check_device, pick, resize_images, resize_mask,
-                                        resolve_seed, size_error, to_arguments)
+from musefast.pipelines.options import (ProgressBarConfig, check_device, diffusers_dtype, pick, resize_images,
+                                        resize_mask, resolve_seed, size_error, to_arguments)
 from musefast.sampling import GuidedForward, MaskGitSampler, check_guidance_scale, uses_guidance
 
 PIPELINE_INDEX = "model_index.json"
@@ -510,9 +510,13 @@ class MusePipeline(ProgressBarConfig):
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, *, device=None, dtype=None, torch_dtype=None) -> "MusePipeline":
-        """Load a folder written by :meth:`save_pretrained` (``torch_dtype`` = ``dtype``, diffusers' name)."""
-        dtype = pick("dtype", dtype, "torch_dtype", torch_dtype)
+    def from_pretrained(cls, folder: str | os.PathLike, *, device=None, dtype="auto",
+                        torch_dtype=None) -> "MusePipeline":
+        """Load a folder written by :meth:`save_pretrained`. ``dtype`` of the transformers:
+        ``"auto"`` (default) = bfloat16 on a CPU with native bf16, else float32 (see
+        :func:`musefast.engine.cpu.resolve_dtype`); None = float32. The VQGANs stay float32.
+        ``torch_dtype`` is diffusers' name for ``dtype``."""
+        dtype = diffusers_dtype(dtype, torch_dtype)
         folder = Path(folder)
         index_file = folder / PIPELINE_INDEX
         if not index_file.is_file():
@@ -525,7 +529,8 @@ class MusePipeline(ProgressBarConfig):
                 raise FileNotFoundError(f"component {name!r} missing: {path}")
             try:
                 parts[name] = (load_text_encoder(path, device=device) if name == "text_encoder"
-                               else load_component(path, device=device, dtype=dtype))
+                               else load_component(path, device=device,
+                                                   dtype=None if name.startswith("vqgan") else dtype))
             except (OSError, ValueError, RuntimeError) as exc:
                 message = str(exc)
                 if str(path) not in message:  # transformers' errors do not always name the folder

@@ -31,6 +31,15 @@ def resolve_seed(seed, generator=None) -> int | list[int]:
     return int(seed)
 
 
+def diffusers_dtype(dtype, torch_dtype):
+    """``dtype`` (default ``"auto"``) or diffusers' ``torch_dtype``; naming both differently is an error."""
+    if torch_dtype is None:
+        return dtype
+    if dtype not in (None, "auto") and dtype != torch_dtype:
+        raise ValueError("pass dtype or torch_dtype, not both")
+    return torch_dtype
+
+
 def pick(name: str, value, diffusers_name: str, diffusers_value):
     """One of two spellings of an argument (musefast's, diffusers'), or an error for both."""
     if diffusers_value is None:

@@ -1,0 +1,358 @@
+"""aMUSEd on a CPU: musefast (its CPU engine) vs diffusers eager vs OpenVINO, side by side in one run.
+
+(a) one transformer forward at the CFG batch (B = 2) on the real aMUSEd architectures (random
+weights); (b) text to image end to end through each pipeline's public call: 12 steps, batch 1,
+CLIP-L-sized text encoder and VQ decode included.
+
+Peers: diffusers' ``UVit2DModel`` / ``AmusedPipeline`` in eager PyTorch, and OpenVINO — the same
+diffusers modules converted with ``openvino.convert_model`` and compiled for the CPU with the f32
+and bf16 precision hints, run inside diffusers' pipeline as OpenVINO's aMUSEd notebook does
+(transformer, text encoder and VQ decoder replaced by callables over the compiled models).
+OpenVINO is optional: its cases are skipped with a reason when it is not installed.
+
+Implementations are timed interleaved (round robin, ``ROUNDS`` rounds) in one process, and the
+median, min and max are recorded: the machine may be shared. Size by ``MUSEFAST_CPU_BENCH``:
+``reduced`` (default: small widths, for CI), ``amused-256`` or ``amused-512`` (forward only:
+one forward of each is minutes on 2 cores). Threads: torch's (``OMP_NUM_THREADS``), the same
+count given to OpenVINO.
+
+    MUSEFAST_CPU_BENCH=amused-256 pytest benchmarks/test_bench_cpu_peers.py \\
+        --benchmark-json benchmarks/results/cpu-<date>.json
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+diffusers = pytest.importorskip("diffusers")
+
+from musefast.engine import cpu  # noqa: E402
+
+SIZE = os.environ.get("MUSEFAST_CPU_BENCH", "reduced")
+ROUNDS = int(os.environ.get("MUSEFAST_CPU_BENCH_ROUNDS", "5" if SIZE == "reduced" else "3"))
+STEPS = 12
+PROMPT = "a photo of a red cat on the house"
+
+_UVIT = {  # diffusers UVit2DModel configs (the class defaults are amused-256's)
+    "amused-256": dict(sample_size=16),
+    "amused-512": dict(sample_size=32, downsample=True, upsample=True),
+    "reduced": dict(sample_size=16, hidden_size=256, num_attention_heads=4, num_hidden_layers=4, in_channels=128,
+                    block_out_channels=128, block_num_heads=4, num_res_blocks=1, intermediate_size=704,
+                    cond_embed_dim=256, encoder_hidden_size=256),
+}
+_VQ = {
+    "full": dict(block_out_channels=(128, 256, 256, 512, 768), layers_per_block=2),
+    "reduced": dict(block_out_channels=(32, 32, 64, 64, 64), layers_per_block=1),
+}
+
+
+def _rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError:
+        return None
+    return openvino
+
+
+def _rounds(benchmark) -> int:
+    """One round under ``--benchmark-disable`` (CI checks that the suite runs, not the figures)."""
+    return 1 if getattr(benchmark, "disabled", False) else ROUNDS
+
+
+def _interleaved(fns: dict, rounds: int) -> dict:
+    """Round-robin timing: one warm-up call each, then ``rounds`` rounds -> per-name stats (ms)."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(1e3 * (time.perf_counter() - t0))
+    return {name: dict(median_ms=statistics.median(ts), min_ms=min(ts), max_ms=max(ts), runs=ts)
+            for name, ts in times.items()}
+
+
+def _diffusers_uvit(size: str):
+    from diffusers import UVit2DModel
+
+    torch.manual_seed(0)
+    model = UVit2DModel(**_UVIT[size]).eval()
+    with torch.no_grad():  # GRN and norm parameters start at 0 / 1: give them values
+        for name, p in model.named_parameters():
+            if "gamma" in name or "beta" in name or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+class _UVitForOpenVINO(torch.nn.Module):
+    """Positional inputs for ``openvino.convert_model`` (the notebook's wrapper, our words)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, latents, micro_conds, pooled_text_emb, encoder_hidden_states):
+        return self.model(latents, micro_conds=micro_conds, pooled_text_emb=pooled_text_emb,
+                          encoder_hidden_states=encoder_hidden_states)
+
+
+def _compile(ov, model, example: dict, hint: str):
+    core = ov.Core()
+    config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    return core.compile_model(model, "CPU", config)
+
+
+def _flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+# -- (a) one transformer forward at B = 2 --------------------------------------------------------
+
+FORWARD_SIZES = ["reduced"] if SIZE == "reduced" else [SIZE]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("size", FORWARD_SIZES)
+def test_cpu_forward(benchmark, size, dtype):
+    """musefast UVit2D (plain and CPU engine) vs diffusers UVit2DModel vs OpenVINO, B = 2."""
+    from musefast.compat.amused_weights import convert_strict
+    from musefast.models.uvit import UVit2D, UVit2DConfig, diffusers_source_keys
+
+    dt = getattr(torch, dtype)
+    if dt == torch.bfloat16 and not cpu.cpu_isa()["bf16"]:
+        pytest.skip("the CPU has no native bf16 (AVX512-BF16 / AMX): bf16 is emulated here")
+    theirs = _diffusers_uvit(size)
+    cfg = UVit2DConfig(**{k: v for k, v in theirs.config.items() if k in UVit2DConfig.__dataclass_fields__})
+    with torch.device("meta"):
+        ours = UVit2D(cfg)
+    ours.load_state_dict(convert_strict(ours, theirs.state_dict(), diffusers_source_keys, source="diffusers"),
+                         assign=True)
+    ours.eval().to(dt)
+    B, side = 2, cfg.sample_size
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.codebook_size, (B, side, side), generator=g)
+    hidden = torch.randn(B, 77, cfg.encoder_hidden_size, generator=g)
+    pooled = torch.randn(B, cfg.cond_embed_dim, generator=g)
+    micro = torch.tensor([256.0, 256, 0, 0, 6]).expand(B, 5).contiguous()
+    info = benchmark.extra_info
+    rss_before = _rss_gib()
+    with torch.no_grad():
+        context = ours.prepare_context(hidden.to(dt), pooled.to(dt), micro[0])
+        report = cpu.apply(ours)
+        info["pack_seconds"] = report.pack_seconds
+        info["packed_mib"] = report.packed_bytes / 2**20
+        info["weights_mib"] = report.weight_bytes / 2**20
+        ex = dict(latents=tokens, micro_conds=micro, pooled_text_emb=pooled, encoder_hidden_states=hidden)
+        ex_dt = {k: (v.to(dt) if v.is_floating_point() else v) for k, v in ex.items()}
+
+        def plain():
+            with cpu.plain():
+                return ours(tokens, context=context)
+
+        fns = {"musefast": lambda: ours(tokens, context=context), "musefast_plain": plain}
+        ov = _openvino()
+        if ov is not None:
+            t0 = time.perf_counter()
+            converted = ov.convert_model(_UVitForOpenVINO(theirs), example_input=ex)
+            info["openvino_convert_s"] = time.perf_counter() - t0
+            compiled = _compile(ov, converted, ex, "f32" if dt == torch.float32 else "bf16")
+            del converted
+            gc.collect()
+            fns["openvino"] = lambda: compiled(ex)
+        else:
+            info["openvino"] = "skipped: openvino is not installed (pip install openvino)"
+        theirs.to(dt)
+        fns["diffusers"] = lambda: theirs(ex_dt["latents"], micro_conds=ex_dt["micro_conds"],
+                                          pooled_text_emb=ex_dt["pooled_text_emb"],
+                                          encoder_hidden_states=ex_dt["encoder_hidden_states"])
+        flops = _flops(fns["diffusers"])
+        want = plain().float()
+        got = fns["musefast"]().float()
+        info["musefast_vs_plain_rel_err"] = ((got - want).norm() / want.norm()).item()
+        stats = _interleaved(fns, _rounds(benchmark))
+    benchmark.pedantic(fns["musefast"], rounds=1, iterations=1)
+    for name, s in stats.items():
+        info[f"{name}_ms"] = s["median_ms"]
+        info[f"{name}_min_max_ms"] = [s["min_ms"], s["max_ms"]]
+        info[f"{name}_gflops"] = flops / s["median_ms"] / 1e6
+    for peer in ("diffusers", "openvino", "musefast_plain"):
+        if f"{peer}_ms" in info:
+            info[f"speedup_vs_{peer}"] = info[f"{peer}_ms"] / info["musefast_ms"]
+    info.update(size=size, dtype=dtype, batch=B, threads=torch.get_num_threads(), gflop=flops / 1e9,
+                rounds=_rounds(benchmark), peak_rss_gib=_rss_gib(), rss_before_gib=rss_before)
+
+
+# -- (b) text to image end to end -------------------------------------------------------------
+
+def _clip(size):
+    from tiny_text import clip_vocab_and_merges
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    vocab, merges = clip_vocab_and_merges()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    full = size != "reduced"
+    config = CLIPTextConfig(
+        vocab_size=49408 if full else len(vocab), hidden_size=768 if full else 256,
+        intermediate_size=3072 if full else 512, num_hidden_layers=12 if full else 2,
+        num_attention_heads=12 if full else 4, projection_dim=768 if full else 256, max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return CLIPTextModelWithProjection(config).eval(), tokenizer
+
+
+class _TextForOpenVINO(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        out = self.model(input_ids, return_dict=True, output_hidden_states=True)
+        return out.text_embeds, out.hidden_states[-2]
+
+
+class _VQDecodeForOpenVINO(torch.nn.Module):
+    def __init__(self, vq, shape):
+        super().__init__()
+        self.vq, self.shape = vq, shape
+
+    def forward(self, latents):
+        return self.vq.decode(latents, force_not_quantize=True, shape=self.shape).sample
+
+
+def _openvino_pipeline(ov, pipe, size, hint, converted):
+    """diffusers' AmusedPipeline whose transformer, text encoder and VQ decoder call compiled
+    OpenVINO models (what OpenVINO's aMUSEd notebook does)."""
+    from collections import namedtuple
+
+    from diffusers import AmusedPipeline
+
+    text = _compile(ov, converted["text"], None, hint)
+    uvit = _compile(ov, converted["uvit"], None, hint)
+    vq = _compile(ov, converted["vq"], None, "f32")  # the VQ decodes in fp32, as diffusers' force_upcast
+    Out = namedtuple("Out", "text_embeds hidden_states")
+
+    class Anchored(torch.nn.Module):
+        """A weightless module that tells diffusers where it runs (diffusers reads ``.device``)."""
+
+        device = torch.device("cpu")
+
+    class Text(Anchored):
+        def __init__(self):
+            super().__init__()
+            self.config, self.dtype = pipe.text_encoder.config, torch.float32
+
+        def forward(self, input_ids, return_dict=True, output_hidden_states=True):
+            r = text({"input_ids": input_ids})
+            emb, hid = (torch.from_numpy(r[i]) for i in range(2))
+            return Out(emb, [hid, hid])  # the pipeline reads hidden_states[-2]
+
+    class UVit(Anchored):
+        def __init__(self):
+            super().__init__()
+            self.config = pipe.transformer.config
+
+        def forward(self, latents, micro_conds=None, pooled_text_emb=None, encoder_hidden_states=None, **_):
+            return torch.from_numpy(uvit({"latents": latents, "micro_conds": micro_conds,
+                                          "pooled_text_emb": pooled_text_emb,
+                                          "encoder_hidden_states": encoder_hidden_states})[0])
+
+    class VQ(Anchored):
+        def __init__(self):
+            super().__init__()
+            self.config, self.dtype = pipe.vqvae.config, torch.float32
+
+        def decode(self, latents, force_not_quantize=True, shape=None):
+            return namedtuple("Dec", "sample")(torch.from_numpy(vq({"latents": latents})[0]))
+
+    out = AmusedPipeline(vqvae=VQ(), tokenizer=pipe.tokenizer, text_encoder=Text(), transformer=UVit(),
+                         scheduler=copy.deepcopy(pipe.scheduler))
+    out.set_progress_bar_config(disable=True)
+    return out
+
+
+@pytest.mark.skipif(SIZE == "amused-512", reason="end to end at 512 is out of a CPU run's time budget")
+def test_cpu_end_to_end(benchmark, tmp_path):
+    """Text to image, 12 steps, batch 1: musefast (dtype auto and fp32) vs diffusers vs diffusers+OpenVINO."""
+    from diffusers import AmusedPipeline as DiffusersAmused
+    from diffusers import AmusedScheduler, VQModel
+
+    from musefast.pipelines.amused import AmusedPipeline
+
+    size = SIZE
+    torch.manual_seed(0)
+    vq_kw = _VQ["reduced" if size == "reduced" else "full"]
+    levels = len(vq_kw["block_out_channels"])
+    vqvae = VQModel(down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+                    latent_channels=64, num_vq_embeddings=8192, norm_num_groups=32, mid_block_add_attention=False,
+                    lookup_from_codebook=True, force_upcast=True, **vq_kw).eval()
+    text_encoder, tokenizer = _clip(size)
+    theirs = DiffusersAmused(vqvae=vqvae, tokenizer=tokenizer, text_encoder=text_encoder,
+                             transformer=_diffusers_uvit(size), scheduler=AmusedScheduler(mask_token_id=8255))
+    theirs.set_progress_bar_config(disable=True)
+    theirs.save_pretrained(tmp_path)
+    info = benchmark.extra_info
+    t0 = time.perf_counter()
+    ours = AmusedPipeline.from_pretrained(tmp_path)  # dtype="auto": the CPU default
+    info["musefast_load_s"] = time.perf_counter() - t0
+    info["musefast_auto_dtype"] = str(ours.dtype).removeprefix("torch.")
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    fns = {
+        "musefast": lambda: ours(PROMPT, seed=0, num_inference_steps=STEPS, output_type="pt", progress=False),
+        "diffusers_fp32": lambda: theirs(PROMPT, generator=gen(), num_inference_steps=STEPS, output_type="pt"),
+    }
+    if ours.dtype != torch.float32 and os.environ.get("MUSEFAST_CPU_BENCH_E2E_FP32", "0") == "1":
+        ours32 = AmusedPipeline.from_pretrained(tmp_path, dtype=torch.float32)  # a second copy: memory
+        fns["musefast_fp32"] = lambda: ours32(PROMPT, seed=0, num_inference_steps=STEPS, output_type="pt",
+                                              progress=False)
+    ov = _openvino()
+    if ov is not None:
+        side = theirs.transformer.config.sample_size
+        ids = tokenizer([PROMPT], return_tensors="pt", padding="max_length", max_length=77).input_ids
+        ex = dict(latents=torch.full((2, side, side), 8255), micro_conds=torch.rand(2, 5),
+                  pooled_text_emb=torch.rand(2, theirs.transformer.config.cond_embed_dim),
+                  encoder_hidden_states=torch.rand(2, 77, theirs.transformer.config.encoder_hidden_size))
+        t0 = time.perf_counter()
+        converted = {
+            "text": ov.convert_model(_TextForOpenVINO(text_encoder), example_input=(ids,)),
+            "uvit": ov.convert_model(_UVitForOpenVINO(theirs.transformer), example_input=ex),
+            "vq": ov.convert_model(_VQDecodeForOpenVINO(vqvae, (1, side, side, 64)),
+                                   example_input=(torch.randint(0, 8192, (1, side, side)),)),
+        }
+        info["openvino_convert_s"] = time.perf_counter() - t0
+        for hint in ("f32", "bf16") if cpu.cpu_isa()["bf16"] else ("f32",):
+            ovp = _openvino_pipeline(ov, theirs, size, hint, converted)
+            fns[f"openvino_{hint}"] = (lambda p=ovp: p(PROMPT, generator=gen(), num_inference_steps=STEPS,
+                                                       output_type="pt"))
+        del converted
+        gc.collect()
+    else:
+        info["openvino"] = "skipped: openvino is not installed (pip install openvino)"
+    with torch.no_grad():
+        stats = _interleaved(fns, _rounds(benchmark))
+    benchmark.pedantic(fns["musefast"], rounds=1, iterations=1)
+    for name, s in stats.items():
+        info[f"{name}_ms"] = s["median_ms"]
+        info[f"{name}_min_max_ms"] = [s["min_ms"], s["max_ms"]]
+    for peer in [n for n in stats if n != "musefast"]:
+        info[f"speedup_vs_{peer}"] = info[f"{peer}_ms"] / info["musefast_ms"]
+    info.update(size=size, steps=STEPS, batch=1, threads=torch.get_num_threads(), rounds=_rounds(benchmark),
+                peak_rss_gib=_rss_gib())

@@ -1,0 +1,197 @@
+"""The CPU engine (musefast.engine.cpu): packed oneDNN linears and fused epilogues give the plain
+path's logits, leave the weights ordinary, and ``dtype="auto"`` falls back to fp32 without the ISA."""
+import copy
+
+import pytest
+import torch
+
+from musefast.engine import cpu
+from musefast.models.serialization import load_component, save_component
+from musefast.models.transformer import MuseTransformer, MuseTransformerConfig
+from musefast.models.uvit import UVit2D, UVit2DConfig
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+UVIT = UVit2DConfig(hidden_size=64, cond_embed_dim=32, micro_cond_encode_dim=16, micro_cond_embed_dim=80,
+                    encoder_hidden_size=48, vocab_size=72, codebook_size=64, in_channels=32, block_out_channels=32,
+                    num_res_blocks=1, block_num_heads=2, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=96, sample_size=4, downsample=True, upsample=True)
+
+
+def _uvit(seed=0):
+    torch.manual_seed(seed)
+    model = UVit2D(UVIT).eval()
+    with torch.no_grad():  # GRN gamma/beta start at 0: give every parameter a value
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _uvit_inputs(model, B=3):
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 72, (B, 4, 4), generator=g)
+    ctx = model.prepare_context(torch.randn(B, 7, 48, generator=g).to(model.dtype),
+                                torch.randn(B, 32, generator=g).to(model.dtype), torch.tensor([64, 64, 0, 0, 6.0]))
+    return tokens, ctx
+
+
+def _muse(mlp, seed=0):
+    torch.manual_seed(seed)
+    cfg = MuseTransformerConfig(codebook_size=40, grid_size=4, dim=48, depth=2, num_heads=3, text_dim=24, mlp=mlp,
+                                head_mlp=True)
+    return MuseTransformer(cfg).eval()
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@torch.no_grad()
+def _plain_and_packed(model, run):
+    with cpu.plain():
+        plain = run()
+    report = cpu.apply(model)
+    assert report.linears > 0 and report.packed_bytes > 0
+    return plain, run()
+
+
+def test_uvit_packed_equals_plain_fp32(monkeypatch):
+    model = _uvit()
+    tokens, ctx = _uvit_inputs(model)
+    calls = {"linear": 0, "linear_mul": 0}
+    for name in calls:  # count the oneDNN calls: the packed path must really run
+        def spy(*a, _name=name, _fn=getattr(cpu, name), **k):
+            calls[_name] += 1
+            return _fn(*a, **k)
+        monkeypatch.setattr(cpu, name, spy)
+    plain, packed = _plain_and_packed(model, lambda: model(tokens, context=ctx))
+    assert calls["linear"] >= 20 and calls["linear_mul"] == UVIT.num_hidden_layers
+    assert cpu.is_applied(model) and model.__dict__[cpu.REPORT_ATTR].fused_blocks > 0
+    assert _rel(packed, plain) < 1e-5
+
+
+@pytest.mark.parametrize("mlp", ["gelu", "geglu"])
+def test_muse_transformer_packed_equals_plain_fp32(mlp):
+    model = _muse(mlp)
+    tokens = torch.randint(0, 41, (2, 16))
+    text = torch.randn(2, 5, 24)
+    plain, packed = _plain_and_packed(model, lambda: model(tokens, text))
+    assert _rel(packed, plain) < 1e-5
+
+
+@torch.no_grad()
+def test_uvit_packed_bf16_within_twice_the_plain_bf16_error():
+    ref = _uvit()
+    tokens, ctx32 = _uvit_inputs(ref)
+    expected = ref(tokens, context=ctx32)
+    model = copy.deepcopy(ref).to(torch.bfloat16)
+    _, ctx = _uvit_inputs(model)
+    plain, packed = _plain_and_packed(model, lambda: model(tokens, context=ctx))
+    assert packed.dtype == torch.bfloat16
+    assert _rel(packed, expected) <= 2 * _rel(plain, expected) + 1e-3
+
+
+@torch.no_grad()
+def test_weights_stay_ordinary_and_the_cache_follows_them(tmp_path):
+    model = _uvit()
+    tokens, ctx = _uvit_inputs(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cpu.apply(model)
+    state = model.state_dict()
+    assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in state)
+    assert all(v.layout == torch.strided for v in state.values())
+    # load_state_dict writes in place: the packed weights must follow
+    other = _uvit(seed=5)
+    model.load_state_dict(other.state_dict())
+    with cpu.plain():
+        want = other(tokens, context=ctx)
+    assert _rel(model(tokens, context=ctx), want) < 1e-5
+    # .to(dtype): new storage, repacked in the new dtype
+    model.to(torch.bfloat16)
+    _, ctx16 = _uvit_inputs(model)
+    out16 = model(tokens, context=ctx16)
+    assert out16.dtype == torch.bfloat16 and torch.isfinite(out16.float()).all()
+    model.float()
+    # a deep copy packs its own weights; saving and loading see the ordinary weights
+    twin = copy.deepcopy(model)
+    _, ctx = _uvit_inputs(model)
+    assert _rel(twin(tokens, context=ctx), model(tokens, context=ctx)) < 1e-6
+    save_component(model, tmp_path / "uvit")
+    loaded = load_component(tmp_path / "uvit")
+    assert cpu.is_applied(loaded)  # loading applies the engine on a CPU by default
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    cpu.remove(model)
+    assert not cpu.is_applied(model) and "forward" not in model.embed.conv.__dict__
+
+
+@torch.no_grad()
+def test_engine_off_by_environment(tmp_path, monkeypatch):
+    save_component(_uvit(), tmp_path / "uvit")
+    monkeypatch.setenv("MUSEFAST_CPU_ENGINE", "0")
+    assert not cpu.is_applied(load_component(tmp_path / "uvit"))
+
+
+def test_grad_and_other_devices_take_the_plain_path():
+    model = _muse("geglu")
+    cpu.apply(model)
+    tokens, text = torch.randint(0, 41, (2, 16)), torch.randn(2, 5, 24)
+    model(tokens, text).sum().backward()  # oneDNN's op has no autograd: the plain path must run
+    assert model.head.weight.grad is not None
+
+
+def test_auto_dtype_follows_the_isa(monkeypatch):
+    monkeypatch.setattr(cpu, "cpu_isa", lambda: {"bf16": False, "int8": False, "onednn": True})
+    assert cpu.auto_dtype() == torch.float32
+    assert cpu.resolve_dtype("auto", "cpu", torch.float32) == torch.float32
+    assert "neither AVX512-BF16 nor AMX" in "\n".join(cpu.describe())
+    monkeypatch.setattr(cpu, "cpu_isa", lambda: {"bf16": True, "int8": True, "onednn": True})
+    assert cpu.resolve_dtype("auto", "cpu", torch.float32) == torch.bfloat16
+    assert cpu.resolve_dtype("auto", "cpu", torch.float16) == torch.float16  # half weights stay half
+    assert cpu.resolve_dtype("auto", "cuda", torch.float32) == torch.float32
+    assert cpu.resolve_dtype(None, "cpu", torch.float32) is None
+    with pytest.raises(ValueError, match="dtype must be"):
+        cpu.resolve_dtype("fast", "cpu", torch.float32)
+
+
+def test_doctor_reports_the_engine():
+    import musefast
+
+    model = _muse("gelu")
+    cpu.apply(model)
+    text = musefast.doctor()
+    assert "cpu engine:" in text and "MuseTransformer:" in text and "linears packed" in text
+
+
+@pytest.fixture(scope="module")
+def tiny_amused(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    from amused_tiny import make_tiny_amused
+
+    folder = tmp_path_factory.mktemp("amused")
+    make_tiny_amused(folder)
+    return folder
+
+
+@torch.no_grad()
+def test_auto_dtype_pipeline_and_the_compat_promise(tiny_amused, monkeypatch):
+    """dtype="auto" (the default) runs bf16 where the ISA has it; a compat call still gives the
+    tokens of the weights' own dtype, and sampler="compat" at load keeps that dtype."""
+    import musefast
+    from musefast.pipelines.amused import AmusedPipeline
+
+    monkeypatch.setattr(cpu, "cpu_isa", lambda: {"bf16": True, "int8": True, "onednn": True})
+    monkeypatch.setattr(cpu, "AUTO_BF16_MIN_PARAMS", 0)  # the tiny model counts as large here
+    auto = musefast.load(tiny_amused)
+    assert auto.dtype == torch.bfloat16 and auto.text_encoder.dtype == torch.bfloat16
+    assert next(auto.vqvae.parameters()).dtype == torch.float32
+    plain = AmusedPipeline.from_pretrained(tiny_amused, dtype=None)
+    assert plain.dtype == torch.float32
+    assert AmusedPipeline.from_pretrained(tiny_amused, sampler="compat").dtype == torch.float32
+    kw = dict(num_inference_steps=3, output_type="tokens", progress=False, sampler="compat")
+    want = plain("a red house", generator=torch.Generator().manual_seed(3), **kw)
+    got = auto("a red house", generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(got, want) and auto._compat_twin.dtype == torch.float32
+    fused = auto("a red house", seed=3, num_inference_steps=3, output_type="tokens", progress=False)
+    assert fused.shape == want.shape
+    monkeypatch.setattr(cpu, "cpu_isa", lambda: {"bf16": False, "int8": True, "onednn": True})
+    assert musefast.load(tiny_amused).dtype == torch.float32  # no native bf16: fp32
