@@ -120,7 +120,11 @@ def plain():
 
 
 def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the oneDNN path applies to this call (else the ordinary F.linear runs)."""
+    """Whether the oneDNN path applies to this call (else the ordinary F.linear runs). Under
+    torch.compile the ordinary path is traced: the packed-weight cache is Python state keyed by
+    data pointers, and the compiler plans its own matrix products."""
+    if torch.compiler.is_compiling():
+        return False
     return (not getattr(_switch, "off", False) and x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype
             and weight.dtype in _PACKABLE and weight.layout == torch.strided
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
