@@ -77,6 +77,8 @@ class MeissonicPipeline(AmusedPipeline):
             raise ValueError(f"masking_schedule must be 'cosine' or 'linear', got {masking_schedule!r}")
         self.masking_schedule = masking_schedule
         self.sampler = _check_sampler(sampler)
+        self._compat_source: dict | None = None  # set by from_pretrained when dtype="auto" changed the dtype
+        self._compat_twin: MeissonicPipeline | None = None
 
     @classmethod
     def from_pretrained(cls, folder_or_hub_id: str | os.PathLike, *, variant: str | None = None,

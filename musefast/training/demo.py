@@ -303,14 +303,17 @@ def estimate(cfg: DemoConfig, *, probe_steps: int = 6, probe_images: int = 256, 
     tokenize_per_image = (time.perf_counter() - t) / probe_images
     stage_transformer(probe, tokens, prompt_ids, table, vqgan.config.codebook_size, encoder.hidden_size, log,
                       progress)
-    result = {}
+    result, total = {}, 0.0
     for stage, steps in (("text_encoder", cfg.text.steps), ("vqgan", cfg.vqgan_train.steps),
                          ("transformer", cfg.transformer_train.steps)):
         s = per_step(stage)
+        total += s * steps
         result[stage] = {"seconds_per_step": round(s, 4), "steps": steps, "projected_s": round(s * steps, 1)}
+    total += tokenize_per_image * cfg.num_train_images
     result["tokenize"] = {"seconds_per_image": round(tokenize_per_image, 5), "images": cfg.num_train_images,
                           "projected_s": round(tokenize_per_image * cfg.num_train_images, 1)}
-    result["total_projected_s"] = round(sum(v["projected_s"] for v in result.values()), 1)
+    # summed before rounding: a tiny config's stages each round to 0.0 s but the whole is not free
+    result["total_projected_s"] = round(total, 3)
     result["torch_threads"] = torch.get_num_threads()
     return result
 
