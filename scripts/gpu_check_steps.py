@@ -420,7 +420,8 @@ def meissonic_1024(rehearse: bool, out: Path) -> dict:
     n, k = grid * grid, config.codebook_size
     figures = {"config": "tiny" if rehearse else "MeissonFlow/Meissonic", "weights": "random", "dtype": str(dtype)[6:],
                "tokens": [grid, grid], "parameters": sum(p.numel() for p in model.parameters()),
-               "weights_peak_mib": _peak_mib()}
+               "weights_mib": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1),
+               "build_peak_mib": _peak_mib()}  # includes the fp32 initialisation before the cast
     gen = torch.Generator(DEVICE).manual_seed(1)
     hidden = torch.randn(2, 77, config.joint_attention_dim, device=DEVICE, generator=gen, dtype=dtype)
     pooled = torch.randn(2, config.pooled_projection_dim, device=DEVICE, generator=gen, dtype=dtype)
