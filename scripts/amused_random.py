@@ -49,15 +49,21 @@ def _clip(full: bool, hidden: int, projection: int) -> CLIPTextEncoder:
     return CLIPTextEncoder(CLIPTextModelWithProjection(config).eval(), tokenizer)
 
 
+def random_vqgan(full: bool) -> VQGAN:
+    """aMUSEd's VQ (also MeissonFlow/Meissonic's: f = 16, 8192 x 64 codebook), or its tiny
+    twin, with random weights on the current default device."""
+    vq = dict(_VQ["full" if full else "tiny"])
+    levels = len(vq["block_out_channels"])
+    vq.update(down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
+              mid_block_add_attention=False, lookup_from_codebook=True)
+    return VQGAN(vqgan_config_from_diffusers(vq))
+
+
 def random_amused(size: str, device: str | torch.device, dtype: torch.dtype, seed: int = 0) -> AmusedPipeline:
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     torch.manual_seed(seed)
     full = size != "tiny"
-    vq = dict(_VQ["full" if full else "tiny"])
-    levels = len(vq["block_out_channels"])
-    vq.update(down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
-              mid_block_add_attention=False, lookup_from_codebook=True)
     with torch.device(device):  # initialise in place: a 600M-parameter model is slow to fill on a CPU
         config = UVit2DConfig(**_UVIT[size])
         transformer = UVit2D(config)
@@ -66,7 +72,7 @@ def random_amused(size: str, device: str | torch.device, dtype: torch.dtype, see
                 if "norm" in name or "gamma" in name or "beta" in name:
                     p.add_(0.1 * torch.randn_like(p))
         text = _clip(full, config.encoder_hidden_size, config.cond_embed_dim)
-        vqvae = VQGAN(vqgan_config_from_diffusers(vq))
+        vqvae = random_vqgan(full)
     pipe = AmusedPipeline(vqvae, text, transformer)
     return pipe.to(device=device, dtype=dtype)
 

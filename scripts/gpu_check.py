@@ -6,7 +6,8 @@
 Steps: install this checkout (editable, offline; a lent machine starts bare), record the
 environment, build musefast._C, ``musefast doctor --selftest``, ``pytest -m gpu``, benchmarks
 (VQ, attention, the decoding step; one aMUSEd decoding step eager / compiled / CUDA graph;
-aMUSEd-256 and -512 end to end with random weights). Each step
+aMUSEd-256 and -512 end to end with random weights; one Meissonic CFG step and VQ decode at
+1024², random weights, with peak GPU memory). Each step
 (scripts/gpu_check_steps.py) runs in its own subprocess with its own timeout, capped
 by what is left of the whole budget, so a hung compile or a crashed kernel costs one step, not
 the session. After every step DIR/gpu_report.json is rewritten (environment, per step: status,
@@ -49,6 +50,7 @@ STEPS = [
     ("bench_remask", 45, 60),
     ("decode_step", 90, 90),
     ("amused_e2e", 120, 90),
+    ("meissonic_1024", 60, 60),
 ]
 STEP_NAMES = [name for name, _, _ in STEPS]
 

@@ -387,8 +387,87 @@ def amused_e2e(rehearse: bool, out: Path) -> dict:
     return figures
 
 
+def _peak_mib():
+    """Peak GPU memory allocated since the last reset, in MiB (None on CPU); then reset."""
+    if not CUDA:
+        return None
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    torch.cuda.reset_peak_memory_stats()
+    return round(peak, 1)
+
+
+def meissonic_1024(rehearse: bool, out: Path) -> dict:
+    """One CFG decoding step of MeissonFlow/Meissonic at 1024² (64x64 tokens, both branches in
+    one B=2 forward, then ``cfg_sample_remask`` on the (1, 4096, 8192) halves) and the VQ decode
+    of 64x64 tokens to 1024² pixels, random weights; the rehearsal: a 1 + 1 block, 32-wide model,
+    8x8 tokens."""
+    from amused_random import random_vqgan
+
+    from musefast import ops
+    from musefast.models.meissonic import MeissonicConfig, MeissonicTransformer
+
+    if rehearse:
+        config, grid, dtype = MeissonicConfig(num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                              num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                              axes_dims_rope=(4, 6, 6), vocab_size=72, codebook_size=64), 8, \
+            torch.float32
+    else:
+        config, grid, dtype = MeissonicConfig(), 64, torch.bfloat16  # the defaults are MeissonFlow/Meissonic's
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = MeissonicTransformer(config).to(dtype).eval()
+    n, k = grid * grid, config.codebook_size
+    figures = {"config": "tiny" if rehearse else "MeissonFlow/Meissonic", "weights": "random", "dtype": str(dtype)[6:],
+               "tokens": [grid, grid], "parameters": sum(p.numel() for p in model.parameters()),
+               "weights_mib": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1),
+               "build_peak_mib": _peak_mib()}  # includes the fp32 initialisation before the cast
+    gen = torch.Generator(DEVICE).manual_seed(1)
+    hidden = torch.randn(2, 77, config.joint_attention_dim, device=DEVICE, generator=gen, dtype=dtype)
+    pooled = torch.randn(2, config.pooled_projection_dim, device=DEVICE, generator=gen, dtype=dtype)
+    micro = torch.tensor([16.0 * grid, 16.0 * grid, 0.0, 0.0, 6.0], device=DEVICE, dtype=dtype)
+    tokens = torch.full((1, grid, grid), config.mask_token_id, dtype=torch.long, device=DEVICE)
+    masked = torch.ones(1, n, dtype=torch.bool, device=DEVICE)
+    num_to_mask = torch.full((1,), n * 253 // 256, dtype=torch.long, device=DEVICE)
+    timestep = torch.tensor([47], device=DEVICE)
+    with torch.no_grad():
+        context = model.prepare_context(hidden, pooled, micro)
+
+        def forward():
+            logits = model(torch.cat([tokens, tokens]), context=context, timestep=timestep)
+            return logits.permute(0, 2, 3, 1).reshape(2, n, k)  # a view: channels-last memory
+
+        def step():
+            uncond, cond = forward().chunk(2)
+            return ops.cfg_sample_remask(cond, uncond, tokens=tokens.reshape(1, n), masked=masked,
+                                         num_to_mask=num_to_mask, guidance_scale=9.0, choice_temperature=2.0,
+                                         seed=0, step=0)
+
+        figures["forward_finite"] = bool(torch.isfinite(forward()).all())
+        _peak_mib()
+        figures["forward_b2_ms"] = 1e3 * _time(forward, rehearse)
+        figures["step_ms"] = 1e3 * _time(step, rehearse)
+        figures["step_peak_mib"] = _peak_mib()
+        figures["remask_ms"] = max(figures["step_ms"] - figures["forward_b2_ms"], 0.0)  # the sampling's share
+        checkpoint(figures)
+        model = context = None  # free the transformer before the VQ decoder runs
+        if CUDA:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        with torch.device(DEVICE):  # MeissonFlow/Meissonic's vqvae is aMUSEd's; the pipeline runs it in fp32
+            vq = random_vqgan(full=not rehearse).eval()
+        codes = torch.randint(0, k, (1, grid, grid), device=DEVICE, generator=gen)
+        pixels = vq.decode(codes)
+        figures["vq_decode_ms"] = 1e3 * _time(lambda: vq.decode(codes), rehearse)
+        figures.update(vq_decode_peak_mib=_peak_mib(), vq_dtype="float32", image_shape=list(pixels.shape),
+                       image_finite=bool(torch.isfinite(pixels).all()))
+    if CUDA:
+        figures["memory_note"] = "peak MiB: torch.cuda.max_memory_allocated, reset before each part"
+    return figures
+
+
 STEPS = {f.__name__: f for f in (install, env, build, selftest, pytest_gpu, bench_vq, bench_attention, bench_remask,
-                                 decode_step, amused_e2e)}
+                                 decode_step, amused_e2e, meissonic_1024)}
 
 
 def main() -> int:
