@@ -153,6 +153,53 @@ class AmusedPipeline(ProgressBarConfig):
             pipe._compat_source = dict(folder_or_hub_id=folder, variant=variant, device=device, backend=backend)
         return pipe
 
+    def _initial_tokens(self, *, B, steps, sampler, temperature, image, mask_image, latents, height, width,
+                        strength, num_images_per_prompt, seed, generator):
+        """What both samplers start from, for text-to-image (all masked, or ``latents``),
+        image-to-image (``image``: noised as the sampler's scheduler does) and inpainting
+        (``mask_image``). Returns (tokens (B, h, w), first step, starting mask ratio or None,
+        height, width, the compat sampler or None, seed, generator)."""
+        compat = AmusedCompatSampler(steps, mask_token_id=self.mask_token_id, temperature=temperature,
+                                     masking_schedule="linear" if mask_image is not None else self.masking_schedule,
+                                     device=self.device) if sampler == "compat" else None
+        if sampler == "fused":
+            seed = _resolve_seed(seed, generator)
+        elif seed is not None:
+            if generator is not None:
+                raise ValueError("pass seed or generator, not both")
+            generator = torch.Generator().manual_seed(seed)
+
+        start, ratio = 0, None
+        if image is None:
+            f = self.vae_scale_factor
+            height = self.image_size if height is None else height
+            width = self.image_size if width is None else width
+            grid = (height // f, width // f)
+            if latents is None:
+                tokens = torch.full((B, *grid), self.mask_token_id, dtype=torch.long, device=self.device)
+            else:
+                tokens = _check_latents(latents, (B, *grid), self.device)
+        else:
+            pixels = self.preprocess(image)
+            height, width = pixels.shape[-2:]
+            tokens = self.vqvae.encode(pixels.to(self.vqvae.device)).to(self.device)
+            strength = (1.0 if mask_image is not None else 0.5) if strength is None else strength
+            if not 0 < strength <= 1:
+                raise ValueError(f"strength must lie in (0, 1], got {strength!r}")
+            start = steps - int(steps * strength)
+            if start == steps:
+                raise ValueError(f"strength={strength} runs int({steps} x {strength}) = 0 of the {steps} steps: "
+                                 "raise strength or num_inference_steps")
+            if mask_image is None:
+                tokens = (compat.add_noise(tokens, start, generator) if compat
+                          else self._fused_noise(tokens, start, steps, seed))
+            else:
+                masked = self._token_mask(mask_image, tokens.shape)
+                tokens = tokens.masked_fill(masked, self.mask_token_id)
+                ratio = masked.sum() / tokens.numel()
+            tokens = _match_batch(tokens, B // num_images_per_prompt).repeat(num_images_per_prompt, 1, 1)
+        return tokens, start, ratio, height, width, compat, seed, generator
+
     def _compat_pipeline(self) -> "AmusedPipeline":
         """The twin a compat call runs on when ``dtype="auto"`` changed this pipeline's dtype:
         loaded once from the same folder in the weights' own dtype."""
@@ -346,45 +393,10 @@ class AmusedPipeline(ProgressBarConfig):
             negative_prompt_embeds=negative_prompt_embeds,
             negative_encoder_hidden_states=negative_encoder_hidden_states,
             num_images_per_prompt=num_images_per_prompt, use_cfg=use_cfg, exact_batching=sampler == "compat")
-        compat = AmusedCompatSampler(steps, mask_token_id=self.mask_token_id, temperature=temperature,
-                                     masking_schedule="linear" if mask_image is not None else self.masking_schedule,
-                                     device=self.device) if sampler == "compat" else None
-        if sampler == "fused":
-            seed = _resolve_seed(seed, generator)
-        elif seed is not None:
-            if generator is not None:
-                raise ValueError("pass seed or generator, not both")
-            generator = torch.Generator().manual_seed(seed)
-
-        start, ratio = 0, None
-        if image is None:
-            f = self.vae_scale_factor
-            height = self.image_size if height is None else height
-            width = self.image_size if width is None else width
-            grid = (height // f, width // f)
-            if latents is None:
-                tokens = torch.full((B, *grid), self.mask_token_id, dtype=torch.long, device=self.device)
-            else:
-                tokens = _check_latents(latents, (B, *grid), self.device)
-        else:
-            pixels = self.preprocess(image)
-            height, width = pixels.shape[-2:]
-            tokens = self.vqvae.encode(pixels.to(self.vqvae.device)).to(self.device)
-            strength = (1.0 if mask_image is not None else 0.5) if strength is None else strength
-            if not 0 < strength <= 1:
-                raise ValueError(f"strength must lie in (0, 1], got {strength!r}")
-            start = steps - int(steps * strength)
-            if start == steps:
-                raise ValueError(f"strength={strength} runs int({steps} x {strength}) = 0 of the {steps} steps: "
-                                 "raise strength or num_inference_steps")
-            if mask_image is None:
-                tokens = (compat.add_noise(tokens, start, generator) if compat
-                          else self._fused_noise(tokens, start, steps, seed))
-            else:
-                masked = self._token_mask(mask_image, tokens.shape)
-                tokens = tokens.masked_fill(masked, self.mask_token_id)
-                ratio = masked.sum() / tokens.numel()
-            tokens = _match_batch(tokens, B // num_images_per_prompt).repeat(num_images_per_prompt, 1, 1)
+        tokens, start, ratio, height, width, compat, seed, generator = self._initial_tokens(
+            B=B, steps=steps, sampler=sampler, temperature=temperature, image=image, mask_image=mask_image,
+            latents=latents, height=height, width=width, strength=strength,
+            num_images_per_prompt=num_images_per_prompt, seed=seed, generator=generator)
 
         micro = torch.tensor([width, height, *micro_conditioning_crop_coord, micro_conditioning_aesthetic_score],
                              device=self.device, dtype=hidden.dtype)

@@ -22,7 +22,6 @@ import os
 
 import torch
 
-from musefast.compat.amused_scheduler import AmusedCompatSampler
 from musefast.compat.meissonic import is_meissonic_transformer
 from musefast.engine import cpu as cpu_engine
 from musefast.models.meissonic import MeissonicTransformer
@@ -33,15 +32,13 @@ from musefast.pipelines.amused import (
     OUTPUT_TYPES,
     PIPELINE_INDEX,
     AmusedPipeline,
-    _check_latents,
     _check_sampler,
     _load_clip,
-    _match_batch,
     _file_dtype,
     _present,
     _resolve,
-    _resolve_seed,
 )
+from musefast.sampling import check_guidance_scale, uses_guidance
 
 TEXT_LENGTH = 77  # the peer pads and truncates every prompt to 77 tokens, whatever the tokenizer says
 DEFAULTS = {"text2image": (48, 9.0), "image": (12, 10.0)}  # (steps, guidance) of the peer's pipelines
@@ -203,51 +200,16 @@ class MeissonicPipeline(AmusedPipeline):
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"num_inference_steps must be an int >= 1, got {steps!r}")
         guidance_scale = default_guidance if guidance_scale is None else float(guidance_scale)
-        use_cfg = guidance_scale > 1.0
+        use_cfg = uses_guidance(check_guidance_scale(guidance_scale))  # diffusers: <= 1 is no guidance
         pooled, hidden, B = self.encode_prompt(
             prompt, negative_prompt, prompt_embeds=prompt_embeds, encoder_hidden_states=encoder_hidden_states,
             negative_prompt_embeds=negative_prompt_embeds,
             negative_encoder_hidden_states=negative_encoder_hidden_states,
             num_images_per_prompt=num_images_per_prompt, use_cfg=use_cfg, exact_batching=sampler == "compat")
-        compat = AmusedCompatSampler(steps, mask_token_id=self.mask_token_id, temperature=temperature,
-                                     masking_schedule="linear" if mask_image is not None else self.masking_schedule,
-                                     device=self.device) if sampler == "compat" else None
-        if sampler == "fused":
-            seed = _resolve_seed(seed, generator)
-        elif seed is not None:
-            if generator is not None:
-                raise ValueError("pass seed or generator, not both")
-            generator = torch.Generator().manual_seed(seed)
-
-        start, ratio = 0, None
-        if image is None:
-            f = self.vae_scale_factor
-            height = self.image_size if height is None else height
-            width = self.image_size if width is None else width
-            grid = (height // f, width // f)
-            if latents is None:
-                tokens = torch.full((B, *grid), self.mask_token_id, dtype=torch.long, device=self.device)
-            else:
-                tokens = _check_latents(latents, (B, *grid), self.device)
-        else:
-            pixels = self.preprocess(image)
-            height, width = pixels.shape[-2:]
-            tokens = self.vqvae.encode(pixels.to(self.vqvae.device)).to(self.device)
-            strength = (1.0 if mask_image is not None else 0.5) if strength is None else strength
-            if not 0 < strength <= 1:
-                raise ValueError(f"strength must lie in (0, 1], got {strength!r}")
-            start = steps - int(steps * strength)
-            if start == steps:
-                raise ValueError(f"strength={strength} runs int({steps} x {strength}) = 0 of the {steps} steps: "
-                                 "raise strength or num_inference_steps")
-            if mask_image is None:
-                tokens = (compat.add_noise(tokens, start, generator) if compat
-                          else self._fused_noise(tokens, start, steps, seed))
-            else:
-                masked = self._token_mask(mask_image, tokens.shape)
-                tokens = tokens.masked_fill(masked, self.mask_token_id)
-                ratio = masked.sum() / tokens.numel()
-            tokens = _match_batch(tokens, B // num_images_per_prompt).repeat(num_images_per_prompt, 1, 1)
+        tokens, start, ratio, height, width, compat, seed, generator = self._initial_tokens(
+            B=B, steps=steps, sampler=sampler, temperature=temperature, image=image, mask_image=mask_image,
+            latents=latents, height=height, width=width, strength=strength,
+            num_images_per_prompt=num_images_per_prompt, seed=seed, generator=generator)
 
         micro = torch.tensor([width, height, *micro_conditioning_crop_coord, micro_conditioning_aesthetic_score],
                              device=self.device, dtype=hidden.dtype)
