@@ -167,8 +167,10 @@ def test_resume_after_sigkill_of_the_driver(tmp_path):
     assert killed_at < n
     subprocess.run(cmd, env=env, check=True, timeout=300)
     lines = _check_outputs(tmp_path / "out", n)
-    # the same rows generated without interruption give the same bytes
-    batch_generate(prompts, tmp_path / "clean", num_steps=STEPS, progress=False)
+    # the same command run without interruption gives the same bytes (same batch size and thread
+    # count: a different torch thread count may reorder CPU reductions and flip a rare near-tie token)
+    clean_cmd, _ = _cli(prompts, tmp_path / "clean")
+    subprocess.run(clean_cmd, env=env, check=True, timeout=300)
     assert {k: r["sha256"] for k, r in lines.items()} == {k: r["sha256"] for k, r in
                                                            _check_outputs(tmp_path / "clean", n).items()}
 
