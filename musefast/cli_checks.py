@@ -59,24 +59,11 @@ def device(value: str | None) -> str | None:
     """``--device``: a torch device that exists on this machine."""
     if value is None:
         return None
-    import torch
+    from musefast.pipelines.options import device_problem
 
-    try:
-        dev = torch.device(value)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {value}: not a device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise UsageError(f"--device {value}: CUDA is not available ({why}); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {value}: this machine has {torch.cuda.device_count()} CUDA device(s) "
-                             f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise UsageError(f"--device {value}: MPS is not available here; use --device cpu")
-    elif dev.type != "cpu":
-        raise UsageError(f"--device {value}: musefast runs on cpu, cuda or mps")
+    problem = device_problem(value)
+    if problem is not None:
+        raise UsageError(f"--device {value}: {problem}")
     return value
 
 

@@ -49,27 +49,36 @@ def pick(name: str, value, diffusers_name: str, diffusers_value):
     return diffusers_value
 
 
+def device_problem(device) -> str | None:
+    """Why ``device`` cannot be used here, with the fix (None if it can); the API and the CLI each
+    prefix it with how the user named the device."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        return "not a device; use cpu, cuda or cuda:N"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            return f"CUDA is not available ({why}); use cpu"
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            return f"this machine has {count} CUDA device(s) (cuda:0 .. cuda:{count - 1})"
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            return "MPS is not available here; use cpu"
+    elif dev.type != "cpu":
+        return "musefast runs on cpu, cuda or mps"
+    return None
+
+
 def check_device(device) -> torch.device | None:
     """A device that exists here, or ValueError naming what is missing and the fix."""
     if device is None:
         return None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"{device!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise ValueError(f"device {str(device)!r}: CUDA is not available ({why}); use 'cpu'")
-        count = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= count:
-            raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA device(s), cuda:0 .. cuda:{count - 1}")
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"device {str(device)!r}: MPS is not available here; use 'cpu'")
-    elif dev.type != "cpu":
-        raise ValueError(f"device {str(device)!r}: musefast runs on 'cpu', 'cuda' or 'mps'")
-    return dev
+    problem = device_problem(device)
+    if problem is not None:
+        raise ValueError(f"device {str(device)!r}: {problem}")
+    return torch.device(device)
 
 
 def to_arguments(args: tuple, device, dtype) -> tuple[torch.device | None, torch.dtype | None]:
