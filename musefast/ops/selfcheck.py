@@ -39,13 +39,22 @@ def verdict_file() -> Path:
 
 
 def device_key(device: torch.device) -> str:
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
+    """Device name/arch (CUDA) or host ISA (CPU). Memoised: it is looked up on every call of an
+    auto-selected compiled backend, and the CPU tag reads /proc/cpuinfo."""
+    index = device.index
+    if device.type == "cuda" and index is None:
+        index = torch.cuda.current_device()
+    return _device_key(device.type, index)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_key(device_type: str, index: int | None) -> str:
+    if device_type == "cuda":
         major, minor = torch.cuda.get_device_capability(index)
         return f"cuda:{torch.cuda.get_device_name(index)}:sm{major}{minor}"
     from musefast import _build
 
-    return f"{device.type}:{_build._host_isa_tag()}"
+    return f"{device_type}:{_build._host_isa_tag()}"
 
 
 @functools.lru_cache(maxsize=None)
