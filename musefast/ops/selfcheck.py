@@ -325,24 +325,25 @@ def check_cfg_sample_remask(backend: str, device: torch.device) -> str | None:
 
 
 def _rope_cases(device: torch.device) -> list[Case]:
-    from musefast.nn.rope import RopeTables
+    from musefast.reference.rope import rope_angles
+
+    def tables(ids, axes):  # half-width (L, D/2) float32 (cos, sin), as musefast.nn.rope builds them
+        angles = rope_angles(ids, axes)
+        return angles.cos().float(), angles.sin().float()
 
     g = torch.Generator().manual_seed(17)
     H, D, text, image = 3, 12, 5, 13
     ids = torch.zeros(text + image, 3)
     ids[text:, 1], ids[text:, 2] = torch.arange(image) // 4, torch.arange(image) % 4
-    tables = RopeTables(ids, (4, 4, 4))
     wide = torch.randn(2, image, 3 * H * D + 7, generator=g)[..., : 3 * H * D]  # a split of a wider matmul
     weights = [1 + 0.5 * torch.randn(D, generator=g) for _ in range(4)]
     streams = ([torch.randn(2, text, 3 * H * D, generator=g), wide], weights[:2], weights[2:])
-    short = RopeTables(ids[:7], (4, 4, 4))
     transposed = torch.randn(1, 3 * 2 * 16, 7, generator=g).transpose(1, 2)  # stride 1 along L, not channels
-    short16 = RopeTables(ids[:7], (4, 6, 6))
-    cases = [Case("two streams, odd lengths, strided rows, D/2=6", (*streams, tables.cos, tables.sin), {"heads": H}),
+    cases = [Case("two streams, odd lengths, strided rows, D/2=6", (*streams, *tables(ids, (4, 4, 4))), {"heads": H}),
              Case("bf16, weights in bf16", ([wide[:1, :7].bfloat16()], [w.bfloat16() for w in weights[:1]],
-                                            [w.bfloat16() for w in weights[1:2]], short.cos, short.sin), {"heads": H}),
+                                            [w.bfloat16() for w in weights[1:2]], *tables(ids[:7], (4, 4, 4))), {"heads": H}),
              Case("fp16, channel stride != 1", ([transposed.half()], [torch.ones(16)], [weights[0][:4].repeat(4)],
-                                                short16.cos, short16.sin), {"heads": 2})]
+                                                *tables(ids[:7], (4, 6, 6))), {"heads": 2})]
 
     def move(a):
         return [t.to(device) for t in a] if isinstance(a, list) else a.to(device)
