@@ -42,7 +42,7 @@ SHAPES = [  # (B, stream lengths, heads, axes_dims)
 ]
 
 
-@pytest.mark.parametrize("backend", params("cpu", "triton"))
+@pytest.mark.parametrize("backend", params("cuda", "cpu", "triton"))
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_backend_matches_reference(backend, shape, dtype):

@@ -10,8 +10,8 @@ layout ``ops.attention`` reads, each stream at its row offset of the joint seque
 Semantics: :func:`musefast.reference.rope.qk_norm_rope` per stream (the definition), streams
 joined along L. Math in float32, one rounding to the input dtype at the end.
 
-Backends, in priority order: ``triton`` (musefast.kernels.rope; CUDA, or CPU under
-TRITON_INTERPRET=1), ``cpu`` (csrc/rope.cpp), ``reference``.
+Backends, in priority order: ``cuda`` (csrc/cuda/rope.cu), ``triton`` (musefast.kernels.rope; CUDA,
+or CPU under TRITON_INTERPRET=1), ``cpu`` (csrc/rope.cpp), ``reference``.
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def _reference(qkv, q_weight, k_weight, cos, sin, heads, eps):
     return torch.cat(parts, dim=3)
 
 
-def _cpu(qkv, q_weight, k_weight, cos, sin, heads, eps):
+def _compiled(qkv, q_weight, k_weight, cos, sin, heads, eps):
     return torch.ops.musefast.qk_norm_rope(qkv, q_weight, k_weight, cos.contiguous(), sin.contiguous(), heads, eps)
 
 
@@ -96,13 +96,18 @@ def _cpu_reasons(qkv, *args):
     return avail.device_reasons("cpu", qkv[0]) or avail.extension_reasons("qk_norm_rope", "cpu")
 
 
+def _cuda_reasons(qkv, *args):
+    return avail.device_reasons("cuda", qkv[0]) or avail.extension_reasons("qk_norm_rope", "cuda")
+
+
 def _triton_reasons(qkv, *args):
     return avail.triton_reasons(qkv[0])
 
 
 QK_NORM_ROPE = op("qk_norm_rope")
+QK_NORM_ROPE.register("cuda", _compiled, _cuda_reasons, auto_devices=("cuda",), compiled=True)
 QK_NORM_ROPE.register("triton", _triton, _triton_reasons, auto_devices=("cuda",), compiled=True)
-QK_NORM_ROPE.register("cpu", _cpu, _cpu_reasons, auto_devices=("cpu",), compiled=True)
+QK_NORM_ROPE.register("cpu", _compiled, _cpu_reasons, auto_devices=("cpu",), compiled=True)
 QK_NORM_ROPE.register("reference", _reference, lambda *args: [])
 
 
