@@ -35,7 +35,7 @@ def _inputs(B, lengths, H, axes, dtype, *, seed=0, strided=False, device="cpu"):
 
 
 SHAPES = [  # (B, stream lengths, heads, axes_dims)
-    (1, [1], 1, (2, 2, 4)),
+    (1, [1], 1, (8, 16, 16)),  # D/2 = 20: vector steps of 8 pairs and a scalar tail (cpu)
     (2, [5, 13], 3, (4, 4, 4)),  # two streams, odd lengths, D/2 = 6 (not a power of two)
     (1, [7, 16], 8, (16, 56, 56)),  # Meissonic's head layout
     (1, [97], 2, (4, 6, 6)),
@@ -96,6 +96,19 @@ def test_streams_join_along_the_sequence(backend):
     assert torch.equal(text, unrotated)
     assert not torch.allclose(image[:2], torch.stack(ops.qk_norm_rope(
         qkv[1], wq[1], wk[1], torch.ones_like(cos[6:]), torch.zeros_like(sin[6:]), heads=H, backend=backend))[:2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nan_stays_in_its_head(dtype):
+    """A NaN poisons only its own head's norm (bf16 rounding keeps it NaN), as in the reference."""
+    (qkv,), wq, wk, cos, sin = _inputs(1, [5], 2, (4, 6, 6), dtype)
+    qkv[0, 3, 16 + 1] = float("nan")  # q, head 1, row 3
+    out = torch.stack(ops.qk_norm_rope(qkv, wq, wk, cos, sin, heads=2, backend="cpu"))
+    ref = torch.stack(ops.qk_norm_rope(qkv, wq, wk, cos, sin, heads=2, backend="reference"))
+    assert torch.isnan(out[0, 0, 1, 3]).all() and int(torch.isnan(out).sum()) == 16
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, equal_nan=True, atol=2e-6, rtol=2e-6)
 
 
 def test_selfcheck_passes_and_catches_a_wrong_backend(monkeypatch):
