@@ -146,6 +146,24 @@ def test_vqgan_encode_decode_compile():
         torch.testing.assert_close(_compiled(model.decode)(tokens), model.decode(tokens))
 
 
+
+def test_meissonic_forward_compiles():
+    """The fused q/k norm + RoPE (ops.qk_norm_rope) and the joint attention trace as custom ops."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from musefast.models.meissonic import MeissonicTransformer
+
+    folder = Path(__file__).parent / "fixtures" / "meissonic" / "meissonic"
+    model = MeissonicTransformer.from_pretrained(folder / "transformer", dtype=torch.float32)
+    io = load_file(folder / "transformer_io.safetensors")
+    with torch.no_grad():
+        ctx = model.prepare_context(io["encoder_hidden_states"], io["pooled_text_emb"], io["micro_conds"])
+        eager = model(io["tokens"], timestep=io["timestep"], context=ctx)
+        compiled = _compiled(lambda t, s, c: model(t, timestep=s, context=c))(io["tokens"], io["timestep"], ctx)
+    torch.testing.assert_close(compiled, eager)
+
 def _check_one_step_compiles(monkeypatch, run_pipeline):
     """Run a real pipeline call; at its second decoding step, also run that step compiled with
     fullgraph=True on the same inputs and compare (the pipeline itself continues eagerly)."""

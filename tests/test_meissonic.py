@@ -19,10 +19,11 @@ import torch
 from safetensors.torch import load_file
 
 import musefast
+from musefast import ops
 from musefast.compat import meissonic as compat
 from musefast.models.meissonic import MeissonicConfig, MeissonicTransformer
 from musefast.models.serialization import save_component
-from musefast.nn.rope import RopeTables, apply_rope
+from musefast.nn.rope import RopeTables
 from musefast.reference import rope as ref_rope
 
 FIXTURES = Path(__file__).parent / "fixtures" / "meissonic"
@@ -61,13 +62,14 @@ def test_fp16_variant_loads_in_the_file_dtype():
 
 def test_bf16_logits_within_the_flash_attention_rule():
     """bf16 error vs the fp32 peer logits is at most 2x that of torch's own bf16 computation of the
-    same model (DESIGN §6), here measured with musefast's reference attention."""
+    same model (DESIGN §6), here measured with musefast's reference ops (attention, qk_norm_rope)."""
     folder, io_folder = TRANSFORMERS["meissonic"]
     io = load_file(io_folder / "transformer_io.safetensors")
     model = MeissonicTransformer.from_pretrained(folder, dtype=torch.bfloat16)
     with torch.no_grad():
         fast = _forward(model, io).float()
-        slow = _forward(model.set_backend("reference"), io).float()
+        with ops.use_backend("reference"):
+            slow = _forward(model, io).float()
     err_fast = (fast - io["logits"]).abs().max().item()
     err_ref = (slow - io["logits"]).abs().max().item()
     assert err_fast <= 2 * err_ref + 1e-3, (err_fast, err_ref)
@@ -152,31 +154,25 @@ def test_input_errors():
 
 
 @pytest.mark.parametrize("axes", [(2, 2, 4), (16, 56, 56), (4, 6, 6)])
-def test_rope_matches_reference(axes):
+def test_rope_tables_match_reference(axes):
+    """The half-width tables hold each angle of the reference's full-width tables once; text rows
+    (zero ids) have angle 0, so ops.qk_norm_rope leaves them unrotated, exactly (tests/test_rope.py);
+    rotation preserves each pair's norm and is not the identity on image rows."""
     D, h, w, text = sum(axes), 5, 3, 4
     ids = torch.zeros(text + h * w, 3)
     ids[text:, 1] = torch.arange(h).repeat_interleave(w).float()
     ids[text:, 2] = torch.arange(w).repeat(h).float()
-    x = torch.randn(2, 3, ids.shape[0], D)
     cos, sin = ref_rope.rope_tables(ids, axes)
     tables = RopeTables(ids, axes)
-    assert torch.equal(apply_rope(x, tables), ref_rope.apply_rope(x, cos, sin))  # same arithmetic, bit for bit
-    # text rows (zero ids) are not rotated: rotating only the image rows is exact
-    torch.testing.assert_close(ref_rope.apply_rope(x, cos, sin)[:, :, :text], x[:, :, :text], atol=0, rtol=0)
-    torch.testing.assert_close(apply_rope(x[:, :, text:], tables.rows(text)), apply_rope(x, tables)[:, :, text:],
-                               atol=0, rtol=0)
-    # the rotation preserves each pair's norm and is not the identity on image rows
+    assert torch.equal(tables.cos, cos[:, ::2]) and torch.equal(tables.sin, sin[:, 1::2])
+    assert torch.equal(tables.cos[:text], torch.ones(text, D // 2)) and torch.equal(tables.sin[:text], torch.zeros(text, D // 2))
+    x = torch.randn(2, 3, ids.shape[0], D)
     pair_norm = lambda t: t.unflatten(-1, (-1, 2)).norm(dim=-1)  # noqa: E731
-    torch.testing.assert_close(pair_norm(apply_rope(x, tables)), pair_norm(x))
-    assert not torch.allclose(apply_rope(x, tables)[:, :, text + 1:], x[:, :, text + 1:])
-    xb = x.bfloat16()
-    torch.testing.assert_close(apply_rope(xb, tables), ref_rope.apply_rope(xb, cos, sin), atol=0, rtol=0)
+    torch.testing.assert_close(pair_norm(ref_rope.apply_rope(x, cos, sin)), pair_norm(x))
+    assert not torch.allclose(ref_rope.apply_rope(x, cos, sin)[:, :, text + 1:], x[:, :, text + 1:])
 
 
 def test_rope_errors():
-    tables = RopeTables(torch.zeros(4, 3), (2, 2, 4))
-    with pytest.raises(ValueError, match="rotary tables"):
-        apply_rope(torch.randn(1, 1, 5, 8), tables)
     with pytest.raises(ValueError, match="even"):
         ref_rope.rope_angles(torch.zeros(4, 3), (3, 1, 4))
 

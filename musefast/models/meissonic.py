@@ -20,9 +20,10 @@ Structure (the peer's ``Transformer2DModel`` of viiika/Meissonic ``src/transform
   Text padding is attended, as in the peer (it passes no mask).
 
 musefast's execution: fused q/k/v projections (single-stream blocks also fuse the MLP's input
-projection into the same matmul), ``ops.attention`` over the joint sequence, RoPE on half-width
-tables (cached per grid) and, in double-stream blocks, only on the image rows (text ids are zero:
-their rotation is the identity), the text projection and pooled conditioning computed once per
+projection into the same matmul), ``ops.qk_norm_rope`` (q/k RMSNorm + RoPE on half-width tables,
+cached per grid, in one pass that writes q, k, v of both streams straight into the joint layout;
+text ids are zero, so their rotation is an exact identity), ``ops.attention`` over the joint
+sequence, the text projection and pooled conditioning computed once per
 generation (:meth:`prepare_context`), channels-last feature maps (1x1 convolutions are Linear layers). The aMUSEd parts (token
 embedding, down/up-sampling, MLM head, conditioning MLP) are :mod:`musefast.models.uvit`'s.
 
@@ -53,8 +54,9 @@ from musefast.models.uvit import (
     sinusoidal_embedding,
 )
 from musefast.nn.feedforward import FeedForward
-from musefast.nn.rope import RopeTables, apply_rope
+from musefast.nn.rope import RopeTables
 from musefast.ops.attention import attention
+from musefast.ops.rope import qk_norm_rope
 
 # constants of the peer's code (not config fields there)
 NORM_EPS = 1e-6
@@ -192,12 +194,6 @@ class _HeadNorms(nn.Module):
         self.norm_k = nn.RMSNorm(head_dim, eps=NORM_EPS)
 
 
-def _heads(x: torch.Tensor, parts: int, num_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
-    """(B, L, parts·H·D) -> ``parts`` views (B, H, L, D)."""
-    B, L, _ = x.shape
-    return x.view(B, L, parts, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-
-
 def _merge(x: torch.Tensor) -> torch.Tensor:
     """(B, H, L, D) -> (B, L, H·D)."""
     B, H, L, D = x.shape
@@ -205,8 +201,8 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
 
 
 class JointAttention(_HeadNorms):
-    """One attention over [text; image]: fused q/k/v per stream, q/k RMSNorm, RoPE on the image
-    rows, output projection per stream."""
+    """One attention over [text; image]: fused q/k/v per stream, q/k RMSNorm and RoPE (``rope``: the
+    tables of the joint sequence), output projection per stream."""
 
     def __init__(self, cfg: MeissonicConfig):
         super().__init__(cfg.attention_head_dim)
@@ -220,11 +216,11 @@ class JointAttention(_HeadNorms):
         self.to_add_out = nn.Linear(d, d)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: RopeTables) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k, v = _heads(self.to_qkv(x), 3, self.heads, self.head_dim)
-        q, k = apply_rope(self.norm_q(q), rope), apply_rope(self.norm_k(k), rope)
-        cq, ck, cv = _heads(self.add_qkv(c), 3, self.heads, self.head_dim)
-        cq, ck = self.norm_added_q(cq), self.norm_added_k(ck)
-        out = attention(torch.cat([cq, q], 2), torch.cat([ck, k], 2), torch.cat([cv, v], 2), backend=self.backend)
+        # q, k, v of [text; image] in one pass each, written into the joint layout (no concatenation)
+        q, k, v = qk_norm_rope([self.add_qkv(c), self.to_qkv(x)], [self.norm_added_q.weight, self.norm_q.weight],
+                               [self.norm_added_k.weight, self.norm_k.weight], rope.cos, rope.sin,
+                               heads=self.heads, eps=NORM_EPS)
+        out = attention(q, k, v, backend=self.backend)
         L = c.shape[1]
         return self.to_out(_merge(out[:, :, L:])), self.to_add_out(_merge(out[:, :, :L]))
 
@@ -268,8 +264,8 @@ class SingleStreamBlock(_HeadNorms):
     def forward(self, h, temb, rope: RopeTables):
         shift, scale, gate = self.norm(temb)
         qkv, mlp = self.to_qkv_mlp(_modulate(h, shift, scale)).split([3 * h.shape[-1], self.mlp_dim], dim=-1)
-        q, k, v = _heads(qkv, 3, self.heads, self.head_dim)
-        q, k = apply_rope(self.norm_q(q), rope), apply_rope(self.norm_k(k), rope)
+        q, k, v = qk_norm_rope(qkv, self.norm_q.weight, self.norm_k.weight, rope.cos, rope.sin, heads=self.heads,
+                               eps=NORM_EPS)
         out = attention(q, k, v, backend=self.backend)
         h = h + gate[:, None] * self.proj_out(torch.cat([_merge(out), F.gelu(mlp, approximate="tanh")], dim=-1))
         return _clip_fp16(h)
@@ -407,9 +403,9 @@ class MeissonicTransformer(nn.Module):
         x = self.project_to_hidden(self.project_to_hidden_norm(x.reshape(B, h * w, d)))
         L = context.text.shape[1]
         rope = self.rope_tables(L, (h, w))
-        image_rope, c = rope.rows(L), context.text
+        c = context.text
         for block in self.transformer_blocks:
-            x, c = block(x, c, temb, image_rope)
+            x, c = block(x, c, temb, rope)
         joint = torch.cat([c, x], dim=1)
         for block in self.single_transformer_blocks:
             joint = block(joint, temb, rope)

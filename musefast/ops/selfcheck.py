@@ -324,7 +324,53 @@ def check_cfg_sample_remask(backend: str, device: torch.device) -> str | None:
     return None if ran else "no check case could run on this backend"
 
 
-CHECKS = {"vq_nearest": check_vq_nearest, "attention": check_attention, "cfg_sample_remask": check_cfg_sample_remask}
+def _rope_cases(device: torch.device) -> list[Case]:
+    from musefast.reference.rope import rope_angles
+
+    def tables(ids, axes):  # half-width (L, D/2) float32 (cos, sin), as musefast.nn.rope builds them
+        angles = rope_angles(ids, axes)
+        return angles.cos().float(), angles.sin().float()
+
+    g = torch.Generator().manual_seed(17)
+    H, D, text, image = 3, 12, 5, 13
+    ids = torch.zeros(text + image, 3)
+    ids[text:, 1], ids[text:, 2] = torch.arange(image) // 4, torch.arange(image) % 4
+    wide = torch.randn(2, image, 3 * H * D + 7, generator=g)[..., : 3 * H * D]  # a split of a wider matmul
+    weights = [1 + 0.5 * torch.randn(D, generator=g) for _ in range(4)]
+    streams = ([torch.randn(2, text, 3 * H * D, generator=g), wide], weights[:2], weights[2:])
+    transposed = torch.randn(1, 3 * 2 * 16, 7, generator=g).transpose(1, 2)  # stride 1 along L, not channels
+    cases = [Case("two streams, odd lengths, strided rows, D/2=6", (*streams, *tables(ids, (4, 4, 4))), {"heads": H}),
+             Case("bf16, weights in bf16", ([wide[:1, :7].bfloat16()], [w.bfloat16() for w in weights[:1]],
+                                            [w.bfloat16() for w in weights[1:2]], *tables(ids[:7], (4, 4, 4))), {"heads": H}),
+             Case("fp16, channel stride != 1", ([transposed.half()], [torch.ones(16)], [weights[0][:4].repeat(4)],
+                                                *tables(ids[:7], (4, 6, 6))), {"heads": 2})]
+
+    def move(a):
+        return [t.to(device) for t in a] if isinstance(a, list) else a.to(device)
+
+    return [Case(c.label, tuple(move(a) for a in c.args), c.kwargs) for c in cases]
+
+
+def check_qk_norm_rope(backend: str, device: torch.device) -> str | None:
+    from musefast.ops.rope import qk_norm_rope
+
+    ran = 0
+    for case in _rope_cases(device):
+        qkv, *rest = case.args
+        ref32 = torch.stack(qk_norm_rope([x.float() for x in qkv], *rest, **case.kwargs, backend="reference"))
+        ref_same = torch.stack(qk_norm_rope(*case.args, **case.kwargs, backend="reference"))
+        out = _try(qk_norm_rope, case, backend)
+        if out is None:
+            continue
+        why = agreement.qk_norm_rope_disagreement(torch.stack(out), ref32, ref_same)
+        if why is not None:
+            return f"{case.label}: {why}"
+        ran += 1
+    return None if ran else "no check case could run on this backend"
+
+
+CHECKS = {"vq_nearest": check_vq_nearest, "attention": check_attention, "cfg_sample_remask": check_cfg_sample_remask,
+          "qk_norm_rope": check_qk_norm_rope}
 
 
 def install() -> None:

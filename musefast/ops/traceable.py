@@ -72,3 +72,18 @@ def cfg_sample_remask(logits: torch.Tensor, uncond: torch.Tensor | None, tokens:
 def _(logits, uncond, tokens, masked, num_to_mask, guidance_scale, temperature, choice_temperature, top_k,
       confidence, seed_hi, seed_lo, step, backend):
     return tokens.new_empty(tokens.shape), masked.new_empty(masked.shape)
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::qk_norm_rope", mutates_args=())
+def qk_norm_rope(qkv: list[torch.Tensor], q_weight: list[torch.Tensor], k_weight: list[torch.Tensor],
+                 cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float, backend: str | None) -> torch.Tensor:
+    from musefast.ops.rope import QK_NORM_ROPE
+
+    out = QK_NORM_ROPE(qkv, q_weight, k_weight, cos, sin, heads, eps, backend=backend, device_type=cos.device.type)
+    return _fresh(out, *qkv)
+
+
+@qk_norm_rope.register_fake
+def _(qkv, q_weight, k_weight, cos, sin, heads, eps, backend):
+    B, _, width = qkv[0].shape
+    return qkv[0].new_empty(3, B, heads, sum(x.shape[1] for x in qkv), width // (3 * heads))

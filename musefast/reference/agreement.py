@@ -8,6 +8,7 @@ does not. The rules (DESIGN §6):
 - attention: the error against an fp32 reference is at most twice the error of the same
   computation done in the inputs' dtype (flash-attn's rule), plus a small eps; a query with all
   keys masked gets exact zeros.
+- qk_norm_rope: attention's rule (no padding).
 - cfg_sample_remask: tokens and masks equal the reference's except at counted floating-point
   near-ties (< 1% of positions), and the number of positions left masked is exact.
 """
@@ -65,6 +66,12 @@ def attention_disagreement(out: torch.Tensor, ref_fp32: torch.Tensor, ref_same_d
     if err > 2 * base + eps:
         return f"max error {err:.3g} vs the fp32 reference exceeds 2 x {base:.3g} (same-dtype reference) + {eps}"
     return None
+
+
+def qk_norm_rope_disagreement(out: torch.Tensor, ref_fp32: torch.Tensor, ref_same_dtype: torch.Tensor) -> str | None:
+    """qk_norm_rope (q, k, v stacked): attention's rule without padding — the error against the fp32
+    reference at most twice that of the reference run in the inputs' dtype, plus a small eps."""
+    return attention_disagreement(out, ref_fp32, ref_same_dtype)
 
 
 def remask_disagreement(trace: remask_ref.StepTrace, tokens: torch.Tensor, masked: torch.Tensor, *,

@@ -38,3 +38,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     pairs = x.float().unflatten(-1, (-1, 2))
     rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
     return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, heads: int, eps: float) -> torch.Tensor:
+    """Definition of ``ops.qk_norm_rope`` for one stream: split a fused projection into heads,
+    RMS-normalise q and k per head (times their weights), rotate them, and lay q, k, v out for
+    attention.
+
+    qkv (B, L, 3·H·D), weights (D,), full-width tables (L, D) -> (3, B, H, L, D) in qkv's dtype:
+    q = rope(x / sqrt(mean(x²) + eps) · w), likewise k; v as it is. All math in float32.
+    """
+    q, k, v = qkv.float().unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4)
+
+    def norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+
+    q, k = apply_rope(norm(q, q_weight), cos, sin), apply_rope(norm(k, k_weight), cos, sin)
+    return torch.stack([q, k, v]).to(qkv.dtype)
