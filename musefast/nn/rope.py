@@ -28,15 +28,22 @@ class RopeTables:
         out.cos, out.sin = self.cos[start:], self.sin[start:]
         return out
 
+    def gather(self, positions: torch.Tensor) -> "RopeTables":
+        """Per-image tables (B, 1, M, D/2) of ``positions`` (B, M), broadcasting over heads: the
+        rows a step-cache forward computes keep their own positions."""
+        out = object.__new__(RopeTables)
+        out.cos, out.sin = self.cos[positions][:, None], self.sin[positions][:, None]
+        return out
+
     def __len__(self) -> int:
-        return self.cos.shape[0]
+        return self.cos.shape[-2]
 
 
 def apply_rope(x: torch.Tensor, tables: RopeTables) -> torch.Tensor:
     """x (..., L, D) -> x with channel pairs rotated by the tables' angles, same dtype."""
-    if x.shape[-2] != len(tables) or x.shape[-1] != 2 * tables.cos.shape[1]:
+    if x.shape[-2] != len(tables) or x.shape[-1] != 2 * tables.cos.shape[-1]:
         raise ValueError(f"x (..., L, D) = {tuple(x.shape)} does not fit rotary tables of "
-                         f"{len(tables)} positions x {2 * tables.cos.shape[1]} channels")
+                         f"{len(tables)} positions x {2 * tables.cos.shape[-1]} channels")
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     c, s = tables.cos, tables.sin
     return torch.stack([x0 * c - x1 * s, x1 * c + x0 * s], dim=-1).flatten(-2).to(x.dtype)
