@@ -155,6 +155,11 @@ def test_cache_off_and_refresh_1_give_the_tokens_of_before(pipe):
     assert not torch.equal(pipe(**RUN, cache=StepCache(refresh=4, recompute="lowest_confidence")), before)
 
 
+def test_refresh_1_is_exact_without_guidance(pipe):
+    kw = dict(RUN, guidance_scale=1.0)  # no unconditional branch at all
+    assert torch.equal(pipe(**kw, cache=StepCache(refresh=1)), pipe(**kw))
+
+
 def _transformer_flops(pipe, **kw) -> tuple[torch.Tensor, int]:
     """Tokens and transformer FLOPs of one call, counted by torch's FlopCounterMode on the plain
     (not oneDNN-packed) linears and the reference attention, whose matmuls it sees."""
