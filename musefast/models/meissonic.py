@@ -50,10 +50,12 @@ from musefast.models.uvit import (
     MlmHead,
     TokenEmbedding,
     Upsample,
+    UVit2D,
     UVit2DConfig,
     sinusoidal_embedding,
 )
 from musefast.nn.feedforward import FeedForward
+from musefast.nn.row_cache import KVStore, gather_rows, scatter_head_rows_, scatter_rows_
 from musefast.nn.rope import RopeTables
 from musefast.ops.attention import attention
 from musefast.ops.rope import qk_norm_rope
@@ -200,6 +202,34 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B, L, H * D)
 
 
+def _cached_kv(owner: nn.Module, kv_store: KVStore | None, rows: torch.Tensor | None, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step cache (musefast.nn.row_cache) at one attention: a full forward (``rows`` None)
+    records the joint K/V; a cheap one writes its rows' K/V, (B, H, M, D) at joint positions
+    ``rows`` (B, M), into the record and attends to all of it."""
+    if rows is None:
+        if kv_store is not None:  # contiguous copies: a view would keep the whole projection output alive
+            kv_store.put(owner, "k", k.contiguous())
+            kv_store.put(owner, "v", v.contiguous())
+        return k, v
+    if kv_store is None:
+        raise ValueError("rows= needs the kv_store of a full forward")
+    return (scatter_head_rows_(kv_store.get(owner, "k"), rows, k),
+            scatter_head_rows_(kv_store.get(owner, "v"), rows, v))
+
+
+def _qk_norm_rope(qkv, q_weight, k_weight, rope: RopeTables, heads: int):
+    """ops.qk_norm_rope with the block's tables: one call for the shared (L, D/2) tables, one per
+    image for a step-cache forward's (B, L, D/2) tables (each image computes its own rows)."""
+    if rope.cos.dim() == 2:
+        return qk_norm_rope(qkv, q_weight, k_weight, rope.cos, rope.sin, heads=heads, eps=NORM_EPS)
+    images = []
+    for b in range(rope.cos.shape[0]):
+        part = [s[b:b + 1] for s in qkv] if isinstance(qkv, (list, tuple)) else qkv[b:b + 1]
+        images.append(qk_norm_rope(part, q_weight, k_weight, rope.cos[b], rope.sin[b], heads=heads, eps=NORM_EPS))
+    return tuple(torch.cat(parts, dim=0) for parts in zip(*images))
+
+
 class JointAttention(_HeadNorms):
     """One attention over [text; image]: fused q/k/v per stream, q/k RMSNorm and RoPE (``rope``: the
     tables of the joint sequence), output projection per stream."""
@@ -215,12 +245,15 @@ class JointAttention(_HeadNorms):
         self.to_out = nn.Linear(d, d)
         self.to_add_out = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: RopeTables) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: RopeTables, *, kv_store: KVStore | None = None,
+                rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step cache: ``rows`` (B, L + M) are the joint positions of [c; x] when x holds only
+        some image rows (``rope`` then holds their per-image tables; the other rows' K/V come
+        from ``kv_store``)."""
         # q, k, v of [text; image] in one pass each, written into the joint layout (no concatenation)
-        q, k, v = qk_norm_rope([self.add_qkv(c), self.to_qkv(x)], [self.norm_added_q.weight, self.norm_q.weight],
-                               [self.norm_added_k.weight, self.norm_k.weight], rope.cos, rope.sin,
-                               heads=self.heads, eps=NORM_EPS)
-        out = attention(q, k, v, backend=self.backend)
+        q, k, v = _qk_norm_rope([self.add_qkv(c), self.to_qkv(x)], [self.norm_added_q.weight, self.norm_q.weight],
+                                [self.norm_added_k.weight, self.norm_k.weight], rope, self.heads)
+        out = attention(q, *_cached_kv(self, kv_store, rows, k, v), backend=self.backend)
         L = c.shape[1]
         return self.to_out(_merge(out[:, :, L:])), self.to_add_out(_merge(out[:, :, :L]))
 
@@ -237,10 +270,13 @@ class DoubleStreamBlock(nn.Module):
         self.ff = FeedForward(d, 4 * d, "gelu", gelu_approximate="tanh")
         self.ff_context = FeedForward(d, 4 * d, "gelu", gelu_approximate="tanh")
 
-    def forward(self, x, c, temb, rope: RopeTables):
+    def forward(self, x, c, temb, rope: RopeTables, *, kv_store: KVStore | None = None,
+                rows: torch.Tensor | None = None):
+        """Step cache: see :meth:`JointAttention.forward`."""
         shift, scale, gate, shift2, scale2, gate2 = self.norm1(temb)
         c_shift, c_scale, c_gate, c_shift2, c_scale2, c_gate2 = self.norm1_context(temb)
-        attn_x, attn_c = self.attn(_modulate(x, shift, scale), _modulate(c, c_shift, c_scale), rope)
+        attn_x, attn_c = self.attn(_modulate(x, shift, scale), _modulate(c, c_shift, c_scale), rope,
+                                   kv_store=kv_store, rows=rows)
         x = x + gate[:, None] * attn_x
         x = x + gate2[:, None] * self.ff(_modulate(x, shift2, scale2))
         c = c + c_gate[:, None] * attn_c
@@ -261,12 +297,14 @@ class SingleStreamBlock(_HeadNorms):
         self.to_qkv_mlp = nn.Linear(d, 3 * d + self.mlp_dim)
         self.proj_out = nn.Linear(d + self.mlp_dim, d)
 
-    def forward(self, h, temb, rope: RopeTables):
+    def forward(self, h, temb, rope: RopeTables, *, kv_store: KVStore | None = None,
+                rows: torch.Tensor | None = None):
+        """Step cache: with ``rows`` (B, M) joint positions, h holds only those rows (the text
+        rows and some image rows); the other rows' K/V come from ``kv_store``."""
         shift, scale, gate = self.norm(temb)
         qkv, mlp = self.to_qkv_mlp(_modulate(h, shift, scale)).split([3 * h.shape[-1], self.mlp_dim], dim=-1)
-        q, k, v = qk_norm_rope(qkv, self.norm_q.weight, self.norm_k.weight, rope.cos, rope.sin, heads=self.heads,
-                               eps=NORM_EPS)
-        out = attention(q, k, v, backend=self.backend)
+        q, k, v = _qk_norm_rope(qkv, self.norm_q.weight, self.norm_k.weight, rope, self.heads)
+        out = attention(q, *_cached_kv(self, kv_store, rows, k, v), backend=self.backend)
         h = h + gate[:, None] * self.proj_out(torch.cat([_merge(out), F.gelu(mlp, approximate="tanh")], dim=-1))
         return _clip_fp16(h)
 
@@ -378,9 +416,20 @@ class MeissonicTransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 pooled_text_emb: torch.Tensor | None = None, micro_conds=None, timestep=None, *,
-                context: MeissonicContext | None = None) -> torch.Tensor:
+                context: MeissonicContext | None = None, kv_store: KVStore | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, H, W), the conditioning (or a prepared ``context``) and ``timestep`` ->
-        logits (B, codebook_size, H, W)."""
+        logits (B, codebook_size, H, W).
+
+        Step cache (musefast.nn.row_cache): with ``kv_store`` and ``rows=None`` every attention
+        records its joint (text + image) K/V; with ``rows`` (B, M) token positions, the text
+        stream and only the image rows of the transformer's grid holding them (on a downsampling
+        model the 2x2 cells: the stride-2 conv and transposed conv mix nothing outside a cell) run
+        through the blocks, at their own rotary positions, against the recorded K/V of the other
+        image rows. The text is always recomputed: its stream attends to the image, so a record
+        of it goes stale like any image row's, and with it recomputing every row is the exact
+        forward. Returns the rows' logits (B, M, codebook_size).
+        """
         if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.int64 or tokens.dim() != 3:
             raise TypeError(f"tokens must be an int64 tensor (B, H, W), got "
                             f"{getattr(tokens, 'dtype', type(tokens).__name__)} {tuple(getattr(tokens, 'shape', ()))}")
@@ -400,19 +449,33 @@ class MeissonicTransformer(nn.Module):
         if self.downsample is not None:
             x = self.downsample(x)
         B, h, w, d = x.shape
-        x = self.project_to_hidden(self.project_to_hidden_norm(x.reshape(B, h * w, d)))
+        x = x.reshape(B, h * w, d)
         L = context.text.shape[1]
         rope = self.rope_tables(L, (h, w))
-        c = context.text
+        if rows is not None:  # the text and the cells holding the rows, at their positions in the joint [text; image] sequence
+            cells = UVit2D._inner_rows(rows, tokens.shape[1:], (h, w))
+            joint_rows = torch.cat([torch.arange(L, device=cells.device).expand(B, L), cells + L], dim=1)
+            x = gather_rows(x, cells)
+            rope = rope.gather(joint_rows)
+        else:
+            cells = joint_rows = None
+        x, c = self.project_to_hidden(self.project_to_hidden_norm(x)), context.text
         for block in self.transformer_blocks:
-            x, c = block(x, c, temb, rope)
+            x, c = block(x, c, temb, rope, kv_store=kv_store, rows=joint_rows)
         joint = torch.cat([c, x], dim=1)
         for block in self.single_transformer_blocks:
-            joint = block(joint, temb, rope)
-        x = self.project_from_hidden(self.project_from_hidden_norm(joint[:, L:])).view(B, h, w, d)
-        if self.upsample is not None:
-            x = self.upsample(x)
-        return self.mlm_layer(x).permute(0, 3, 1, 2)
+            joint = block(joint, temb, rope, kv_store=kv_store, rows=joint_rows)
+        x = self.project_from_hidden(self.project_from_hidden_norm(joint[:, L:]))
+        if rows is None:
+            x = x.view(B, h, w, d)
+            if self.upsample is not None:
+                x = self.upsample(x)
+            return self.mlm_layer(x).permute(0, 3, 1, 2)
+        if self.upsample is None:  # the cells are the rows
+            return self.mlm_layer(x)
+        # cells not computed stay zero: each token reads only its own cell through the 2x2 stride-2 transposed conv
+        x = self.upsample(scatter_rows_(x.new_zeros(B, h * w, d), cells, x).view(B, h, w, d))
+        return self.mlm_layer(gather_rows(x.reshape(B, -1, d), rows))
 
     # -- loading -----------------------------------------------------------------------------
 

@@ -14,8 +14,16 @@ from musefast.reference.rope import rope_angles
 
 
 class RopeTables:
-    """Half-width float32 (cos, sin) tables (L, D/2) of a set of ids."""
+    """Half-width float32 (cos, sin) tables (L, D/2) of a set of ids (per image (B, M, D/2) after
+    :meth:`gather`)."""
 
     def __init__(self, ids: torch.Tensor, axes_dims, theta: float = 10000.0):
         angles = rope_angles(ids, axes_dims, theta)  # float64, as the peer computes them
         self.cos, self.sin = angles.cos().float(), angles.sin().float()
+
+    def gather(self, positions: torch.Tensor) -> "RopeTables":
+        """Per-image tables (B, M, D/2) of ``positions`` (B, M): the rows a step-cache forward
+        computes keep their own positions."""
+        out = object.__new__(RopeTables)
+        out.cos, out.sin = self.cos[positions], self.sin[positions]
+        return out

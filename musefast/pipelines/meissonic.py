@@ -38,7 +38,8 @@ from musefast.pipelines.amused import (
     _present,
     _resolve,
 )
-from musefast.sampling import check_guidance_scale, uses_guidance
+from musefast.sampling import GuidedForward, check_guidance_scale, uses_guidance
+from musefast.sampling.cache import batch_slice
 
 TEXT_LENGTH = 77  # the peer pads and truncates every prompt to 77 tokens, whatever the tokenizer says
 DEFAULTS = {"text2image": (48, 9.0), "image": (12, 10.0)}  # (steps, guidance) of the peer's pipelines
@@ -169,13 +170,19 @@ class MeissonicPipeline(AmusedPipeline):
         num_steps: int | None = None,
         backend: str | None = None,
         progress: bool = True,
+        guidance_interval: tuple | None = None,
+        cache=None,
     ):
         """Generate. Arguments are the peer ``Pipeline``'s (text to image: 48 steps, guidance 9,
         1024²), with ``image=`` its ``Img2ImgPipeline`` (``strength`` 0.5) and ``image=`` +
         ``mask_image=`` its ``InpaintPipeline`` (both: 12 steps, guidance 10), plus musefast's
-        ``seed``, ``sampler`` (``"fused"`` / ``"compat"``), ``guidance_schedule`` (fused only),
-        ``num_steps`` (= num_inference_steps, musefast's name), ``backend`` and ``progress``. ``output_type``: ``"pil"``, ``"np"``, ``"pt"``, or
-        ``"latent"`` / ``"tokens"`` (the token grid). Returns as :meth:`AmusedPipeline.__call__`.
+        ``seed``, ``sampler`` (``"fused"`` / ``"compat"``), and for the fused sampler only
+        ``guidance_schedule``, ``guidance_interval`` and ``cache`` (the step cache: None = exact,
+        ``"fast"`` or a :class:`musefast.StepCache`, as :meth:`AmusedPipeline.__call__`; the text
+        rows are recomputed on every cheap step, see :meth:`MeissonicTransformer.forward`), plus
+        ``num_steps`` (= num_inference_steps, musefast's name), ``backend`` and ``progress``.
+        ``output_type``: ``"pil"``, ``"np"``, ``"pt"``, or ``"latent"`` / ``"tokens"`` (the token
+        grid). Returns as :meth:`AmusedPipeline.__call__`.
         """
         call_args = {k: v for k, v in locals().items() if k != "self"}
         if (sampler or self.sampler) == "compat" and self._compat_source is not None:
@@ -187,6 +194,8 @@ class MeissonicPipeline(AmusedPipeline):
         sampler = _check_sampler(self.sampler if sampler is None else sampler)
         if sampler == "compat" and guidance_schedule != "constant":
             raise ValueError("the compat sampler follows the peer: guidance_schedule must be 'constant'")
+        if sampler == "compat" and (cache is not None or guidance_interval is not None):
+            raise ValueError("the compat sampler follows the peer: cache and guidance_interval need sampler='fused'")
         if mask_image is not None and image is None:
             raise ValueError("mask_image needs image=")
         if image is None and strength is not None:
@@ -214,27 +223,34 @@ class MeissonicPipeline(AmusedPipeline):
         micro = torch.tensor([width, height, *micro_conditioning_crop_coord, micro_conditioning_aesthetic_score],
                              device=self.device, dtype=hidden.dtype)
         context = self.transformer.prepare_context(hidden, pooled, micro)
-        step = [start]  # both samplers call the model once per step, in order: count the calls
+        step = [start]  # both samplers call the model once per step (the step cache too), in order: count the calls
 
-        def logits_of(model_in: torch.Tensor):
-            """(B, h, w) -> guided (B, h·w, K) logits (compat) or (cond, uncond) (fused)."""
-            timestep = steps - 1 - step[0]  # the scheduler's timesteps run T-1 ... 0
+        def model(tokens: torch.Tensor, *, context, **cache_kw):
+            """The transformer at the step's timestep (the scheduler's run T-1 ... 0) -> channels-last
+            logits (B, h, w, K), or the rows' (B, M, K) on a step-cache call with ``rows``."""
+            timestep = torch.tensor([steps - 1 - step[0]], device=self.device)
             step[0] += 1
-            out = self.transformer(torch.cat([model_in, model_in]) if use_cfg else model_in, context=context,
-                                   timestep=torch.tensor([timestep], device=self.device))
-            out = out.permute(0, 2, 3, 1).reshape(out.shape[0], -1, out.shape[1])  # a view: channels-last memory
-            if not use_cfg:
-                return out
-            uncond, cond = out.chunk(2)
-            return uncond + guidance_scale * (cond - uncond) if compat else (cond, uncond)
+            out = self.transformer(tokens, context=context, timestep=timestep, **cache_kw)
+            return out if cache_kw.get("rows") is not None else out.permute(0, 2, 3, 1)  # a view: channels-last memory
 
         if compat is not None:
+            def logits_of(model_in: torch.Tensor) -> torch.Tensor:
+                """(B, h, w) -> guided (B, h·w, K) logits, combined as the peer does."""
+                out = model(torch.cat([model_in, model_in]) if use_cfg else model_in, context=context)
+                out = out.reshape(out.shape[0], -1, out.shape[-1])
+                if not use_cfg:
+                    return out
+                uncond, cond = out.chunk(2)
+                return uncond + guidance_scale * (cond - uncond)
+
             tokens = self._run_compat(compat, logits_of, tokens, start, ratio, generator, callback, callback_steps,
                                       progress)
-        else:
-            tokens = self._run_fused(logits_of, tokens, steps, start, ratio, use_cfg, guidance_scale,
+        else:  # negatives come first in a CFG batch, as in the peer
+            forward = (GuidedForward(model, batch_slice(context, slice(B, 2 * B)), context, uncond_first=True)
+                       if use_cfg else GuidedForward(model, context))
+            tokens = self._run_fused(forward, tokens, steps, start, ratio, use_cfg, guidance_scale,
                                      guidance_schedule, temperature, mask_image is not None, seed, backend, callback,
-                                     callback_steps, progress)
+                                     callback_steps, progress, guidance_interval, cache)
         return self._output(tokens, output_type, return_dict)
 
 
