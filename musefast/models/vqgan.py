@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from musefast.engine.cpu_conv import to_format
 from musefast.models.serialization import load_component, register_component, save_component
 from musefast.nn import VectorQuantizer
 
@@ -262,6 +263,7 @@ class VQGAN(nn.Module):
     """
 
     config_class = VQGANConfig
+    conv_memory_format = torch.contiguous_format  # of CPU activations (musefast.engine.cpu_conv)
 
     def __init__(self, config: VQGANConfig | None = None, *, vq_backend: str | None = None):
         super().__init__()
@@ -302,10 +304,11 @@ class VQGAN(nn.Module):
         """``module(x)`` in the compute dtype: with force_upcast a half module runs on float32
         copies of its weights (the module itself is not modified)."""
         dtype = self._compute_dtype()
+        x = to_format(x.to(dtype), self.conv_memory_format)
         if dtype == self.dtype:
-            return module(x.to(dtype))
+            return module(x)
         params = {k: v.to(dtype) for k, v in module.state_dict(keep_vars=True).items()}
-        return functional_call(module, params, (x.to(dtype),))
+        return functional_call(module, params, (x,))
 
     # -- checks ------------------------------------------------------------------------------
 
@@ -337,7 +340,7 @@ class VQGAN(nn.Module):
         self._check_image(image)
         x = image * 2 - 1 if self.config.signed_pixels else image
         z = self._run(self.encoder, x)
-        return self._run(self.quant_conv, z)
+        return self._run(self.quant_conv, z).contiguous()
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> torch.Tensor:
@@ -355,7 +358,7 @@ class VQGAN(nn.Module):
         x = self._run(self.decoder, self._run(self.post_quant_conv, z_q))
         if self.config.signed_pixels:
             x = (x + 1) / 2
-        return x.to(self.dtype)
+        return x.to(self.dtype).contiguous()  # NCHW whatever layout the decoder ran in
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
