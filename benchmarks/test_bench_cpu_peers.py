@@ -350,7 +350,42 @@ def _vqgan_config(kw: dict):
         lookup_from_codebook=True, **kw))
 
 
-@pytest.mark.parametrize("grid", [16, 32])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_text_encode(benchmark, dtype):
+    """CLIP text encode (CLIP-L/14's size unless ``reduced``; one 77-token prompt), through the
+    CPU engine's packed linears vs the plain path (``cpu.plain()``), in one process."""
+    dt = getattr(torch, dtype)
+    if dt == torch.bfloat16 and not cpu.cpu_isa()["bf16"]:
+        pytest.skip("the CPU has no native bf16 (AVX512-BF16 / AMX): bf16 is emulated here")
+    model, tokenizer = _clip(SIZE)
+    model.to(dt)
+    ids = tokenizer([PROMPT], return_tensors="pt", padding="max_length", max_length=77).input_ids
+    report = cpu.apply(model)
+
+    def packed():
+        return model(ids, output_hidden_states=True).hidden_states[-2]
+
+    def plain():
+        with cpu.plain():
+            return packed()
+
+    info = benchmark.extra_info
+    with torch.no_grad():
+        want = plain().float()
+        info["musefast_vs_plain_rel_err"] = ((packed().float() - want).norm() / want.norm()).item()
+        flops = _flops(plain)
+        stats = _interleaved({"musefast": packed, "musefast_plain": plain}, _rounds(benchmark))
+        benchmark.pedantic(packed, rounds=1, iterations=1)
+    for name, st in stats.items():
+        info[f"{name}_ms"] = st["median_ms"]
+        info[f"{name}_min_max_ms"] = [st["min_ms"], st["max_ms"]]
+        info[f"{name}_gflops"] = flops / st["median_ms"] / 1e6
+    info["speedup_vs_musefast_plain"] = info["musefast_plain_ms"] / info["musefast_ms"]
+    info.update(size=SIZE, dtype=dtype, batch=1, threads=torch.get_num_threads(), gflop=flops / 1e9,
+                linears=report.linears, rounds=_rounds(benchmark), peak_rss_gib=_rss_gib())
+
+
+@pytest.mark.parametrize("grid", [8] if SIZE == "reduced" else [16, 32])
 def test_cpu_vq_decode(benchmark, grid):
     """VQ decode of a grid x grid token map at aMUSEd's VQ architecture (reduced widths under
     ``reduced``), batch 1: musefast's CPU path (channels-last activations) vs the plain NCHW path,
@@ -491,6 +526,8 @@ def test_cpu_end_to_end(benchmark, tmp_path):
             ms = stages[f"{stage}_ms"]
             stages[f"{stage}_gflops"] = per_call * stages["calls"][stage] / ms / 1e6 if ms > 0 else None
         info[f"{name}_stages"] = stages
+        work = sum(per_call * stages["calls"][stage] for stage, per_call in flops.items())
+        info[f"{name}_gflops"] = work / st["median_ms"] / 1e6
     for peer in [n for n in stats if n != "musefast"]:
         info[f"speedup_vs_{peer}"] = info[f"{peer}_ms"] / info["musefast_ms"]
     info.update(size=size, steps=STEPS, batch=1, threads=torch.get_num_threads(), rounds=_rounds(benchmark),

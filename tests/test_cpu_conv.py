@@ -1,10 +1,10 @@
-"""Channels-last VQ convolutions on the CPU (musefast.engine.cpu_conv) give the plain NCHW path's
-images and tokens, return NCHW contiguous tensors, and leave the weights untouched.
+"""Channels-last VQ decoding on the CPU (musefast.engine.cpu_conv) gives the plain NCHW path's
+images as NCHW contiguous fp32, leaves encoding (tokens) bit-identical and the weights untouched.
 
-Tolerance: channels-last oneDNN convolutions sum in another order than NCHW ones, so fp32 results
-differ by rounding only: pixels in [0, 1] within 2e-5 absolute (observed ~1e-6 on these models),
-features within 1e-5 relative (Frobenius). A layout bug (a view over the wrong strides) moves
-pixels by O(1)."""
+Tolerance: channels-last oneDNN convolutions sum in another order than NCHW ones, so fp32 pixels
+(in [0, 1]) differ by rounding only: within 2e-5 absolute (observed ≤ 2.4e-5 max, ~1e-6 mean at
+larger widths; ~1e-6 on these models). A layout bug (a view over the wrong strides) moves pixels
+by O(1)."""
 import pytest
 import torch
 
@@ -34,10 +34,6 @@ def _vq(name, seed=0):
     return vq
 
 
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @torch.no_grad()
 def test_channels_last_equals_plain(name):
@@ -48,12 +44,10 @@ def test_channels_last_equals_plain(name):
     image = torch.rand(2, 3, 3 * f, 5 * f, generator=g)
     plain = vq.decode(tokens), vq.encode_features(image)
     assert cpu_conv.apply(vq) == 1 and cpu_conv.is_applied(vq)
-    decoded, features = vq.decode(tokens), vq.encode_features(image)
-    for out in (decoded, features):
-        assert out.is_contiguous() and out.dtype == torch.float32  # the DESIGN contract: NCHW fp32
-    assert (decoded - plain[0]).abs().max().item() < 2e-5
-    assert _rel(features, plain[1]) < 1e-5
-    assert torch.equal(vq.encode(image), vq.quantize.encode(features))
+    decoded = vq.decode(tokens)
+    assert decoded.is_contiguous() and decoded.dtype == torch.float32  # the DESIGN contract: NCHW fp32
+    assert 0 < (decoded - plain[0]).abs().max().item() < 2e-5  # > 0: the channels-last path did run
+    assert torch.equal(vq.encode_features(image), plain[1])  # encoding (tokens) is never changed
     cpu_conv.remove(vq)
     assert not cpu_conv.is_applied(vq) and torch.equal(vq.decode(tokens), plain[0])
 

@@ -263,7 +263,7 @@ class VQGAN(nn.Module):
     """
 
     config_class = VQGANConfig
-    conv_memory_format = torch.contiguous_format  # of CPU activations (musefast.engine.cpu_conv)
+    conv_memory_format = torch.contiguous_format  # of the decoder's CPU activations (engine/cpu_conv)
 
     def __init__(self, config: VQGANConfig | None = None, *, vq_backend: str | None = None):
         super().__init__()
@@ -304,11 +304,10 @@ class VQGAN(nn.Module):
         """``module(x)`` in the compute dtype: with force_upcast a half module runs on float32
         copies of its weights (the module itself is not modified)."""
         dtype = self._compute_dtype()
-        x = to_format(x.to(dtype), self.conv_memory_format)
         if dtype == self.dtype:
-            return module(x)
+            return module(x.to(dtype))
         params = {k: v.to(dtype) for k, v in module.state_dict(keep_vars=True).items()}
-        return functional_call(module, params, (x,))
+        return functional_call(module, params, (x.to(dtype),))
 
     # -- checks ------------------------------------------------------------------------------
 
@@ -340,7 +339,7 @@ class VQGAN(nn.Module):
         self._check_image(image)
         x = image * 2 - 1 if self.config.signed_pixels else image
         z = self._run(self.encoder, x)
-        return self._run(self.quant_conv, z).contiguous()
+        return self._run(self.quant_conv, z)
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> torch.Tensor:
@@ -355,6 +354,10 @@ class VQGAN(nn.Module):
     def decode_features(self, z_q: torch.Tensor) -> torch.Tensor:
         """Quantized vectors (B, embed_dim, h, w) -> unclamped images (B, C, h*f, w*f) in
         [0, 1] nominal range, in the module dtype (computed in float32 under force_upcast)."""
+        # Only the decoder runs channels-last (musefast.engine.cpu_conv): encode's outputs are
+        # tokens, and a rounding-level change of the features flips argmin near-ties, which the
+        # compat samplers' promise of the peer's tokens (img2img, inpainting) cannot allow.
+        z_q = to_format(z_q, self.conv_memory_format)
         x = self._run(self.decoder, self._run(self.post_quant_conv, z_q))
         if self.config.signed_pixels:
             x = (x + 1) / 2
