@@ -296,7 +296,7 @@ def apply_default(model: nn.Module) -> nn.Module:
     first = next(model.parameters(), None)
     if enabled_by_default() and first is not None and first.device.type == "cpu":
         apply(model)
-        cpu_conv.apply(model)  # the VQ tokenizers' convolutions: channels-last
+        cpu_conv.apply(model)  # the VQ decoders run channels-last
     return model
 
 
