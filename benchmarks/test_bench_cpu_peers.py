@@ -126,6 +126,56 @@ def _flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
+class _Stages:
+    """Per-stage wall time of a pipeline call: wraps named methods of its components in place
+    (instance attributes, so the pipeline's own calls go through them) and sums their time per
+    run. Whatever the wrapped stages do not cover — the sampler's steps, guidance, conditioning
+    set-up, tokenization, pre/post-processing — is the ``rest`` of the run."""
+
+    def __init__(self, methods: dict):  # stage -> (object, method name)
+        self.totals = dict.fromkeys(methods, 0.0)
+        self.calls = dict.fromkeys(methods, 0)
+        for stage, (obj, name) in methods.items():
+            setattr(obj, name, self._timed(stage, getattr(obj, name)))
+
+    def _timed(self, stage, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.totals[stage] += 1e3 * (time.perf_counter() - t0)
+                self.calls[stage] += 1
+        return timed
+
+    def run(self, fn):
+        """Call ``fn`` and return its per-stage ms and call counts, ``rest_ms`` included."""
+        self.totals = dict.fromkeys(self.totals, 0.0)
+        self.calls = dict.fromkeys(self.calls, 0)
+        t0 = time.perf_counter()
+        fn()
+        total = 1e3 * (time.perf_counter() - t0)
+        return dict(**{f"{k}_ms": v for k, v in self.totals.items()}, rest_ms=total - sum(self.totals.values()),
+                    calls=dict(self.calls))
+
+
+def _staged(stages: _Stages, fn):
+    """``fn`` as an entry of :func:`_interleaved` that also keeps each run's stage split."""
+    runs = []
+
+    def call():
+        runs.append(stages.run(fn))
+    call.runs = runs
+    return call
+
+
+def _stage_medians(runs: list[dict], warmups: int = 1) -> dict:
+    """Median per stage over the timed runs (the first ``warmups`` runs are the warm-up)."""
+    timed = runs[warmups:] or runs
+    keys = [k for k in timed[0] if k.endswith("_ms")]
+    return {**{k: statistics.median(r[k] for r in timed) for k in keys}, "calls": timed[-1]["calls"]}
+
+
 # -- (a) one transformer forward at B = 2 --------------------------------------------------------
 
 FORWARD_SIZES = ["reduced"] if SIZE == "reduced" else [SIZE]
@@ -289,9 +339,114 @@ def _openvino_pipeline(ov, pipe, size, hint, converted):
     return out
 
 
+def _vqgan_config(kw: dict):
+    """The musefast VQGAN of a diffusers VQModel with ``_VQ`` widths (aMUSEd's layout otherwise)."""
+    from musefast.models.vqmodel import vqgan_config_from_diffusers
+
+    levels = len(kw["block_out_channels"])
+    return vqgan_config_from_diffusers(dict(
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        latent_channels=64, num_vq_embeddings=8192, norm_num_groups=32, mid_block_add_attention=False,
+        lookup_from_codebook=True, **kw))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_text_encode(benchmark, dtype):
+    """CLIP text encode (CLIP-L/14's size unless ``reduced``; one 77-token prompt), through the
+    CPU engine's packed linears vs the plain path (``cpu.plain()``), in one process."""
+    dt = getattr(torch, dtype)
+    if dt == torch.bfloat16 and not cpu.cpu_isa()["bf16"]:
+        pytest.skip("the CPU has no native bf16 (AVX512-BF16 / AMX): bf16 is emulated here")
+    model, tokenizer = _clip(SIZE)
+    model.to(dt)
+    ids = tokenizer([PROMPT], return_tensors="pt", padding="max_length", max_length=77).input_ids
+    report = cpu.apply(model)
+
+    def packed():
+        return model(ids, output_hidden_states=True).hidden_states[-2]
+
+    def plain():
+        with cpu.plain():
+            return packed()
+
+    info = benchmark.extra_info
+    with torch.no_grad():
+        want = plain().float()
+        info["musefast_vs_plain_rel_err"] = ((packed().float() - want).norm() / want.norm()).item()
+        flops = _flops(plain)
+        stats = _interleaved({"musefast": packed, "musefast_plain": plain}, _rounds(benchmark))
+        benchmark.pedantic(packed, rounds=1, iterations=1)
+    for name, st in stats.items():
+        info[f"{name}_ms"] = st["median_ms"]
+        info[f"{name}_min_max_ms"] = [st["min_ms"], st["max_ms"]]
+        info[f"{name}_gflops"] = flops / st["median_ms"] / 1e6
+    info["speedup_vs_musefast_plain"] = info["musefast_plain_ms"] / info["musefast_ms"]
+    info.update(size=SIZE, dtype=dtype, batch=1, threads=torch.get_num_threads(), gflop=flops / 1e9,
+                linears=report.linears, rounds=_rounds(benchmark), peak_rss_gib=_rss_gib())
+
+
+@pytest.mark.parametrize("grid", [8] if SIZE == "reduced" else [16, 32])
+def test_cpu_vq_decode(benchmark, grid):
+    """VQ decode of a grid x grid token map at aMUSEd's VQ architecture (reduced widths under
+    ``reduced``), batch 1: musefast's CPU path (channels-last activations) vs the plain NCHW path,
+    and, for the record, the same decoder computing in bf16 (not used by musefast: the DESIGN
+    contract decodes in fp32; its pixel error is recorded beside its time)."""
+    from musefast.engine import cpu_conv
+    from musefast.models.vqgan import VQGAN
+
+    torch.manual_seed(0)
+    vq = VQGAN(_vqgan_config(_VQ["reduced" if SIZE == "reduced" else "full"])).eval()
+    with torch.no_grad():  # norms start at identity: give every parameter a value
+        for p in vq.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    tokens = torch.randint(0, 8192, (1, grid, grid), generator=torch.Generator().manual_seed(1))
+    twin = copy.deepcopy(vq)  # the bf16 record: decoder weights in bf16, activations channels-last
+    twin.decoder.to(torch.bfloat16)
+    twin.post_quant_conv.to(torch.bfloat16)
+
+    def bf16_decode():
+        z = twin.quantize.lookup(tokens).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        return twin.decoder(twin.post_quant_conv(z)).float().contiguous().clamp_(0, 1)
+
+    def plain():
+        cpu_conv.remove(vq)
+        return vq.decode(tokens)
+
+    def channels_last():
+        cpu_conv.apply(vq)
+        return vq.decode(tokens)
+
+    fns = {"musefast": channels_last, "musefast_plain": plain, "bf16_compute_not_used": bf16_decode}
+    info = benchmark.extra_info
+    with torch.no_grad():
+        want = plain()
+        for name in ("musefast", "bf16_compute_not_used"):
+            err = (fns[name]() - want).abs()
+            info[f"{name}_max_abs_err"], info[f"{name}_mean_abs_err"] = err.max().item(), err.mean().item()
+        flops = _flops(plain)
+        stats = _interleaved(fns, _rounds(benchmark))
+        benchmark.pedantic(channels_last, rounds=1, iterations=1)
+    for name, st in stats.items():
+        info[f"{name}_ms"] = st["median_ms"]
+        info[f"{name}_min_max_ms"] = [st["min_ms"], st["max_ms"]]
+        info[f"{name}_gflops"] = flops / st["median_ms"] / 1e6
+    info["speedup_vs_musefast_plain"] = info["musefast_plain_ms"] / info["musefast_ms"]
+    info.update(size=SIZE, grid=grid, batch=1, threads=torch.get_num_threads(), gflop=flops / 1e9,
+                rounds=_rounds(benchmark), peak_rss_gib=_rss_gib())
+
+
+def _stage_flops(text_encoder, ids, transformer, example: dict, vq_decode, side: int) -> dict:
+    """FLOPs of one call of each stage, counted on the diffusers modules (the same maths for
+    every implementation): text encoder (one prompt), transformer (B = 2), VQ decode (B = 1)."""
+    return {"text": _flops(lambda: text_encoder(ids)), "transformer": _flops(lambda: transformer(**example)),
+            "vq_decode": _flops(lambda: vq_decode(torch.zeros(1, side, side, dtype=torch.long)))}
+
+
 @pytest.mark.skipif(SIZE == "amused-512", reason="end to end at 512 is out of a CPU run's time budget")
 def test_cpu_end_to_end(benchmark, tmp_path):
-    """Text to image, 12 steps, batch 1: musefast (dtype auto and fp32) vs diffusers vs diffusers+OpenVINO."""
+    """Text to image, 12 steps, batch 1: musefast (dtype auto and fp32) vs diffusers vs
+    diffusers+OpenVINO, with each run split into stages (text encode, transformer forwards, VQ
+    decode, and the rest: sampling steps and glue)."""
     from diffusers import AmusedPipeline as DiffusersAmused
     from diffusers import AmusedScheduler, VQModel
 
@@ -315,44 +470,65 @@ def test_cpu_end_to_end(benchmark, tmp_path):
     info["musefast_load_s"] = time.perf_counter() - t0
     info["musefast_auto_dtype"] = str(ours.dtype).removeprefix("torch.")
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    fns = {
-        "musefast": lambda: ours(PROMPT, seed=0, num_inference_steps=STEPS, output_type="pt", progress=False),
-        "diffusers_fp32": lambda: theirs(PROMPT, generator=gen(), num_inference_steps=STEPS, output_type="pt"),
-    }
+    side = theirs.transformer.config.sample_size
+    ids = tokenizer([PROMPT], return_tensors="pt", padding="max_length", max_length=77).input_ids
+    ex = dict(latents=torch.full((2, side, side), 8255), micro_conds=torch.rand(2, 5),
+              pooled_text_emb=torch.rand(2, theirs.transformer.config.cond_embed_dim),
+              encoder_hidden_states=torch.rand(2, 77, theirs.transformer.config.encoder_hidden_size))
+    vq_decode = _VQDecodeForOpenVINO(vqvae, (1, side, side, 64))
+    with torch.no_grad():
+        flops = _stage_flops(text_encoder, ids, _UVitForOpenVINO(theirs.transformer), ex, vq_decode, side)
+
+    def ours_call(pipe):
+        return lambda: pipe(PROMPT, seed=0, num_inference_steps=STEPS, output_type="pt", progress=False)
+
+    def musefast_stages(pipe):
+        return {"text": (pipe.text_encoder, "encode"), "transformer": (pipe.transformer, "forward"),
+                "vq_decode": (pipe.vqvae, "decode")}
+
+    def diffusers_stages(pipe):
+        return {"text": (pipe.text_encoder, "forward"), "transformer": (pipe.transformer, "forward"),
+                "vq_decode": (pipe.vqvae, "decode")}
+
+    pipes = {"musefast": (ours_call(ours), musefast_stages(ours))}
     if ours.dtype != torch.float32 and os.environ.get("MUSEFAST_CPU_BENCH_E2E_FP32", "0") == "1":
         ours32 = AmusedPipeline.from_pretrained(tmp_path, dtype=torch.float32)  # a second copy: memory
-        fns["musefast_fp32"] = lambda: ours32(PROMPT, seed=0, num_inference_steps=STEPS, output_type="pt",
-                                              progress=False)
+        pipes["musefast_fp32"] = (ours_call(ours32), musefast_stages(ours32))
     ov = _openvino()
     if ov is not None:
-        side = theirs.transformer.config.sample_size
-        ids = tokenizer([PROMPT], return_tensors="pt", padding="max_length", max_length=77).input_ids
-        ex = dict(latents=torch.full((2, side, side), 8255), micro_conds=torch.rand(2, 5),
-                  pooled_text_emb=torch.rand(2, theirs.transformer.config.cond_embed_dim),
-                  encoder_hidden_states=torch.rand(2, 77, theirs.transformer.config.encoder_hidden_size))
         t0 = time.perf_counter()
         converted = {
             "text": ov.convert_model(_TextForOpenVINO(text_encoder), example_input=(ids,)),
             "uvit": ov.convert_model(_UVitForOpenVINO(theirs.transformer), example_input=ex),
-            "vq": ov.convert_model(_VQDecodeForOpenVINO(vqvae, (1, side, side, 64)),
-                                   example_input=(torch.randint(0, 8192, (1, side, side)),)),
+            "vq": ov.convert_model(vq_decode, example_input=(torch.randint(0, 8192, (1, side, side)),)),
         }
         info["openvino_convert_s"] = time.perf_counter() - t0
         for hint in ("f32", "bf16") if cpu.cpu_isa()["bf16"] else ("f32",):
             ovp = _openvino_pipeline(ov, theirs, size, hint, converted)
-            fns[f"openvino_{hint}"] = (lambda p=ovp: p(PROMPT, generator=gen(), num_inference_steps=STEPS,
-                                                       output_type="pt"))
+            pipes[f"openvino_{hint}"] = (lambda p=ovp: p(PROMPT, generator=gen(), num_inference_steps=STEPS,
+                                                         output_type="pt"), diffusers_stages(ovp))
         del converted
         gc.collect()
     else:
         info["openvino"] = "skipped: openvino is not installed (pip install openvino)"
+    pipes["diffusers_fp32"] = (lambda: theirs(PROMPT, generator=gen(), num_inference_steps=STEPS, output_type="pt"),
+                               diffusers_stages(theirs))
+    fns = {name: _staged(_Stages(methods), call) for name, (call, methods) in pipes.items()}
+    info["rss_after_setup_gib"] = _rss_gib()
     with torch.no_grad():
         stats = _interleaved(fns, _rounds(benchmark))
-    benchmark.pedantic(fns["musefast"], rounds=1, iterations=1)
-    for name, s in stats.items():
-        info[f"{name}_ms"] = s["median_ms"]
-        info[f"{name}_min_max_ms"] = [s["min_ms"], s["max_ms"]]
+    benchmark.pedantic(pipes["musefast"][0], rounds=1, iterations=1)
+    for name, st in stats.items():
+        info[f"{name}_ms"] = st["median_ms"]
+        info[f"{name}_min_max_ms"] = [st["min_ms"], st["max_ms"]]
+        stages = _stage_medians(fns[name].runs)
+        for stage, per_call in flops.items():
+            ms = stages[f"{stage}_ms"]
+            stages[f"{stage}_gflops"] = per_call * stages["calls"][stage] / ms / 1e6 if ms > 0 else None
+        info[f"{name}_stages"] = stages
+        work = sum(per_call * stages["calls"][stage] for stage, per_call in flops.items())
+        info[f"{name}_gflops"] = work / st["median_ms"] / 1e6
     for peer in [n for n in stats if n != "musefast"]:
         info[f"speedup_vs_{peer}"] = info[f"{peer}_ms"] / info["musefast_ms"]
     info.update(size=size, steps=STEPS, batch=1, threads=torch.get_num_threads(), rounds=_rounds(benchmark),
-                peak_rss_gib=_rss_gib())
+                stage_gflop_per_call={k: v / 1e9 for k, v in flops.items()}, peak_rss_gib=_rss_gib())

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from musefast.engine import cpu_conv
+
 ENGINE_ATTR = "_musefast_cpu"  # per-module state: the packed-weight cache
 REPORT_ATTR = "_musefast_cpu_report"  # per-model: what apply() did
 _PACKABLE = (torch.float32, torch.bfloat16)
@@ -294,6 +296,7 @@ def apply_default(model: nn.Module) -> nn.Module:
     first = next(model.parameters(), None)
     if enabled_by_default() and first is not None and first.device.type == "cpu":
         apply(model)
+        cpu_conv.apply(model)  # the VQ decoders run channels-last
     return model
 
 
@@ -356,6 +359,7 @@ def _packed_bytes(module: nn.Module) -> int:
 
 def remove(model: nn.Module) -> None:
     """Restore the plain forwards and drop the packed weights."""
+    cpu_conv.remove(model)
     for module in model.modules():
         module.__dict__.pop(ENGINE_ATTR, None)
         if isinstance(module.__dict__.get("forward"), functools.partial):

@@ -568,5 +568,10 @@ def load_text_encoder(path: str | os.PathLike, tokenizer_path: str | os.PathLike
             saved = _read_settings(str(path), subfolder)
             saved.pop("_class", None)
             encoder = cls(*plain, **{**saved, **kwargs})
-            return encoder.to(device) if device is not None else encoder
+            if device is not None:
+                encoder.to(device)
+            from musefast.engine.cpu import apply_default  # packed oneDNN linears on a CPU, as from_pretrained
+
+            apply_default(encoder.model)
+            return encoder
     return cls.from_pretrained(path, tokenizer_path, subfolder=subfolder, **kwargs)

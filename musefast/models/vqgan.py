@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from musefast.engine.cpu_conv import to_format
 from musefast.models.serialization import load_component, register_component, save_component
 from musefast.nn import VectorQuantizer
 
@@ -262,6 +263,7 @@ class VQGAN(nn.Module):
     """
 
     config_class = VQGANConfig
+    conv_memory_format = torch.contiguous_format  # of the decoder's CPU activations (engine/cpu_conv)
 
     def __init__(self, config: VQGANConfig | None = None, *, vq_backend: str | None = None):
         super().__init__()
@@ -352,10 +354,14 @@ class VQGAN(nn.Module):
     def decode_features(self, z_q: torch.Tensor) -> torch.Tensor:
         """Quantized vectors (B, embed_dim, h, w) -> unclamped images (B, C, h*f, w*f) in
         [0, 1] nominal range, in the module dtype (computed in float32 under force_upcast)."""
+        # Only the decoder runs channels-last (musefast.engine.cpu_conv): encode's outputs are
+        # tokens, and a rounding-level change of the features flips argmin near-ties, which the
+        # compat samplers' promise of the peer's tokens (img2img, inpainting) cannot allow.
+        z_q = to_format(z_q, self.conv_memory_format)
         x = self._run(self.decoder, self._run(self.post_quant_conv, z_q))
         if self.config.signed_pixels:
             x = (x + 1) / 2
-        return x.to(self.dtype)
+        return x.to(self.dtype).contiguous()  # NCHW whatever layout the decoder ran in
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
