@@ -182,3 +182,4 @@ def test_cli_quantize_flag(pipeline_dir, tmp_path):
     assert main(["generate", "a cat", "--model", str(pipeline_dir), "--steps", "1", "-q", "--quantize", "int8",
                  "-o", str(out)]) == 0
     assert out.is_file()
+
