@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import os
@@ -108,46 +107,45 @@ def op_candidates(shapes: dict, rounds: int) -> dict:
 # -- 2. aMUSEd-256, random weights -------------------------------------------------------------
 
 def amused(rounds: int) -> dict:
+    """Two phases to bound memory on a shared machine (one 600M-parameter model, converted to
+    bf16 in place between them): fp32 engine vs int8 with the rest in fp32, interleaved; then
+    bf16 engine vs int8 with the rest in bf16, interleaved. Logit errors are against the fp32
+    plain forward."""
     from musefast.engine import cpu, int8
     from musefast.models.uvit import UVit2D, UVit2DConfig
 
     torch.manual_seed(0)
-    model32 = UVit2D(UVit2DConfig(sample_size=16)).eval().requires_grad_(False)
+    model = UVit2D(UVit2DConfig(sample_size=16)).eval().requires_grad_(False)
     with torch.no_grad():  # norm weights of 1 and GRN zeros would make every layer alike
-        for name, p in model32.named_parameters():
+        for name, p in model.named_parameters():
             if "norm" in name or "gamma" in name or "beta" in name:
                 p.add_(0.1 * torch.randn_like(p))
-    model16 = copy.deepcopy(model32).to(torch.bfloat16)
-    cfg = model32.config
+    cfg = model.config
     B, side = 2, cfg.sample_size
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, cfg.codebook_size, (B, side, side), generator=g)
     tokens[:, ::2] = cfg.vocab_size - 1  # half the rows masked, as mid-generation
-    hidden, pooled = torch.randn(B, 77, cfg.encoder_hidden_size, generator=g), torch.randn(B, cfg.cond_embed_dim,
-                                                                                           generator=g)
+    hidden = torch.randn(B, 77, cfg.encoder_hidden_size, generator=g)
+    pooled = torch.randn(B, cfg.cond_embed_dim, generator=g)
     micro = torch.tensor([256.0, 256, 0, 0, 6])
+    errors, timing = {}, {}
+    engine = lambda: (int8.remove(model), cpu.apply(model))  # noqa: E731 - one cache at a time
+    quantized = lambda: int8.apply(model)  # noqa: E731 - drops the engine's packed weights
     with torch.no_grad():
-        ctx32 = model32.prepare_context(hidden, pooled, micro)
-        ctx16 = model16.prepare_context(hidden.bfloat16(), pooled.bfloat16(), micro)
-        modes = {  # name: (model, context, install)
-            "fp32 engine": (model32, ctx32, lambda: (int8.remove(model32), cpu.apply(model32))),
-            "bf16 engine": (model16, ctx16, lambda: (int8.remove(model16), cpu.apply(model16))),
-            "int8, rest fp32": (model32, ctx32, lambda: int8.apply(model32)),
-            "int8, rest bf16": (model16, ctx16, lambda: int8.apply(model16)),
-        }
-        logits = {}
-        for name, (model, ctx, install) in modes.items():
-            install()
-            logits[name] = model(tokens, context=ctx).float()
-        ref = logits["fp32 engine"]
-        errors = {name: logit_error(v, ref) for name, v in logits.items() if name != "fp32 engine"}
-        del logits
-        # int8 caches are dropped when the CPU engine is reinstalled: each round repacks (untimed)
-        timing = interleaved({n: (lambda m=m, c=c: m(tokens, context=c)) for n, (m, c, _) in modes.items()}, rounds,
-                             setup={n: inst for n, (_, _, inst) in modes.items()})
-    return {"params": sum(p.numel() for p in model32.parameters()), "batch": B,
-            "linears": sum(isinstance(m, nn.Linear) for m in model32.modules()),
-            "logit_error_vs_fp32": errors, "forward": timing}
+        ref = model(tokens, context=model.prepare_context(hidden, pooled, micro)).float()
+        for dtype in (torch.float32, torch.bfloat16):
+            model.to(dtype)
+            ctx = model.prepare_context(hidden.to(dtype), pooled.to(dtype), micro)
+            name = str(dtype).removeprefix("torch.")
+            run = lambda: model(tokens, context=ctx)  # noqa: E731
+            for label, install in ((f"{name} engine", engine), (f"int8, rest {name}", quantized)):
+                install()
+                errors[label] = logit_error(run().float(), ref)
+            timing.update(interleaved({f"{name} engine": run, f"int8, rest {name}": run}, rounds,
+                                      setup={f"{name} engine": engine, f"int8, rest {name}": quantized}))
+    return {"params": sum(p.numel() for p in model.parameters()), "batch": B,
+            "linears": sum(isinstance(m, nn.Linear) for m in model.modules()),
+            "logit_error_vs_fp32_plain": errors, "forward": timing}
 
 
 # -- 3. the demo model ---------------------------------------------------------------------------
