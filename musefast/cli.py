@@ -62,7 +62,7 @@ def _load(args):
 
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     try:
-        return load(args.model, device=args.device, dtype=dtype)
+        return load(args.model, device=args.device, dtype=dtype, quantize=args.quantize)
     except Exception as exc:  # noqa: BLE001 - every loading failure becomes one line (--debug: traceback)
         if args.debug:
             raise
@@ -311,6 +311,9 @@ def _add_common(p: argparse.ArgumentParser, demo: dict, *, steps: bool = True, g
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="weights dtype (default: as saved, float32 for demo)")
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="run the transformer's linears in int8 (CPU with VNNI; close to the float result, not "
+                        "equal) (default: off)")
     p.add_argument("--threads", type=checks.positive_int, default=None, metavar="N",
                    help="CPU threads of torch (default: 1 for the demo model, whose matrices are too small to "
                         "share between cores; torch's default, or OMP_NUM_THREADS, for other models)")

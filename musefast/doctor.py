@@ -57,9 +57,10 @@ def doctor() -> str:
     out = ["musefast doctor", "==============="]
     out += _versions()
     out += _build_lines(status)
-    from musefast.engine import cpu as cpu_engine
+    from musefast.engine import cpu as cpu_engine, int8
 
     out += cpu_engine.describe()
+    out += int8.describe()
     out.append(auto_order_table())
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:

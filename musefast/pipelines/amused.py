@@ -41,7 +41,7 @@ from musefast.compat.amused_scheduler import (
     choice_temperatures,
     seed_from_generator,
 )
-from musefast.engine import cpu as cpu_engine
+from musefast.engine import cpu as cpu_engine, int8
 from musefast.models.text import CLIPTextEncoder, TextEmbeddings
 from musefast.models.uvit import UVit2D
 from musefast.models.vqgan import VQGAN
@@ -104,7 +104,7 @@ class AmusedPipeline(ProgressBarConfig):
     def from_pretrained(cls, folder_or_hub_id: str | os.PathLike, *, variant: str | None = None,
                         device: str | torch.device | None = None, dtype: torch.dtype | str | None = "auto",
                         sampler: str = "fused", backend: str | None = None,
-                        local_files_only: bool = False) -> "AmusedPipeline":
+                        local_files_only: bool = False, quantize: str | None = None) -> "AmusedPipeline":
         """Load a diffusers aMUSEd folder, or a hub id (``amused/amused-256``) — downloaded with
         huggingface_hub only when it is not a local folder.
 
@@ -120,7 +120,11 @@ class AmusedPipeline(ProgressBarConfig):
                 bf16 runs on a twin loaded once in the weights' dtype. Pass a dtype to choose.
             sampler: default sampler (``"fused"`` or ``"compat"``).
             backend: attention backend of the transformer (None = best available).
+            quantize: ``"int8"``: the transformer's linears in int8 (CPU with VNNI; close to the
+                float logits, not equal: :mod:`musefast.engine.int8`). A compat call on a pipeline
+                that "auto" put in bf16 still runs its float twin, so it keeps diffusers' tokens.
         """
+        int8.check(quantize, device)
         folder = _resolve(folder_or_hub_id, variant, local_files_only)
         index_file = folder / PIPELINE_INDEX
         if not index_file.is_file():
@@ -151,6 +155,7 @@ class AmusedPipeline(ProgressBarConfig):
                    masking_schedule=scheduler.get("masking_schedule", "cosine"), sampler=sampler)
         if run_dtype != weights_dtype and dtype == "auto":  # compat calls need the weights' own dtype
             pipe._compat_source = dict(folder_or_hub_id=folder, variant=variant, device=device, backend=backend)
+        int8.quantize_pipeline(pipe, quantize)
         return pipe
 
     def _initial_tokens(self, *, B, steps, sampler, temperature, image, mask_image, latents, height, width,

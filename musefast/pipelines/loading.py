@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from musefast.compat.meissonic import is_meissonic_pipeline
+from musefast.engine import int8
 from musefast.models.serialization import read_json
 from musefast.pipelines.amused import AMUSED_CLASSES, AmusedPipeline
 from musefast.pipelines.meissonic import MeissonicPipeline
@@ -19,7 +20,8 @@ PIPELINE_CLASSES = {"MusePipeline": MusePipeline, **{name: AmusedPipeline for na
 
 
 def load(name_or_path: str | os.PathLike = "demo", *, device: str | torch.device | None = None,
-         dtype: torch.dtype | str | None = "auto", torch_dtype: torch.dtype | None = None):
+         dtype: torch.dtype | str | None = "auto", torch_dtype: torch.dtype | None = None,
+         quantize: str | None = None):
     """Load a pipeline.
 
     ``name_or_path``: ``"demo"`` (the model embedded in the package); a local folder in
@@ -35,15 +37,19 @@ def load(name_or_path: str | os.PathLike = "demo", *, device: str | torch.device
     :meth:`AmusedPipeline.from_pretrained`). ``None``: the weights' dtype. ``torch_dtype`` is
     diffusers' name for ``dtype``. On a CPU every model runs through musefast's CPU engine
     (packed oneDNN linears; ``musefast doctor``).
+
+    ``quantize``: ``"int8"`` runs the transformer(s)' linears in int8 on a CPU with VNNI
+    (opt-in: close to the float logits, not equal; see :mod:`musefast.engine.int8`); None: off.
     """
     from musefast.pipelines.options import check_device, diffusers_dtype
 
     dtype = diffusers_dtype(dtype, torch_dtype)
     check_device(device)
+    int8.check(quantize, device)
     if str(name_or_path) == "demo":
         from musefast.pipelines import demo
 
-        return demo.load_demo(device=device, dtype=dtype)
+        return demo.load_demo(device=device, dtype=dtype, quantize=quantize)
     folder = _resolve(name_or_path)
     index = _read_index(folder)
     cls_name = index.get("_class") or index.get("_class_name")
@@ -52,7 +58,7 @@ def load(name_or_path: str | os.PathLike = "demo", *, device: str | torch.device
     if cls_name not in PIPELINE_CLASSES:
         raise ValueError(f"{folder / PIPELINE_INDEX}: unsupported pipeline class {cls_name!r}; "
                          f"this version loads {sorted(PIPELINE_CLASSES)}")
-    return PIPELINE_CLASSES[cls_name].from_pretrained(folder, device=device, dtype=dtype)
+    return PIPELINE_CLASSES[cls_name].from_pretrained(folder, device=device, dtype=dtype, quantize=quantize)
 
 
 def _resolve(name_or_path) -> Path:

@@ -23,7 +23,7 @@ import os
 import torch
 
 from musefast.compat.meissonic import is_meissonic_transformer
-from musefast.engine import cpu as cpu_engine
+from musefast.engine import cpu as cpu_engine, int8
 from musefast.models.meissonic import MeissonicTransformer
 from musefast.models.text import CLIPTextEncoder
 from musefast.models.vqgan import VQGAN
@@ -82,7 +82,8 @@ class MeissonicPipeline(AmusedPipeline):
     def from_pretrained(cls, folder_or_hub_id: str | os.PathLike, *, variant: str | None = None,
                         dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
                         text_encoder: CLIPTextEncoder | None = None, sampler: str = "fused",
-                        backend: str | None = None, local_files_only: bool = False) -> "MeissonicPipeline":
+                        backend: str | None = None, local_files_only: bool = False,
+                        quantize: str | None = None) -> "MeissonicPipeline":
         """Load a Meissonic/Monetico pipeline folder or hub id (``MeissonFlow/Meissonic``;
         downloaded with huggingface_hub only when it is not a local folder).
 
@@ -98,7 +99,10 @@ class MeissonicPipeline(AmusedPipeline):
                 authors' inference.py swaps in the original LAION CLIP-H), used as given: build
                 it with ``max_length=77`` to pad prompts as the peer does.
             sampler: default sampler, ``"fused"`` or ``"compat"``; backend: attention backend.
+            quantize: ``"int8"``: the transformer's linears in int8 (CPU with VNNI;
+                :mod:`musefast.engine.int8`); the compat twin stays in float.
         """
+        int8.check(quantize, device)
         folder = _resolve(folder_or_hub_id, variant, local_files_only)
         if not (folder / PIPELINE_INDEX).is_file():
             raise FileNotFoundError(f"{folder / PIPELINE_INDEX} not found: {folder} is not a pipeline folder")
@@ -129,6 +133,7 @@ class MeissonicPipeline(AmusedPipeline):
                    masking_schedule=scheduler.get("masking_schedule", "cosine"), sampler=sampler)
         if requested == "auto" and dtype is not None:  # compat calls need the files' own dtype
             pipe._compat_source = dict(folder_or_hub_id=folder, variant=variant, device=device, backend=backend)
+        int8.quantize_pipeline(pipe, quantize)
         return pipe
 
     @property

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from musefast.engine import int8
 from musefast.models.serialization import load_component, read_json, save_component
 from musefast.ops.registry import use_backend
 from musefast.models.text import TextEmbeddings, as_text_embeddings, load_text_encoder
@@ -511,12 +512,14 @@ class MusePipeline(ProgressBarConfig):
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, device=None, dtype="auto",
-                        torch_dtype=None) -> "MusePipeline":
+                        torch_dtype=None, quantize: str | None = None) -> "MusePipeline":
         """Load a folder written by :meth:`save_pretrained`. ``dtype`` of the transformers:
         ``"auto"`` (default) = bfloat16 on a CPU with native bf16, else float32 (see
         :func:`musefast.engine.cpu.resolve_dtype`); None = float32. The VQGANs stay float32.
-        ``torch_dtype`` is diffusers' name for ``dtype``."""
+        ``torch_dtype`` is diffusers' name for ``dtype``. ``quantize="int8"``: the transformers'
+        linears in int8 (CPU with VNNI; :mod:`musefast.engine.int8`)."""
         dtype = diffusers_dtype(dtype, torch_dtype)
+        int8.check(quantize, device)
         folder = Path(folder)
         index_file = folder / PIPELINE_INDEX
         if not index_file.is_file():
@@ -539,9 +542,11 @@ class MusePipeline(ProgressBarConfig):
         for required in ("vqgan", "transformer"):
             if required not in parts:
                 raise ValueError(f"{index_file} lists no {required!r} component")
-        return cls(parts["vqgan"], parts["transformer"], parts.get("text_encoder"),
+        pipe = cls(parts["vqgan"], parts["transformer"], parts.get("text_encoder"),
                    super_res=parts.get("super_res"), vqgan_high=parts.get("vqgan_high"),
                    settings=MuseSettings(**index.get("settings", {})))
+        int8.quantize_pipeline(pipe, quantize)
+        return pipe
 
 
 def _next_seed(seed):

@@ -1,0 +1,20 @@
+"""quantize="int8" through AmusedPipeline.from_pretrained (a tiny diffusers aMUSEd folder): the
+transformer runs in int8, the text encoder and VQ stay float."""
+import pytest
+
+from musefast.engine import int8
+
+pytestmark = pytest.mark.skipif(bool(int8.unavailable_reasons()), reason="; ".join(int8.unavailable_reasons()))
+
+
+def test_amused_from_pretrained_quantize_int8(tmp_path):
+    pytest.importorskip("diffusers")
+    from amused_tiny import make_tiny_amused
+
+    from musefast.pipelines.amused import AmusedPipeline
+
+    make_tiny_amused(tmp_path / "amused", "256")
+    pipe = AmusedPipeline.from_pretrained(tmp_path / "amused", quantize="int8")
+    assert int8.is_applied(pipe.transformer) and not int8.is_applied(pipe.text_encoder.model)
+    tokens = pipe("a cat", num_inference_steps=2, seed=0, output_type="tokens", progress=False)
+    assert tokens.shape[-2:] == (4, 4)
