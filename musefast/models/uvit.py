@@ -146,9 +146,10 @@ class Modulation(NamedTuple):
     shift: torch.Tensor
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, ..., C): broadcast over the middle dimensions."""
+        """x (B, ..., C): broadcast over the middle dimensions. One fused pass (addcmul), not a
+        product and a sum."""
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
-        return x * self.scale1p.view(shape) + self.shift.view(shape)
+        return torch.addcmul(self.shift.view(shape), x, self.scale1p.view(shape))
 
 
 def _modulation(linear: nn.Linear, cond: torch.Tensor) -> Modulation:
@@ -169,10 +170,22 @@ class AdaNorm(nn.Module):
                                      bias=cfg.use_bias)
 
     def modulation(self, cond: torch.Tensor) -> Modulation:
-        return _modulation(self.linear, cond)
+        """The modulation with the norm's own affine folded in, once per generation:
+        (n·w + b)·(1 + s) + t = n·(w·(1 + s)) + (b·(1 + s) + t), so :meth:`forward` makes one
+        pass after the bare normalisation instead of three."""
+        mod = _modulation(self.linear, cond)
+        weight, bias = self.norm.weight, getattr(self.norm, "bias", None)
+        shift = mod.shift if bias is None else torch.addcmul(mod.shift, bias, mod.scale1p)
+        return Modulation(mod.scale1p if weight is None else mod.scale1p * weight, shift)
 
     def forward(self, x: torch.Tensor, mod: Modulation) -> torch.Tensor:
-        return mod.apply(self.norm(x))
+        """norm(x) · (1 + scale) + shift; ``mod`` from :meth:`modulation` (the norm's affine in it)."""
+        norm = self.norm
+        if isinstance(norm, nn.RMSNorm):
+            bare = F.rms_norm(x, norm.normalized_shape, None, norm.eps)
+        else:
+            bare = F.layer_norm(x, norm.normalized_shape, None, None, norm.eps)
+        return mod.apply(bare)
 
 
 class TokenEmbedding(nn.Module):
@@ -212,7 +225,8 @@ class GlobalResponseNorm(nn.Module):
         # the spatial norm is accumulated in float32: a half-precision sum of squares overflows
         gx = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True, dtype=torch.float32)
         nx = (gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)).to(x.dtype)
-        return self.gamma * (x * nx) + self.beta + x
+        # gamma·(x·n) + beta + x = x·(1 + gamma·n) + beta: one pass over the wide activation
+        return torch.addcmul(self.beta, x, torch.addcmul(torch.ones_like(self.gamma), self.gamma, nx))
 
 
 class ConvNextBlock(nn.Module):
