@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from musefast import ops
+from musefast.engine.cpu_attention import MAX_KEYS
 from musefast.ops import selfcheck
 from musefast.ops.registry import BackendUnavailableError
 from musefast.reference import agreement
@@ -16,7 +17,7 @@ def _rule(q, k, v, mask, out):
     return agreement.attention_disagreement(out, ref32, ref_same, mask)
 
 
-@pytest.mark.parametrize("lk,heads,masked", [(256, 16, False), (77, 16, True), (77, 12, False)])
+@pytest.mark.parametrize("lk,heads,masked", [(160, 16, False), (77, 16, True), (77, 12, False)])
 def test_bmm_agrees_at_amused_sizes(lk, heads, masked):
     # heads split out of a packed QKV projection (a strided view), as the modules pass them
     g = torch.Generator().manual_seed(lk + heads)
@@ -53,7 +54,10 @@ def test_selfcheck_passes_bmm_and_its_bf16_case_rejects_bf16_scores():
     assert _rule(q, k, v, mask, rounded) is not None
 
 
-def test_bmm_declines_other_dtypes_with_a_reason():
+def test_bmm_declines_other_dtypes_and_long_key_sequences_with_a_reason():
     q = torch.randn(1, 2, 5, 16)
     with pytest.raises(BackendUnavailableError, match="bfloat16 only"):
         ops.attention(q, q, q, backend="bmm")
+    q, k = q.bfloat16(), torch.randn(1, 2, MAX_KEYS + 1, 16).bfloat16()
+    with pytest.raises(BackendUnavailableError, match=f"up to {MAX_KEYS} keys"):
+        ops.attention(q, k, k, backend="bmm")

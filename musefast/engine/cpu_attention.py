@@ -1,17 +1,16 @@
 """The ``bmm`` attention backend: CPU attention as two batched matrix products around a softmax.
 
-At aMUSEd's sizes (16 heads × 64, 256 image tokens attending to themselves or to 77 text tokens)
-a head's whole score matrix is small (256 × 256), so a blockwise (flash) kernel saves no memory
-traffic worth its cost, while one oneDNN batched product over all B·H heads runs bf16 at full
-width. Measured on the 2-core AVX512-BF16 machine (shared, so CPU time at 1 thread, min of 5
-rounds): one head-batch of bf16 self-attention (B=2, L=256) 3.3 ms vs SDPA's 7.2 ms,
-cross-attention to 77 keys 1.9 vs 3.2 ms; the whole bf16 aMUSEd-256 forward 1185 vs 1315 ms.
-In float32 the products go through MKL rather than oneDNN and SDPA stays ahead (see
-``reasons``), so the backend takes bfloat16 only.
+Cross-attention to the text (256 image tokens attending to 77 text tokens, 12 or 16 heads × 64)
+is small: a head's score matrix is 256 × 77, so a blockwise (flash) kernel saves no memory
+traffic worth its cost, while batched products over all B·H heads run at full width. Measured on
+the 2-core AVX512-BF16 machine (shared, so CPU time at 1 thread, min of 7 rounds): bf16
+cross-attention of B=2, 16 heads to 77 keys 2.5 ms vs SDPA's 3.4 ms. Self-attention over 256 keys
+is faster in SDPA (see :data:`MAX_KEYS`), and so is everything in float32, where the products go
+through MKL rather than oneDNN: the backend declines those (``reasons``) and SDPA runs.
 
-Precision: the scores are formed in bf16, as PyTorch's plain attention in that dtype does (the
-yardstick of the flash-attn rule, DESIGN §6); the scale is applied inside the product and the
-softmax accumulates in float32 inside torch's kernel.
+Precision: the scores are formed in float32 from the bf16 inputs (rounded to bf16 they would
+miss the agreement rule of musefast.reference.agreement; tests/test_cpu_attention.py shows it),
+the softmax runs in float32, and the probabilities are rounded to bf16 for the product with V.
 """
 from __future__ import annotations
 
@@ -19,16 +18,23 @@ import torch
 
 from musefast.reference.attention import default_scale
 
+MAX_KEYS = 160
+"""Key count up to which ``bmm`` beats SDPA (bf16, B=2, 16 heads × 64, 256 queries; CPU time at 1
+thread, min of 7 rounds): 77 keys 2.5 vs 3.4 ms, 128 keys 3.3 vs 4.1, 160 keys 4.0 vs 4.8, 256 keys
+13.5 vs 7.2 (likely: the float32 score matrices outgrow the cache)."""
+
 
 def reasons(q, k, v, key_padding_mask, scale) -> list[str]:
-    """Why ``bmm`` cannot (or should not) run these inputs: CPU tensors in bfloat16 only. In
-    float32 its products go through MKL, and a whole aMUSEd-256 forward ran 4 % slower than with
-    SDPA's kernel (CPU time, 1 thread); float16 products are emulated on CPUs."""
+    """Why ``bmm`` cannot (or should not) run these inputs: CPU tensors in bfloat16 with at most
+    :data:`MAX_KEYS` keys. In float32 its products go through MKL, and a whole aMUSEd-256 forward
+    ran 4 % slower than with SDPA's kernel (CPU time, 1 thread); float16 products are emulated."""
     out = []
     if q.device.type != "cpu":
         out.append(f"bmm runs on CPU tensors, got {q.device.type}")
     if q.dtype != torch.bfloat16:
         out.append(f"bmm takes bfloat16 only (in {q.dtype} SDPA's CPU kernel is as fast or faster)")
+    if k.shape[2] > MAX_KEYS:
+        out.append(f"bmm runs up to {MAX_KEYS} keys, got {k.shape[2]}: beyond, SDPA's blockwise kernel is faster")
     return out
 
 
