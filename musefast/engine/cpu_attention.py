@@ -45,11 +45,11 @@ def bmm_attention(q, k, v, key_padding_mask, scale):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     scale = default_scale(D) if scale is None else scale
-    # (B·H, L, D): a copy only for strided views (heads split out of a packed projection)
-    q3, k3, v3 = q.reshape(B * H, Lq, D), k.reshape(B * H, Lk, D), v.reshape(B * H, Lk, D)
-    # The scores in float32: rounded to bf16 they would be off by up to 2^-9 of their size,
-    # which the softmax turns into errors beyond the agreement rule's bound.
-    q3, k3 = q3.float(), k3.float()
+    # q and k in float32, made contiguous by that one conversion (the heads of a packed projection
+    # come as strided views): rounded to bf16, the scores would be off by up to 2^-9 of their
+    # size, which the softmax turns into errors beyond the agreement rule's bound.
+    q3, k3 = (t.to(torch.float32, memory_format=torch.contiguous_format) for t in (q, k))
+    q3, k3, v3 = q3.view(B * H, Lq, D), k3.view(B * H, Lk, D), v.reshape(B * H, Lk, D)
     scores = torch.baddbmm(q3.new_zeros(()).expand(B * H, Lq, Lk), q3, k3.transpose(1, 2), beta=0.0, alpha=scale)
     if key_padding_mask is not None:
         scores.view(B, H, Lq, Lk).masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
