@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from musefast.compat.amused_weights import is_diffusers_folder, load_converted, read_diffusers_config
+from musefast.engine.cpu_norms import rms_norm_modulate
 from musefast.models.serialization import config_from_dict, load_component, read_config, register_component
 from musefast.nn.attention import Attention, CrossAttention, CrossAttentionKV
 from musefast.nn.feedforward import FeedForward
@@ -120,6 +121,12 @@ def _rms_norm(dim: int, cfg: UVit2DConfig) -> nn.RMSNorm:
     return nn.RMSNorm(dim, eps=cfg.layer_norm_eps, elementwise_affine=cfg.ln_elementwise_affine)
 
 
+def _rms(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` through the one-pass kernel of musefast.engine.cpu_norms (where it applies)."""
+    weight = None if norm.weight is None else norm.weight[None]
+    return rms_norm_modulate(x, norm.eps, weight)
+
+
 def _nchw(x: torch.Tensor) -> torch.Tensor:
     """(B, h, w, C) -> a (B, C, h, w) view (channels-last memory) for convolutions."""
     return x.permute(0, 3, 1, 2)
@@ -181,11 +188,9 @@ class AdaNorm(nn.Module):
     def forward(self, x: torch.Tensor, mod: Modulation) -> torch.Tensor:
         """norm(x) · (1 + scale) + shift; ``mod`` from :meth:`modulation` (the norm's affine in it)."""
         norm = self.norm
-        if isinstance(norm, nn.RMSNorm):
-            bare = F.rms_norm(x, norm.normalized_shape, None, norm.eps)
-        else:
-            bare = F.layer_norm(x, norm.normalized_shape, None, None, norm.eps)
-        return mod.apply(bare)
+        if isinstance(norm, nn.RMSNorm):  # one C++ pass on CPUs (musefast.engine.cpu_norms)
+            return rms_norm_modulate(x, norm.eps, mod.scale1p, mod.shift)
+        return mod.apply(F.layer_norm(x, norm.normalized_shape, None, None, norm.eps))
 
 
 class TokenEmbedding(nn.Module):
@@ -273,8 +278,8 @@ class TextAttentionBlock(nn.Module):
         return self.attn1.precompute_kv(text), self.attn2.precompute_kv(text)
 
     def forward(self, x: torch.Tensor, kv: tuple[CrossAttentionKV, CrossAttentionKV]) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x), kv=kv[0])
-        return x + self.attn2(self.norm2(x), kv=kv[1])
+        x = x + self.attn1(_rms(self.norm1, x), kv=kv[0])
+        return x + self.attn2(_rms(self.norm2, x), kv=kv[1])
 
 
 class Downsample(nn.Module):
