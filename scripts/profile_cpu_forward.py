@@ -14,10 +14,11 @@ import torch
 
 CLASSES = [  # (class, substrings of aten/mkldnn op names), first match wins
     ("linear (oneDNN packed)", ("mkldnn::_linear_pointwise",)),
-    ("linear (MKL/aten)", ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul")),
-    ("attention", ("scaled_dot_product", "flash_attention", "_softmax")),
+    # batched products are attention's in these models (the CPU `bmm` attention backend)
+    ("attention", ("scaled_dot_product", "flash_attention", "_softmax", "aten::baddbmm", "aten::bmm")),
+    ("linear (MKL/aten)", ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul")),
     ("convolution", ("convolution", "conv2d", "conv_transpose", "mkldnn_convolution")),
-    ("norms", ("rms_norm", "layer_norm", "norm", "rsqrt")),
+    ("norms", ("rms_norm", "layer_norm", "norm", "rsqrt")),  # musefast::rms_norm_modulate included
     ("elementwise", ("aten::mul", "aten::add", "aten::gelu", "aten::silu", "aten::div", "aten::sub", "aten::pow",
                      "aten::mean", "aten::sum", "aten::where")),
     ("copies / layout", ("aten::copy_", "aten::contiguous", "aten::clone", "aten::cat", "aten::to", "aten::_to_copy",

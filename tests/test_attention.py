@@ -174,9 +174,11 @@ def test_large_scores_stay_finite(backend):
     assert_within_rule(out, q, k, v, mask)
 
 
-def test_cpu_auto_selects_sdpa_and_env_override(monkeypatch):
+def test_cpu_auto_selects_bmm_for_bf16_sdpa_otherwise_and_env_override(monkeypatch):
     q, k, v, _ = make_inputs(1, 2, 5, 7, 32, F32, False, device="cpu")
     assert ATTENTION.select(None, "cpu", q, k, v, None, None).name == "sdpa"
+    bf = [t.to(BF16) for t in (q, k, v)]
+    assert ATTENTION.select(None, "cpu", *bf, None, None).name == "bmm"
     monkeypatch.setenv("MUSEFAST_BACKEND", "attention=reference")
     assert ATTENTION.select(None, "cpu", q, k, v, None, None).name == "reference"
     assert "attention" in ops.backends("cpu")

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from musefast.compat.amused_weights import is_diffusers_folder, load_converted, read_diffusers_config
+from musefast.engine.cpu_norms import rms_norm_modulate
 from musefast.models.serialization import config_from_dict, load_component, read_config, register_component
 from musefast.nn.attention import Attention, CrossAttention, CrossAttentionKV
 from musefast.nn.feedforward import FeedForward
@@ -120,6 +121,12 @@ def _rms_norm(dim: int, cfg: UVit2DConfig) -> nn.RMSNorm:
     return nn.RMSNorm(dim, eps=cfg.layer_norm_eps, elementwise_affine=cfg.ln_elementwise_affine)
 
 
+def _rms(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` through the one-pass kernel of musefast.engine.cpu_norms (where it applies)."""
+    weight = None if norm.weight is None else norm.weight[None]
+    return rms_norm_modulate(x, norm.eps, weight)
+
+
 def _nchw(x: torch.Tensor) -> torch.Tensor:
     """(B, h, w, C) -> a (B, C, h, w) view (channels-last memory) for convolutions."""
     return x.permute(0, 3, 1, 2)
@@ -146,9 +153,10 @@ class Modulation(NamedTuple):
     shift: torch.Tensor
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, ..., C): broadcast over the middle dimensions."""
+        """x (B, ..., C): broadcast over the middle dimensions. One fused pass (addcmul), not a
+        product and a sum."""
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
-        return x * self.scale1p.view(shape) + self.shift.view(shape)
+        return torch.addcmul(self.shift.view(shape), x, self.scale1p.view(shape))
 
 
 def _modulation(linear: nn.Linear, cond: torch.Tensor) -> Modulation:
@@ -169,10 +177,20 @@ class AdaNorm(nn.Module):
                                      bias=cfg.use_bias)
 
     def modulation(self, cond: torch.Tensor) -> Modulation:
-        return _modulation(self.linear, cond)
+        """The modulation with the norm's own affine folded in, once per generation:
+        (n·w + b)·(1 + s) + t = n·(w·(1 + s)) + (b·(1 + s) + t), so :meth:`forward` makes one
+        pass after the bare normalisation instead of three."""
+        mod = _modulation(self.linear, cond)
+        weight, bias = self.norm.weight, getattr(self.norm, "bias", None)
+        shift = mod.shift if bias is None else torch.addcmul(mod.shift, bias, mod.scale1p)
+        return Modulation(mod.scale1p if weight is None else mod.scale1p * weight, shift)
 
     def forward(self, x: torch.Tensor, mod: Modulation) -> torch.Tensor:
-        return mod.apply(self.norm(x))
+        """norm(x) · (1 + scale) + shift; ``mod`` from :meth:`modulation` (the norm's affine in it)."""
+        norm = self.norm
+        if isinstance(norm, nn.RMSNorm):  # one C++ pass on CPUs (musefast.engine.cpu_norms)
+            return rms_norm_modulate(x, norm.eps, mod.scale1p, mod.shift)
+        return mod.apply(F.layer_norm(x, norm.normalized_shape, None, None, norm.eps))
 
 
 class TokenEmbedding(nn.Module):
@@ -212,7 +230,8 @@ class GlobalResponseNorm(nn.Module):
         # the spatial norm is accumulated in float32: a half-precision sum of squares overflows
         gx = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True, dtype=torch.float32)
         nx = (gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)).to(x.dtype)
-        return self.gamma * (x * nx) + self.beta + x
+        # gamma·(x·n) + beta + x = x·(1 + gamma·n) + beta: one pass over the wide activation
+        return torch.addcmul(self.beta, x, torch.addcmul(torch.ones_like(self.gamma), self.gamma, nx))
 
 
 class ConvNextBlock(nn.Module):
@@ -259,8 +278,8 @@ class TextAttentionBlock(nn.Module):
         return self.attn1.precompute_kv(text), self.attn2.precompute_kv(text)
 
     def forward(self, x: torch.Tensor, kv: tuple[CrossAttentionKV, CrossAttentionKV]) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x), kv=kv[0])
-        return x + self.attn2(self.norm2(x), kv=kv[1])
+        x = x + self.attn1(_rms(self.norm1, x), kv=kv[0])
+        return x + self.attn2(_rms(self.norm2, x), kv=kv[1])
 
 
 class Downsample(nn.Module):

@@ -244,7 +244,9 @@ def _attention_cases(device: torch.device) -> list[Case]:
     x = torch.randn(1, 2, 33, 64, generator=g)
     cases = [Case("cross, padded, all-masked row, strided q", (q, k, v), {"key_padding_mask": mask}),
              Case("self, no mask, D=64", (x, x * 0.5, -x), {}),
-             Case("fp16, padded", (q.half(), k.half(), v.half()), {"key_padding_mask": mask})]
+             Case("fp16, padded", (q.half(), k.half(), v.half()), {"key_padding_mask": mask}),
+             # bf16: the CPU's `bmm` backend (and GPUs); its scores must not be rounded to bf16
+             Case("bf16, padded, strided q", (q.bfloat16(), k.bfloat16(), v.bfloat16()), {"key_padding_mask": mask})]
     return [Case(c.label, tuple(a.to(device) for a in c.args),
                  {n: t.to(device) for n, t in c.kwargs.items()}) for c in cases]
 
