@@ -405,7 +405,10 @@ def _feedforward_forward(module, x: torch.Tensor) -> torch.Tensor:
         return type(module).forward(module, x)
     if module.kind == "geglu":
         gate = linear(proj_in, x, "gelu", part="gate")
-        h = linear_mul(proj_in, x, gate, part="value")
+        if torch.compiler.is_compiling():  # oneDNN's binary-epilogue op has no fake kernel to trace
+            h = linear(proj_in, x, part="value") * gate
+        else:
+            h = linear_mul(proj_in, x, gate, part="value")
     else:
         h = linear(proj_in, x, "gelu")
     if module.inner_norm is not None:
