@@ -84,11 +84,13 @@ def child(folder: str, dtype: str) -> dict:
     peak = _vm("VmHWM")
     total = sum(weights.values())
     return {"dtype": dtype, "run_dtype": str(pipe.dtype).removeprefix("torch."),
-            "keep_weights": not cpu.release_by_default(), "threads": torch.get_num_threads(),
+            "musefast": str(Path(musefast.__file__).parent.parent),
+            # an older musefast (--musefast-path) has no release: it keeps the plain weights
+            "keep_weights": not getattr(cpu, "release_by_default", lambda: False)(), "threads": torch.get_num_threads(),
             "baseline_hwm_mib": base / 2**20, "after_load_hwm_mib": loaded / 2**20, "after_generation_hwm_mib": peak / 2**20,
             "weights_mib": {k: v / 2**20 for k, v in weights.items()}, "weights_total_mib": total / 2**20,
             "load_growth_over_weights": (loaded - base) / total, "peak_growth_over_weights": (peak - base) / total,
-            "released_mib": sum(r.released_bytes for r in [m.__dict__.get(cpu.REPORT_ATTR) for m in modules.values()]
+            "released_mib": sum(getattr(r, "released_bytes", 0) for r in [m.__dict__.get(cpu.REPORT_ATTR) for m in modules.values()]
                                 if r is not None) / 2**20}
 
 
@@ -99,6 +101,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results"
                         / f"cpu-memory-{datetime.date.today().isoformat()}.json")
     parser.add_argument("--dtypes", default="float32,auto")
+    parser.add_argument("--musefast-path", type=Path, default=None,
+                        help="also measure the musefast checkout there (e.g. the main branch, before this change)")
     parser.add_argument("--child", nargs=2, metavar=("FOLDER", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -110,9 +114,14 @@ def main() -> None:
                         f"from measure_cpu_memory import build; from pathlib import Path; build(Path({str(folder)!r}), {args.size!r})"],
                        check=True)
     runs = []
+    variants = [("1", None), ("0", None)]  # plain weights kept beside the packed ones; released (the default)
+    if args.musefast_path:
+        variants.insert(0, ("1", str(args.musefast_path.resolve())))
     for dtype in args.dtypes.split(","):
-        for keep in ("1", "0"):  # before (plain weights kept beside the packed ones), after (released)
+        for keep, path in variants:
             env = {**os.environ, "MUSEFAST_CPU_ENGINE_KEEP_WEIGHTS": keep}
+            if path:
+                env["PYTHONPATH"] = path + os.pathsep + env.get("PYTHONPATH", "")
             out = subprocess.run([sys.executable, __file__, "--child", str(folder), dtype], env=env, check=True,
                                  capture_output=True, text=True).stdout
             runs.append(json.loads(out.strip().splitlines()[-1]))
