@@ -284,3 +284,49 @@ def test_autograd_restores_a_released_weight_for_good():
     head = model.head.weight
     model(torch.randint(0, 41, (2, 16)), torch.randn(2, 5, 24)).sum().backward()
     assert model.head.weight is head and not cpu.is_released(head) and head.grad is not None
+
+
+_RSS_CHILD = r"""
+import json, sys
+import torch
+from musefast.engine import cpu
+from musefast.models.transformer import MuseTransformer, MuseTransformerConfig
+
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+
+cfg = MuseTransformerConfig(codebook_size=1024, grid_size=8, dim=512, depth=4, num_heads=8, text_dim=256, mlp="geglu")
+tokens, text = torch.randint(0, 1025, (2, 64)), torch.randn(2, 7, 256)
+with torch.no_grad():
+    warm = MuseTransformer(MuseTransformerConfig(**{**cfg.__dict__, "depth": 1, "dim": 64, "num_heads": 2})).eval()
+    cpu.apply(warm)
+    warm(tokens, text)  # oneDNN's one-off set-up belongs to the baseline
+    base = hwm()
+    model = MuseTransformer(cfg).eval()
+    cpu.apply(model)
+    model(tokens, text)
+weights = sum(p.numel() * p.element_size() for p in model.parameters())
+print(json.dumps({"growth": (hwm() - base) / weights, "weights": weights}))
+"""
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="VmHWM is Linux's")
+@pytest.mark.parametrize("keep", ["0", "1"])
+def test_peak_rss_stays_within_1_3x_the_weights(keep):
+    """A fresh process builds a ~60 MB model, packs it and runs it: its peak RSS grows by at most
+    1.3× the weights when the plain copies are released, and by the packed copy more when kept."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MUSEFAST_CPU_ENGINE_KEEP_WEIGHTS": keep, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _RSS_CHILD], env=env, check=True, capture_output=True, text=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["weights"] > 40 * 2**20
+    if keep == "0":
+        assert result["growth"] <= 1.3, result
+    else:  # the check can fail: keeping both copies needs about twice the weights
+        assert result["growth"] >= 1.7, result

@@ -1,6 +1,6 @@
 """The CPU execution path: pre-packed oneDNN linears, fused epilogues, and ``dtype="auto"``.
 
-What it changes is *how* a model runs on a CPU, never what it computes or what it stores:
+What it changes is *how* a model runs on a CPU, never what it computes or what it saves:
 
 * every ``nn.Linear`` of a model gets a forward that calls oneDNN
   (``torch.ops.mkldnn._linear_pointwise``) with the weight reordered once into oneDNN's
@@ -9,15 +9,27 @@ What it changes is *how* a model runs on a CPU, never what it computes or what i
 * where a linear is followed by an activation that oneDNN applies in the kernel's epilogue
   (GELU), or by a product with another tensor (GEGLU's value · GELU(gate)), the module's
   forward calls the fused op instead of the two steps;
-* the packed weight is a cache held in the module's ``__dict__`` (not a parameter or buffer):
-  ``state_dict``, ``save_pretrained``, ``load_state_dict`` and ``.to()`` still see the ordinary
-  weight, and the cache is rebuilt when the weight changes (new storage, new dtype, or an
-  in-place write, which bumps the tensor's version counter).
+* the packed weight is held in the module's ``__dict__`` (not a parameter or buffer), and by
+  default it is the **only** copy: once a linear is packed (at load, module by module) its
+  ``weight`` Parameter keeps its identity, shape, dtype and device but gives up its storage (a
+  ``_ReleasedWeight`` stand-in), so a model on the CPU holds its weights once, not twice
+  (issue 14: peak memory ≤ 1.3× the weights). The plain weight is rebuilt exactly (oneDNN's
+  reorder back to the plain layout moves values, computes nothing) wherever one is needed:
+  ``state_dict`` / ``save_pretrained`` (a state-dict hook), ``load_state_dict`` (restored, copied
+  into, repacked, released), ``.to()`` / ``.half()`` / ``.cuda()`` (the module's ``_apply``:
+  restored, converted, repacked and released again if still a CPU fp32/bf16 weight),
+  ``copy.deepcopy`` (the copy shares the immutable packed weights), pickling, :func:`remove`,
+  :func:`restore_weights`, the :func:`plain` reference twin and the ordinary-path fallbacks
+  (rebuilt per call; autograd restores the Parameter for good). Any other read of a released
+  weight raises a RuntimeError naming the fix. ``MUSEFAST_CPU_ENGINE_KEEP_WEIGHTS=1`` keeps the
+  plain copies (2× memory; the packed cache then follows the weight: it is rebuilt when the
+  weight changes — new storage, new dtype, or an in-place write, which bumps the tensor's
+  version counter).
 
 Off the CPU, with autograd recording, or for an input dtype other than the weight's, the
 ordinary ``F.linear`` runs: the engine can stay installed when a model moves to CUDA.
-:func:`apply` installs it; :func:`remove` restores the plain forwards; :func:`report` says
-what was packed (``musefast doctor`` prints :func:`describe`).
+:func:`apply` installs it; :func:`remove` restores the plain forwards and weights; ``musefast doctor``
+prints :func:`describe` (per model: packed bytes, released bytes).
 """
 from __future__ import annotations
 
