@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,auto")
     parser.add_argument("--musefast-path", type=Path, default=None,
                         help="also measure the musefast checkout there (e.g. the main branch, before this change)")
+    parser.add_argument("--variants", default="other,keep,release",
+                        help="which of: other (--musefast-path), keep (KEEP_WEIGHTS=1), release (the default)")
     parser.add_argument("--child", nargs=2, metavar=("FOLDER", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -114,9 +116,10 @@ def main() -> None:
                         f"from measure_cpu_memory import build; from pathlib import Path; build(Path({str(folder)!r}), {args.size!r})"],
                        check=True)
     runs = []
-    variants = [("1", None), ("0", None)]  # plain weights kept beside the packed ones; released (the default)
+    variants = {"keep": ("1", None), "release": ("0", None)}  # plain weights kept beside the packed ones; released
     if args.musefast_path:
-        variants.insert(0, ("1", str(args.musefast_path.resolve())))
+        variants = {"other": ("1", str(args.musefast_path.resolve())), **variants}
+    variants = [variants[v] for v in args.variants.split(",") if v in variants]
     for dtype in args.dtypes.split(","):
         for keep, path in variants:
             env = {**os.environ, "MUSEFAST_CPU_ENGINE_KEEP_WEIGHTS": keep}
