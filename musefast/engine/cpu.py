@@ -298,7 +298,7 @@ def _runs_packed(module: nn.Linear, x: torch.Tensor) -> bool:
     state = _state(module)
     if torch.compiler.is_compiling():
         return state.released
-    return not getattr(_switch, "off", False) and _usable(x, module.weight)
+    return _usable(x, module.weight)
 
 
 def _readable_weight(module: nn.Linear) -> torch.Tensor:
@@ -466,8 +466,9 @@ class EngineReport:
 
     def line(self) -> str:
         if self.released_bytes:
+            rest = self.weight_bytes - self.released_bytes
             kept = (f"plain copies of {self.released_bytes / 2**20:.0f} MiB released"
-                    + (f", {(self.weight_bytes - self.released_bytes) / 2**20:.0f} MiB kept" if self.weight_bytes > self.released_bytes else "")
+                    + (f", {rest / 2**20:.0f} MiB kept" if rest > 0 else "")
                     + "; MUSEFAST_CPU_ENGINE_KEEP_WEIGHTS=1 keeps them")
         else:
             kept = f"beside {self.weight_bytes / 2**20:.0f} MiB of plain weights"
@@ -519,7 +520,8 @@ def apply(model: nn.Module, *, batch_hint: int = 512, pack_now: bool = True,
         uses[id(p)] = uses.get(id(p), 0) + 1
     for module in model.modules():
         if isinstance(module, nn.Linear) and ENGINE_ATTR not in module.__dict__:
-            module.__dict__[ENGINE_ATTR] = _LinearState(batch_hint, release and pack_now and uses[id(module.weight)] == 1)
+            shared = uses[id(module.weight)] > 1  # tied (e.g. to an embedding that reads it): keep it
+            module.__dict__[ENGINE_ATTR] = _LinearState(batch_hint, release and pack_now and not shared)
             module.forward = functools.partial(_linear_forward, module)
             module._apply = functools.partial(_engine_apply, module)
             module._register_state_dict_hook(_state_dict_hook)
