@@ -330,3 +330,17 @@ def test_peak_rss_stays_within_1_3x_the_weights(keep):
         assert result["growth"] <= 1.3, result
     else:  # the check can fail: keeping both copies needs about twice the weights
         assert result["growth"] >= 1.7, result
+
+
+@torch.no_grad()
+def test_a_weight_tied_to_another_module_is_kept():
+    model = torch.nn.ModuleDict({"embed": torch.nn.Embedding(10, 8), "head": torch.nn.Linear(8, 10, bias=False),
+                                 "proj": torch.nn.Linear(8, 8)})
+    model["head"].weight = model["embed"].weight
+    report = cpu.apply(model, release=True)
+    assert not cpu.is_released(model["head"].weight) and cpu.is_released(model["proj"].weight)
+    assert report.released_bytes == 8 * 8 * 4 and "kept" in report.line()
+    ids = torch.tensor([[1, 2, 3]])
+    with cpu.plain():
+        want = model["head"](model["embed"](ids))
+    assert _rel(model["head"](model["embed"](ids)), want) < 1e-6
