@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         for dtype in (torch.float32, torch.bfloat16):
             model.to(dtype)
-            cpu.apply(model)
+            cpu.apply(model, release=False)  # the profiled plain twin needs its plain weights, not rebuilt per call
             ctx = model.prepare_context(hidden.to(dtype), pooled.to(dtype), micro)
             name = str(dtype).removeprefix("torch.")
             report[f"engine {name}"] = profile(lambda: model(tokens, context=ctx))

@@ -9,12 +9,14 @@ fit is an error listing every offending key and naming the file. Nothing here do
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import nn
 
 CONFIG_NAME = "config.json"
@@ -77,14 +79,38 @@ def weights_files(folder: str | os.PathLike, variant: str | None = None, stem: s
     raise FileNotFoundError(f"no weights {wanted} in {folder}; safetensors files there: {present or 'none'}{hint}")
 
 
-def load_weights(files: list[Path]) -> dict[str, torch.Tensor]:
+def load_weights(files: list[Path], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors ``files``, floating ones cast to ``dtype`` as each is read.
+
+    Each tensor is read through its own short-lived ``safe_open``: the file's memory map (whose
+    touched pages count as resident) never holds more than one tensor, and a cast never needs
+    the whole file in its stored dtype at once: the peak stays near the result's size."""
     state: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            state.update(load_file(str(f)))
+            with safe_open(str(f), framework="pt") as handle:
+                keys = list(handle.keys())
+            for key in keys:
+                with safe_open(str(f), framework="pt") as handle:
+                    tensor = handle.get_tensor(key)
+                state[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
         except Exception as err:  # a truncated or foreign file: name it
             raise ValueError(f"cannot read weights file {f}: {err}") from None
     return state
+
+
+def stored_dtype_and_count(files: list[Path]) -> tuple[torch.dtype, int]:
+    """The floating dtype the files store (float32 if none) and their element count, from the
+    headers only."""
+    floats = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    dtype, count = None, 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():
+                info = handle.get_slice(key)
+                dtype = dtype or floats.get(info.get_dtype())
+                count += math.prod(info.get_shape())
+    return dtype or torch.float32, count
 
 
 def _listing(title: str, items: list[str], limit: int = 20) -> str:
@@ -99,17 +125,22 @@ def convert_strict(
     *,
     source: str,
     flatten_1x1: bool = True,
+    consume: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Build ``module``'s state dict from a peer's ``state``.
 
     ``source_keys(name)`` gives the peer key(s) of each of ``module``'s parameters; several are
     concatenated along dim 0 (fused projections). With ``flatten_1x1``, a (out, in, 1, 1) conv
     weight fills a (out, in) Linear weight. Raises ValueError naming ``source`` and listing
-    missing, unused and mis-shaped peer keys.
+    missing, unused and mis-shaped peer keys. ``consume`` (``state`` must then be a dict the
+    caller gives up): each peer tensor is deleted from it once used.
     """
     expected = module.state_dict()
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
+    # consume: a peer tensor is dropped from ``state`` once its last user is built, so the
+    # concatenated (fused) parameters never coexist with all their parts (the load's peak)
+    remaining = Counter(k for name in expected for k in source_keys(name)) if consume else None
     missing: list[str] = []
     mismatched: list[str] = []
     for name, target in expected.items():
@@ -129,6 +160,11 @@ def convert_strict(
             mismatched.append(f"{shapes} -> {name} expects {tuple(target.shape)}")
             continue
         out[name] = tensor
+        if consume:
+            remaining.subtract(keys)
+            for k in keys:
+                if remaining[k] == 0:
+                    del state[k]
     unused = sorted(set(state) - used)
     if missing or unused or mismatched:
         lines = [f"weights in {source} do not fit {type(module).__name__} "
@@ -156,16 +192,17 @@ def load_converted(build: Callable[[], nn.Module], folder: str | os.PathLike,
     ``device`` (default CPU), with the CPU engine applied there."""
     files = weights_files(folder, variant)
     source = str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} shards)"
-    state = load_weights(files)
     if dtype == "auto":  # bf16 on a CPU that computes it natively (musefast.engine.cpu)
         from musefast.engine.cpu import resolve_dtype
 
-        dtype = resolve_dtype(dtype, device, next((t.dtype for t in state.values() if t.is_floating_point()),
-                                                  torch.float32), sum(t.numel() for t in state.values()))
+        dtype = resolve_dtype(dtype, device, *stored_dtype_and_count(files))
+    # cast as read, so the stored dtype is never held whole (fp32 files run in bf16: half the peak)
+    state = load_weights(files, dtype)
     with torch.device("meta"):
         module = build()
-    converted = convert_strict(module, state, source_keys, source=source)
+    converted = convert_strict(module, state, source_keys, source=source, consume=True)  # empties state
     module.load_state_dict(converted, strict=True, assign=True)
+    del converted  # the module holds the only references: .to() and packing free as they go
     if device is not None or dtype is not None:
         module.to(device=device, dtype=dtype)
     from musefast.engine.cpu import apply_default  # the CPU path (packed oneDNN linears) by default

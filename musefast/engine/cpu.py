@@ -1,6 +1,6 @@
 """The CPU execution path: pre-packed oneDNN linears, fused epilogues, and ``dtype="auto"``.
 
-What it changes is *how* a model runs on a CPU, never what it computes or what it stores:
+What it changes is *how* a model runs on a CPU, never what it computes or what it saves:
 
 * every ``nn.Linear`` of a model gets a forward that calls oneDNN
   (``torch.ops.mkldnn._linear_pointwise``) with the weight reordered once into oneDNN's
@@ -9,19 +9,32 @@ What it changes is *how* a model runs on a CPU, never what it computes or what i
 * where a linear is followed by an activation that oneDNN applies in the kernel's epilogue
   (GELU), or by a product with another tensor (GEGLU's value · GELU(gate)), the module's
   forward calls the fused op instead of the two steps;
-* the packed weight is a cache held in the module's ``__dict__`` (not a parameter or buffer):
-  ``state_dict``, ``save_pretrained``, ``load_state_dict`` and ``.to()`` still see the ordinary
-  weight, and the cache is rebuilt when the weight changes (new storage, new dtype, or an
-  in-place write, which bumps the tensor's version counter).
+* the packed weight is held in the module's ``__dict__`` (not a parameter or buffer), and by
+  default it is the **only** copy: once a linear is packed (at load, module by module) its
+  ``weight`` Parameter keeps its identity, shape, dtype and device but gives up its storage (a
+  ``_ReleasedWeight`` stand-in), so a model on the CPU holds its weights once, not twice
+  (issue 14: peak memory ≤ 1.3× the weights). The plain weight is rebuilt exactly (oneDNN's
+  reorder back to the plain layout moves values, computes nothing) wherever one is needed:
+  ``state_dict`` / ``save_pretrained`` (a state-dict hook), ``load_state_dict`` (restored, copied
+  into, repacked, released), ``.to()`` / ``.half()`` / ``.cuda()`` (the module's ``_apply``:
+  restored, converted, repacked and released again if still a CPU fp32/bf16 weight),
+  ``copy.deepcopy`` (the copy shares the immutable packed weights), pickling, :func:`remove`,
+  :func:`restore_weights`, the :func:`plain` reference twin and the ordinary-path fallbacks
+  (rebuilt per call; autograd restores the Parameter for good). Any other read of a released
+  weight raises a RuntimeError naming the fix. ``MUSEFAST_CPU_ENGINE_KEEP_WEIGHTS=1`` keeps the
+  plain copies (2× memory; the packed cache then follows the weight: it is rebuilt when the
+  weight changes — new storage, new dtype, or an in-place write, which bumps the tensor's
+  version counter).
 
 Off the CPU, with autograd recording, or for an input dtype other than the weight's, the
 ordinary ``F.linear`` runs: the engine can stay installed when a model moves to CUDA.
-:func:`apply` installs it; :func:`remove` restores the plain forwards; :func:`report` says
-what was packed (``musefast doctor`` prints :func:`describe`).
+:func:`apply` installs it; :func:`remove` restores the plain forwards and weights; ``musefast doctor``
+prints :func:`describe` (per model: packed bytes, released bytes).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 import threading
@@ -132,91 +145,268 @@ def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
+class _ReleasedWeight(torch.Tensor):
+    """What a linear's ``weight`` Parameter holds once the engine released its plain storage: the
+    weight's shape, dtype, device and ``requires_grad``, no data. The packed copy is the only one;
+    the engine rebuilds the plain weight from it (exactly) wherever one is needed, and any other
+    read raises, naming the fix, rather than computing with a placeholder."""
+
+    @staticmethod
+    def __new__(cls, state: "_LinearState", like: torch.Tensor):
+        t = torch.Tensor._make_wrapper_subclass(cls, like.shape, dtype=like.dtype, device=like.device,
+                                                requires_grad=like.requires_grad)
+        t._engine_state = state
+        return t
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.detach.default:  # nn.Parameter(...) detaches its data
+            return _ReleasedWeight(args[0]._engine_state, args[0])
+        raise RuntimeError(
+            f"musefast CPU engine: {func} read a linear weight whose plain copy was released after packing "
+            f"(it lives in oneDNN's layout only); call musefast.engine.cpu.restore_weights(model) first, "
+            f"or load with MUSEFAST_CPU_ENGINE_KEEP_WEIGHTS=1")
+
+    def __repr__(self):
+        return f"ReleasedWeight(shape={tuple(self.shape)}, dtype={self.dtype}; packed for oneDNN)"
+
+    def __deepcopy__(self, memo):  # the copy shares the (immutable) packed weights
+        new = _ReleasedWeight(copy.deepcopy(self._engine_state, memo), self)
+        if getattr(self, "_is_param", False):
+            new = nn.Parameter(new, requires_grad=self.requires_grad)
+        memo[id(self)] = new
+        return new
+
+    def __reduce_ex__(self, protocol):  # pickling (torch.save of a whole module) stores the plain weight
+        plain = self._engine_state.plain_weight()
+        if getattr(self, "_is_param", False):
+            plain = nn.Parameter(plain, requires_grad=self.requires_grad)
+        return plain.__reduce_ex__(protocol)
+
+
+def is_released(weight: torch.Tensor) -> bool:
+    return isinstance(weight, _ReleasedWeight)
+
+
 @dataclass
 class _Packed:
     """A weight reordered for oneDNN, valid while ``key`` still describes the source weight."""
 
     key: tuple
     weight: torch.Tensor
-    bias: torch.Tensor | None
 
 
-def _key(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+def _key(weight: torch.Tensor) -> tuple:
     # data_ptr changes with new storage (.to, assign-loading), _version with in-place writes
     # (load_state_dict copies into the existing tensor).
-    parts = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
-    return parts if bias is None else parts + (bias.data_ptr(), bias._version)
+    return (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
 
 
 def _pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
 
 
-class _LinearState:
-    """The packed-weight cache of one ``nn.Linear`` (and of its halves, for GEGLU)."""
+def _rows(module: nn.Linear, part: str) -> slice:
+    """The rows of ``module.weight`` (and bias) that ``part`` names: GEGLU's input projection is
+    packed as two halves, ``value`` (first) and ``gate`` (second), never whole."""
+    hidden = module.out_features // 2
+    return {"w": slice(None), "value": slice(0, hidden), "gate": slice(hidden, None)}[part]
 
-    def __init__(self, batch_hint: int):
+
+class _LinearState:
+    """The packed-weight cache of one ``nn.Linear`` (and of its halves, for GEGLU), and whether
+    the plain weight was released (then the packed weights are the only copy)."""
+
+    def __init__(self, batch_hint: int, release: bool = False):
         self.batch_hint = batch_hint
         self.split = False  # GEGLU's input projection: packed as two halves, never whole
+        self.release = release  # wanted: drop the plain weight whenever it is packed on the CPU
+        self.released = False  # now: module.weight is a _ReleasedWeight
         self.packed: dict[str, _Packed] = {}
         self.packs = 0  # how many times a weight was (re)packed: once per load, or after a change
 
-    def __deepcopy__(self, memo):  # a copy repacks from its own weights on first use
-        fresh = _LinearState(self.batch_hint)
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return ("value", "gate") if self.split else ("w",)
+
+    def __deepcopy__(self, memo):
+        fresh = _LinearState(self.batch_hint, self.release)
         fresh.split = self.split
-        return fresh
+        if self.released:  # the packed weights are the only copy: share them (never written in place)
+            fresh.released, fresh.packed = True, dict(self.packed)
+        return fresh  # else the copy repacks from its own weights on first use
 
-    def __getstate__(self):
-        return {"batch_hint": self.batch_hint, "split": self.split, "packed": {}, "packs": 0}
+    def __getstate__(self):  # pickled with the plain weight (_ReleasedWeight.__reduce_ex__): repack on use
+        return {"batch_hint": self.batch_hint, "split": self.split, "release": False, "released": False,
+                "packed": {}, "packs": 0}
 
-    def get(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> _Packed:
-        key = _key(weight, bias)
-        entry = self.packed.get(name)
+    def get(self, part: str, module: nn.Linear) -> _Packed:
+        if self.released:
+            return self.packed[part]
+        weight = module.weight[_rows(module, part)]
+        key = _key(weight)
+        entry = self.packed.get(part)
         if entry is None or entry.key != key:
-            entry = _Packed(key, _pack(weight, self.batch_hint), None if bias is None else bias.detach())
-            self.packed[name] = entry
+            entry = _Packed(key, _pack(weight, self.batch_hint))
+            self.packed[part] = entry
             self.packs += 1
         return entry
+
+    def plain_weight(self) -> torch.Tensor:
+        """The plain weight rebuilt from the packed one: oneDNN's reorder back to the plain
+        layout moves values, never computes, so it is exact."""
+        return torch.cat([self.packed[p].weight.to_dense() for p in self.parts])
 
 
 def _state(module: nn.Module) -> _LinearState:
     return module.__dict__[ENGINE_ATTR]
 
 
-def linear(module: nn.Linear, x: torch.Tensor, attr: str = "none", *, part: str = "w",
-           weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _bias(module: nn.Linear, part: str) -> torch.Tensor | None:
+    return None if module.bias is None else module.bias.detach()[_rows(module, part)]
+
+
+def linear(module: nn.Linear, x: torch.Tensor, attr: str = "none", *, part: str = "w") -> torch.Tensor:
     """``module``'s linear map of x through the packed oneDNN weight, with the pointwise
-    epilogue ``attr`` (``"none"``, ``"gelu"``, ...) applied inside the kernel. ``weight``/``bias``
-    (with a distinct ``part`` name) use a slice of the module's weight instead."""
-    weight = module.weight if weight is None else weight
-    bias = module.bias if bias is None and part == "w" else bias
-    packed = _state(module).get(part, weight, bias)
+    epilogue ``attr`` (``"none"``, ``"gelu"``, ...) applied inside the kernel. ``part``: the
+    whole weight (``"w"``) or one of GEGLU's halves (``"value"``, ``"gate"``)."""
+    packed = _state(module).get(part, module)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    if attr == "gelu":  # oneDNN's GELU: exact (erf) unless asked for "tanh"
-        out = torch.ops.mkldnn._linear_pointwise(x2, packed.weight, packed.bias, "gelu", [], "none")
-    else:
-        out = torch.ops.mkldnn._linear_pointwise(x2, packed.weight, packed.bias, attr, [], "")
+    # oneDNN's GELU: exact (erf) unless asked for "tanh"
+    algorithm = "none" if attr == "gelu" else ""
+    out = torch.ops.mkldnn._linear_pointwise(x2, packed.weight, _bias(module, part), attr, [], algorithm)
     return out.view(*shape[:-1], out.shape[-1])
 
 
-def linear_mul(module: nn.Linear, x: torch.Tensor, other: torch.Tensor, *, part: str,
-               weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """(x @ weightᵀ + bias) · other, the product applied in oneDNN's epilogue."""
-    packed = _state(module).get(part, weight, bias)
+def linear_mul(module: nn.Linear, x: torch.Tensor, other: torch.Tensor, *, part: str) -> torch.Tensor:
+    """(x @ weight[part]ᵀ + bias[part]) · other, the product applied in oneDNN's epilogue."""
+    packed = _state(module).get(part, module)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
     o2 = other.reshape(x2.shape[0], -1).contiguous()
-    out = torch.ops.mkldnn._linear_pointwise.binary(x2, o2, packed.weight, packed.bias, "mul")
+    out = torch.ops.mkldnn._linear_pointwise.binary(x2, o2, packed.weight, _bias(module, part), "mul")
     return out.view(*shape[:-1], out.shape[-1])
 
 
+def _runs_packed(module: nn.Linear, x: torch.Tensor) -> bool:
+    """Whether this call of ``module`` takes the oneDNN path. Under torch.compile a kept weight
+    takes the ordinary path (the cache is Python state keyed by data pointers; the compiler plans
+    its own products), a released one the packed path (the only copy; traced as an op)."""
+    state = _state(module)
+    if torch.compiler.is_compiling():
+        return state.released
+    return _usable(x, module.weight)
+
+
+def _readable_weight(module: nn.Linear) -> torch.Tensor:
+    """The weight for an ordinary F.linear: rebuilt for this call from the packed one if it was
+    released, or restored for good when autograd must reach the Parameter."""
+    weight = module.weight
+    if not is_released(weight):
+        return weight
+    if torch.compiler.is_compiling():
+        raise RuntimeError("musefast CPU engine: this released weight can only run the packed path under "
+                           "torch.compile (CPU, the weight's dtype, no autograd); call "
+                           "musefast.engine.cpu.restore_weights(model) before compiling")
+    if torch.is_grad_enabled() and weight.requires_grad:
+        _restore(module)
+        return module.weight
+    return _state(module).plain_weight()
+
+
 def _linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if not _usable(x, module.weight):
-        return F.linear(x, module.weight, module.bias)
+    if not _runs_packed(module, x):
+        return F.linear(x, _readable_weight(module), module.bias)
+    if _state(module).split:  # GEGLU's projection called whole (e.g. tanh GELU): its two halves
+        return torch.cat([linear(module, x, part=p) for p in _state(module).parts], dim=-1)
     return linear(module, x)
+
+
+# -- releasing and restoring the plain weight ---------------------------------------------------
+
+def _release(module: nn.Linear) -> int:
+    """Swap the plain weight for a :class:`_ReleasedWeight` in place (the Parameter object stays
+    the same, so references to it see the change), once every part is packed; returns the bytes
+    freed (0 when it could not: autograd or a weak reference still holds the tensor)."""
+    state, weight = _state(module), module.weight
+    if state.released or not all(state.get(p, module) for p in state.parts):
+        return 0
+    stand_in = nn.Parameter(_ReleasedWeight(state, weight), requires_grad=weight.requires_grad)
+    stand_in.__dict__.update({k: v for k, v in weight.__dict__.items() if k not in stand_in.__dict__})
+    try:
+        torch.utils.swap_tensors(weight, stand_in)
+    except RuntimeError:
+        return 0
+    state.released = True
+    return stand_in.numel() * stand_in.element_size()
+
+
+def _restore(module: nn.Linear) -> None:
+    """Put the plain weight (rebuilt exactly from the packed one) back into the same Parameter."""
+    state, weight = _state(module), module.weight
+    plain = nn.Parameter(state.plain_weight(), requires_grad=weight.requires_grad)
+    plain.__dict__.update({k: v for k, v in weight.__dict__.items() if k not in ("_engine_state", "_is_param")})
+    torch.utils.swap_tensors(weight, plain)
+    state.released = False
+    for part, entry in state.packed.items():  # still the same values: re-key, no repack
+        entry.key = _key(weight[_rows(module, part)])
+
+
+def _releasable(module: nn.Linear) -> bool:
+    w = module.weight
+    return (w.device.type == "cpu" and w.dtype in _PACKABLE and w.layout == torch.strided and not w.is_meta
+            and not is_released(w))
+
+
+def _state_dict_hook(module, state_dict, prefix, local_metadata):
+    """state_dict / save_pretrained see the plain weight, rebuilt for them."""
+    key = prefix + "weight"
+    if key in state_dict and is_released(state_dict[key]):
+        state_dict[key] = _state(module).plain_weight()
+
+
+def _load_pre_hook(module, state_dict, prefix, *args):
+    """load_state_dict copies into the plain weight: restore it first (repacked after)."""
+    if ENGINE_ATTR in module.__dict__ and _state(module).released:
+        _restore(module)
+
+
+def _load_post_hook(module, incompatible_keys):
+    if ENGINE_ATTR in module.__dict__ and _state(module).release and _releasable(module):
+        _release(module)
+
+
+def _engine_apply(module: nn.Linear, fn, recurse: bool = True):
+    """Module._apply (.to(), .half(), .cuda(), ...) on the plain weight, then pack and release
+    again where the weight is still a CPU fp32/bf16 one (one module at a time: a bounded peak)."""
+    state = _state(module)
+    if state.released:
+        _restore(module)
+    out = type(module)._apply(module, fn, recurse)
+    if state.release and _releasable(module):
+        _release(module)
+    elif not _releasable(module):
+        state.packed.clear()  # off the CPU or in a dtype oneDNN does not take: nothing to keep
+    return out
+
+
+def restore_weights(model: nn.Module) -> int:
+    """Give every released linear of ``model`` its plain weight back (and stop releasing it, so
+    ``.to()`` and loading keep it too); the packed path still runs. Returns the bytes restored."""
+    restored = 0
+    for module in model.modules():
+        state = module.__dict__.get(ENGINE_ATTR)
+        if state is not None:
+            state.release = False
+            if state.released:
+                _restore(module)
+                restored += module.weight.numel() * module.weight.element_size()
+    return restored
 
 
 # -- fused forwards of known blocks --------------------------------------------------------------
@@ -225,14 +415,14 @@ def _feedforward_forward(module, x: torch.Tensor) -> torch.Tensor:
     """FeedForward with the GELU (gelu kind) or the GEGLU product (geglu kind) in the epilogue of
     the input projection: value · GELU(gate) = linear_mul(x, W_value, other=GELU-linear(x, W_gate))."""
     proj_in = module.proj_in
-    if not _usable(x, proj_in.weight) or module.gelu_approximate != "none":
+    if not _runs_packed(proj_in, x) or module.gelu_approximate != "none":
         return type(module).forward(module, x)
     if module.kind == "geglu":
-        hidden = proj_in.weight.shape[0] // 2
-        w_value, w_gate = proj_in.weight[:hidden], proj_in.weight[hidden:]
-        b_value, b_gate = (None, None) if proj_in.bias is None else (proj_in.bias[:hidden], proj_in.bias[hidden:])
-        gate = linear(proj_in, x, "gelu", part="gate", weight=w_gate, bias=b_gate)
-        h = linear_mul(proj_in, x, gate, part="value", weight=w_value, bias=b_value)
+        gate = linear(proj_in, x, "gelu", part="gate")
+        if torch.compiler.is_compiling():  # oneDNN's binary-epilogue op has no fake kernel to trace
+            h = linear(proj_in, x, part="value") * gate
+        else:
+            h = linear_mul(proj_in, x, gate, part="value")
     else:
         h = linear(proj_in, x, "gelu")
     if module.inner_norm is not None:
@@ -243,7 +433,7 @@ def _feedforward_forward(module, x: torch.Tensor) -> torch.Tensor:
 def _convnext_forward(module, x: torch.Tensor, mod) -> torch.Tensor:
     """UVit2D's ConvNeXt block with the GELU in the epilogue of its first channel-wise linear."""
     lin1 = module.channelwise_linear_1
-    if not _usable(x, lin1.weight):
+    if not _runs_packed(lin1, x):
         return type(module).forward(module, x, mod)
     from musefast.models.uvit import _nchw, _nhwc
 
@@ -271,15 +461,22 @@ class EngineReport:
     fused_blocks: int = 0
     packed_bytes: int = 0
     weight_bytes: int = 0
+    released_bytes: int = 0
     pack_seconds: float = 0.0
     dtype: str = ""
     notes: list[str] = field(default_factory=list)
 
     def line(self) -> str:
+        if self.released_bytes:
+            rest = self.weight_bytes - self.released_bytes
+            kept = (f"plain copies of {self.released_bytes / 2**20:.0f} MiB released"
+                    + (f", {rest / 2**20:.0f} MiB kept" if rest > 0 else "")
+                    + "; MUSEFAST_CPU_ENGINE_KEEP_WEIGHTS=1 keeps them")
+        else:
+            kept = f"beside {self.weight_bytes / 2**20:.0f} MiB of plain weights"
         return (f"{self.model}: {self.linears} linears packed for oneDNN ({self.dtype}, "
-                f"{self.packed_bytes / 2**20:.0f} MiB packed beside {self.weight_bytes / 2**20:.0f} MiB of weights, "
-                f"{self.pack_seconds:.2f} s), {self.fused_blocks} blocks with fused epilogues"
-                + "".join(f"; {n}" for n in self.notes))
+                f"{self.packed_bytes / 2**20:.0f} MiB packed, {kept}, {self.pack_seconds:.2f} s), "
+                f"{self.fused_blocks} blocks with fused epilogues" + "".join(f"; {n}" for n in self.notes))
 
 
 _MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # models the engine was applied to, for doctor
@@ -288,6 +485,11 @@ _MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # models the engine w
 def enabled_by_default() -> bool:
     """The engine applies at load on a CPU unless ``MUSEFAST_CPU_ENGINE=0`` or torch lacks oneDNN."""
     return os.environ.get("MUSEFAST_CPU_ENGINE", "1") != "0" and cpu_isa()["onednn"]
+
+
+def release_by_default() -> bool:
+    """The engine drops each plain weight once packed unless ``MUSEFAST_CPU_ENGINE_KEEP_WEIGHTS=1``."""
+    return os.environ.get("MUSEFAST_CPU_ENGINE_KEEP_WEIGHTS", "0") != "1"
 
 
 def apply_default(model: nn.Module) -> nn.Module:
@@ -300,22 +502,34 @@ def apply_default(model: nn.Module) -> nn.Module:
     return model
 
 
-def apply(model: nn.Module, *, batch_hint: int = 512, pack_now: bool = True) -> EngineReport:
+def apply(model: nn.Module, *, batch_hint: int = 512, pack_now: bool = True,
+          release: bool | None = None) -> EngineReport:
     """Install the CPU path on every ``nn.Linear`` (and known block) of ``model``, in place.
 
     ``batch_hint``: the rows oneDNN's weight layout is chosen for (aMUSEd: 2 · 256 tokens).
     ``pack_now``: pack every CPU weight now (at load) rather than at its first call.
+    ``release``: drop each plain weight once packed, module by module (default: yes, unless
+    ``MUSEFAST_CPU_ENGINE_KEEP_WEIGHTS=1``); a weight shared with another module is kept.
     Idempotent; returns (and keeps, for ``doctor``) a report."""
     report = EngineReport(type(model).__name__)
     if not cpu_isa()["onednn"]:
         report.notes.append("not applied: this torch has no oneDNN")
         return report
+    release = release_by_default() if release is None else release
     fused = _fused_forwards()
     t0 = time.perf_counter()
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
     for module in model.modules():
         if isinstance(module, nn.Linear) and ENGINE_ATTR not in module.__dict__:
-            module.__dict__[ENGINE_ATTR] = _LinearState(batch_hint)
+            shared = uses[id(module.weight)] > 1  # tied (e.g. to an embedding that reads it): keep it
+            module.__dict__[ENGINE_ATTR] = _LinearState(batch_hint, release and pack_now and not shared)
             module.forward = functools.partial(_linear_forward, module)
+            module._apply = functools.partial(_engine_apply, module)
+            module._register_state_dict_hook(_state_dict_hook)
+            module.register_load_state_dict_pre_hook(_load_pre_hook)
+            module.register_load_state_dict_post_hook(_load_post_hook)
     for module in model.modules():
         forward = fused.get(type(module))
         if forward is not None:
@@ -328,26 +542,20 @@ def apply(model: nn.Module, *, batch_hint: int = 512, pack_now: bool = True) -> 
             report.linears += 1
             w = module.weight
             report.weight_bytes += w.numel() * w.element_size()
-            if pack_now and w.device.type == "cpu" and w.dtype in _PACKABLE and not w.is_meta:
-                _prepack(module)
+            if pack_now and (_releasable(module) or is_released(w)):
+                state = _state(module)
+                for part in state.parts:  # what the forwards will ask for: the whole weight or GEGLU's halves
+                    state.get(part, module)
+                if state.release:
+                    _release(module)
                 report.dtype = str(w.dtype).removeprefix("torch.")
+            if is_released(module.weight):
+                report.released_bytes += w.numel() * w.element_size()
     report.packed_bytes = sum(_packed_bytes(m) for m in model.modules())
     report.pack_seconds = time.perf_counter() - t0
     model.__dict__[REPORT_ATTR] = report
     _MODELS.add(model)
     return report
-
-
-def _prepack(module: nn.Linear) -> None:
-    """Pack what the forwards will ask for: the whole weight, or GEGLU's two halves."""
-    state = _state(module)
-    if not state.split:
-        state.get("w", module.weight, module.bias)
-        return
-    hidden = module.weight.shape[0] // 2
-    bias = (None, None) if module.bias is None else (module.bias[:hidden], module.bias[hidden:])
-    state.get("value", module.weight[:hidden], bias[0])
-    state.get("gate", module.weight[hidden:], bias[1])
 
 
 def _packed_bytes(module: nn.Module) -> int:
@@ -357,11 +565,22 @@ def _packed_bytes(module: nn.Module) -> int:
     return sum(p.weight.numel() * p.weight.element_size() for p in state.packed.values())
 
 
+_HOOKS = (("_state_dict_hooks", _state_dict_hook), ("_load_state_dict_pre_hooks", _load_pre_hook),
+          ("_load_state_dict_post_hooks", _load_post_hook))
+
+
 def remove(model: nn.Module) -> None:
-    """Restore the plain forwards and drop the packed weights."""
+    """Restore the plain forwards and weights, drop the packed weights, and give the VQ decoders
+    back their plain (NCHW) convolutions."""
     cpu_conv.remove(model)
+    restore_weights(model)
     for module in model.modules():
-        module.__dict__.pop(ENGINE_ATTR, None)
+        if module.__dict__.pop(ENGINE_ATTR, None) is not None:
+            module.__dict__.pop("_apply", None)
+            for attr, hook in _HOOKS:
+                hooks = getattr(module, attr)
+                for key in [k for k, h in hooks.items() if getattr(h, "hook", h) is hook]:
+                    del hooks[key]
         if isinstance(module.__dict__.get("forward"), functools.partial):
             del module.__dict__["forward"]
     model.__dict__.pop(REPORT_ATTR, None)
@@ -385,4 +604,5 @@ def describe() -> list[str]:
 
 
 __all__ = ["apply", "apply_default", "auto_dtype", "auto_dtype_reason", "cpu_isa", "describe", "enabled_by_default", "is_applied",
-           "linear", "plain", "remove", "resolve_dtype", "EngineReport"]
+           "is_released", "linear", "plain", "release_by_default", "remove", "resolve_dtype", "restore_weights",
+           "EngineReport"]

@@ -74,6 +74,12 @@ class _Packed:
     zero_points: torch.Tensor  # (N,) zeros: the weights are symmetric
 
 
+def _key(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """The engine's weight key plus the bias's: the int8 pack holds the bias too."""
+    parts = cpu._key(weight)
+    return parts if bias is None else parts + (bias.data_ptr(), bias._version)
+
+
 class _Int8State:
     """The int8 weight cache of one ``nn.Linear``, rebuilt when the float weight changes."""
 
@@ -89,7 +95,7 @@ class _Int8State:
         return {"batch_hint": self.batch_hint, "packed": None, "packs": 0}
 
     def get(self, weight: torch.Tensor, bias: torch.Tensor | None) -> _Packed:
-        key = cpu._key(weight, bias)
+        key = _key(weight, bias)
         if self.packed is None or self.packed.key != key:
             q, scale = quantize_rows(weight)
             packed = torch.ops.onednn.qlinear_prepack(q, [self.batch_hint, weight.shape[1]])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -166,18 +167,55 @@ def load_weights_strict(module: nn.Module, state: Mapping[str, torch.Tensor], *,
     """``module.load_state_dict(state)`` after checking that keys and shapes match exactly;
     a mismatch raises a ValueError listing missing, unexpected and mis-shaped keys and naming
     ``source`` (the file)."""
+    _check_fits(module, {k: tuple(v.shape) for k, v in state.items()}, source=source)
+    module.load_state_dict(state, strict=True)
+
+
+def _check_fits(module: nn.Module, shapes: Mapping[str, tuple], *, source: str) -> None:
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-                  for k in sorted(set(expected) & set(state)) if state[k].shape != expected[k].shape]
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    mismatched = [f"{k}: file {shapes[k]} vs model {tuple(expected[k].shape)}"
+                  for k in sorted(set(expected) & set(shapes)) if shapes[k] != tuple(expected[k].shape)]
     if missing or unexpected or mismatched:
         lines = [f"weights in {source} do not match {type(module).__name__}:"]
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
             if keys:
                 lines.append(f"  {label} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
         raise ValueError("\n".join(lines))
-    module.load_state_dict(state, strict=True)
+
+
+def load_file_in_pieces(module: nn.Module, path: str | os.PathLike, *, piece_bytes: int = 64 * 2**20) -> None:
+    """:func:`load_weights_strict` of a safetensors file without ever holding the file whole:
+    keys and shapes are checked from its header, then the tensors are loaded a piece (about
+    ``piece_bytes``) at a time, each piece read through its own short-lived ``safe_open`` just
+    before it is copied in. Peak memory: the module plus one piece, not the module plus the file
+    (plus its mapped pages)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            sizes = {k: f.get_slice(k).get_dtype() for k in shapes}
+            aliases = json.loads((f.metadata() or {}).get(_ALIASES_KEY, "{}"))
+    except (SafetensorError, OSError, ValueError) as exc:  # truncated or not a safetensors file
+        raise ValueError(f"{path}: corrupt or truncated weights file ({exc}); re-download or re-save it") from None
+    _check_fits(module, {**shapes, **{a: shapes[s] for a, s in aliases.items()}}, source=str(path))
+    width = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}
+    pieces, size = [[]], 0
+    for key, shape in shapes.items():
+        if size >= piece_bytes:
+            pieces.append([])
+            size = 0
+        pieces[-1].append(key)
+        size += math.prod(shape) * width.get(sizes[key], 1)
+    for keys in pieces:
+        with safe_open(str(path), framework="pt") as f:
+            part = {k: f.get_tensor(k) for k in keys}
+        part.update({a: part[s] for a, s in aliases.items() if s in part})
+        module.load_state_dict(part, strict=False)
+        del part
 
 
 def load_component(
@@ -213,7 +251,7 @@ def load_component(
     config = config_from_dict(cls.config_class, data, source=str(folder / CONFIG_NAME))
     module = cls(config)
     weights = folder / WEIGHTS_NAME
-    load_weights_strict(module, load_state_dict_file(weights), source=str(weights))
+    load_file_in_pieces(module, weights)
     if dtype == "auto":  # bf16 on a CPU that computes it natively (musefast.engine.cpu)
         from musefast.engine.cpu import resolve_dtype
 
