@@ -32,6 +32,7 @@ def _model(name: str):
     or norm would hide a wrong row), its prepared context and timestep, and its token grid."""
     folder, io_folder = MODELS[name]
     model = MeissonicTransformer.from_pretrained(folder, dtype=torch.float32).eval()
+    cpu_engine.restore_weights(model)  # the perturbation below writes the weights in place
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
