@@ -74,6 +74,16 @@ def _rounds(benchmark) -> int:
     return 1 if getattr(benchmark, "disabled", False) else ROUNDS
 
 
+def _record_against_plain(info: dict, stats: dict, flops: float) -> None:
+    """Median, range and GFLOP/s of each timed implementation, and musefast's speedup over its
+    plain path (the reference twin timed in the same rounds)."""
+    for name, st in stats.items():
+        info[f"{name}_ms"] = st["median_ms"]
+        info[f"{name}_min_max_ms"] = [st["min_ms"], st["max_ms"]]
+        info[f"{name}_gflops"] = flops / st["median_ms"] / 1e6
+    info["speedup_vs_musefast_plain"] = info["musefast_plain_ms"] / info["musefast_ms"]
+
+
 def _interleaved(fns: dict, rounds: int) -> dict:
     """Round-robin timing: one warm-up call each, then ``rounds`` rounds -> per-name stats (ms)."""
     for fn in fns.values():
@@ -376,11 +386,7 @@ def test_cpu_text_encode(benchmark, dtype):
         flops = _flops(plain)
         stats = _interleaved({"musefast": packed, "musefast_plain": plain}, _rounds(benchmark))
         benchmark.pedantic(packed, rounds=1, iterations=1)
-    for name, st in stats.items():
-        info[f"{name}_ms"] = st["median_ms"]
-        info[f"{name}_min_max_ms"] = [st["min_ms"], st["max_ms"]]
-        info[f"{name}_gflops"] = flops / st["median_ms"] / 1e6
-    info["speedup_vs_musefast_plain"] = info["musefast_plain_ms"] / info["musefast_ms"]
+    _record_against_plain(info, stats, flops)
     info.update(size=SIZE, dtype=dtype, batch=1, threads=torch.get_num_threads(), gflop=flops / 1e9,
                 linears=report.linears, rounds=_rounds(benchmark), peak_rss_gib=_rss_gib())
 
@@ -426,11 +432,7 @@ def test_cpu_vq_decode(benchmark, grid):
         flops = _flops(plain)
         stats = _interleaved(fns, _rounds(benchmark))
         benchmark.pedantic(channels_last, rounds=1, iterations=1)
-    for name, st in stats.items():
-        info[f"{name}_ms"] = st["median_ms"]
-        info[f"{name}_min_max_ms"] = [st["min_ms"], st["max_ms"]]
-        info[f"{name}_gflops"] = flops / st["median_ms"] / 1e6
-    info["speedup_vs_musefast_plain"] = info["musefast_plain_ms"] / info["musefast_ms"]
+    _record_against_plain(info, stats, flops)
     info.update(size=SIZE, grid=grid, batch=1, threads=torch.get_num_threads(), gflop=flops / 1e9,
                 rounds=_rounds(benchmark), peak_rss_gib=_rss_gib())
 

@@ -121,8 +121,9 @@ class AmusedPipeline(ProgressBarConfig):
             sampler: default sampler (``"fused"`` or ``"compat"``).
             backend: attention backend of the transformer (None = best available).
             quantize: ``"int8"``: the transformer's linears in int8 (CPU with VNNI; close to the
-                float logits, not equal: :mod:`musefast.engine.int8`). A compat call on a pipeline
-                that "auto" put in bf16 still runs its float twin, so it keeps diffusers' tokens.
+                float logits, not equal: :mod:`musefast.engine.int8`); with ``dtype="auto"`` the rest
+                of the transformer stays in the weights' dtype. A compat call on a quantized
+                pipeline runs on a float twin loaded once, so it keeps diffusers' tokens.
         """
         int8.check(quantize, device)
         folder = _resolve(folder_or_hub_id, variant, local_files_only)
@@ -139,8 +140,8 @@ class AmusedPipeline(ProgressBarConfig):
         sampler = _check_sampler(sampler)
         weights_dtype, num_params = _file_dtype(folder / "transformer", _present(variant, folder / "transformer"))
         run_dtype = dtype
-        if dtype == "auto":
-            run_dtype = (weights_dtype if sampler == "compat"
+        if dtype == "auto":  # int8 keeps the rest in the weights' dtype: closer logits, and no slower (README)
+            run_dtype = (weights_dtype if sampler == "compat" or quantize
                          else cpu_engine.resolve_dtype(dtype, device, weights_dtype, num_params))
         transformer = UVit2D.from_pretrained(folder / "transformer", variant=_present(variant, folder / "transformer"),
                                              device=device, dtype=run_dtype, backend=backend)
@@ -153,7 +154,7 @@ class AmusedPipeline(ProgressBarConfig):
         scheduler = json.loads(scheduler_file.read_text())
         pipe = cls(vqvae, text_encoder, transformer, mask_token_id=scheduler.get("mask_token_id"),
                    masking_schedule=scheduler.get("masking_schedule", "cosine"), sampler=sampler)
-        if run_dtype != weights_dtype and dtype == "auto":  # compat calls need the weights' own dtype
+        if quantize or (run_dtype != weights_dtype and dtype == "auto"):  # compat calls need the weights' own dtype, in float
             pipe._compat_source = dict(folder_or_hub_id=folder, variant=variant, device=device, backend=backend)
         int8.quantize_pipeline(pipe, quantize)
         return pipe

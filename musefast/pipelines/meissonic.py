@@ -100,7 +100,8 @@ class MeissonicPipeline(AmusedPipeline):
                 it with ``max_length=77`` to pad prompts as the peer does.
             sampler: default sampler, ``"fused"`` or ``"compat"``; backend: attention backend.
             quantize: ``"int8"``: the transformer's linears in int8 (CPU with VNNI;
-                :mod:`musefast.engine.int8`); the compat twin stays in float.
+                :mod:`musefast.engine.int8`); with ``dtype="auto"`` the rest stays in the files'
+                dtype, and a compat call runs on a float twin loaded once (the peer's tokens).
         """
         int8.check(quantize, device)
         folder = _resolve(folder_or_hub_id, variant, local_files_only)
@@ -117,7 +118,7 @@ class MeissonicPipeline(AmusedPipeline):
         if dtype == "auto":
             weights_dtype, num_params = _file_dtype(folder / "transformer", _present(variant, folder / "transformer"))
             on_gpu = device is not None and torch.device(device).type == "cuda"
-            dtype = (weights_dtype if sampler == "compat" else torch.bfloat16 if on_gpu
+            dtype = (weights_dtype if sampler == "compat" or quantize else torch.bfloat16 if on_gpu
                      else cpu_engine.resolve_dtype("auto", device, weights_dtype, num_params))
             dtype = None if dtype == weights_dtype else dtype
         transformer = MeissonicTransformer.from_pretrained(
@@ -131,7 +132,7 @@ class MeissonicPipeline(AmusedPipeline):
         scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         pipe = cls(vqvae, text_encoder, transformer, mask_token_id=scheduler.get("mask_token_id"),
                    masking_schedule=scheduler.get("masking_schedule", "cosine"), sampler=sampler)
-        if requested == "auto" and dtype is not None:  # compat calls need the files' own dtype
+        if quantize or (requested == "auto" and dtype is not None):  # compat calls need the files' own dtype, in float
             pipe._compat_source = dict(folder_or_hub_id=folder, variant=variant, device=device, backend=backend)
         int8.quantize_pipeline(pipe, quantize)
         return pipe
