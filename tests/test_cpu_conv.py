@@ -74,7 +74,14 @@ def test_applied_at_load_and_weights_stay_ordinary(tmp_path, monkeypatch):
     loaded.decode(torch.zeros(1, 2, 2, dtype=torch.long))
     state = loaded.state_dict()
     assert all(torch.equal(state[k], v) and state[k].is_contiguous() for k, v in before.items())
+    # the decoder's conv weights are stored channels-last while applied (no per-call reorder) ...
+    convs = [m for m in loaded.decoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs if c.kernel_size != (1, 1))
+    save_component(loaded, tmp_path / "again")  # ... and an applied model saves ordinary tensors
+    again = load_component(tmp_path / "again").state_dict()
+    assert all(torch.equal(again[k], v) for k, v in before.items())
     cpu.remove(loaded)
     assert not cpu_conv.is_applied(loaded)
+    assert all(c.weight.is_contiguous() for c in convs)
     monkeypatch.setenv("MUSEFAST_CPU_ENGINE", "0")
     assert not cpu_conv.is_applied(load_component(tmp_path / "vq"))

@@ -6,9 +6,11 @@ input into oneDNN's channels-inner layout and the output back on every call, wit
 (``torch.channels_last``) activation it does neither, and GroupNorm, SiLU, the residual adds and
 nearest upsampling all keep that layout. So the whole decoder runs channels-last if its
 *input* is: this path converts the activation once on the way in and once on the way out, and
-leaves the weights as they are (oneDNN reorders a weight per call, which at the VQ's large
-resolutions costs little next to the convolution, and keeps ``state_dict``, ``.to()`` and saving
-ordinary with no second copy of the weights in memory).
+stores the decoder's convolution weights channels-last too (in place, no second copy): with an
+NCHW weight under an NHWC activation, torch reorders the weight on every call (measured at aMUSEd's
+VQ architecture, 16×16 tokens, 2 threads: 1546 → 1395 ms per decode, bit-identical output).
+``state_dict`` hands out NCHW-contiguous copies (safetensors saves contiguous tensors only), and
+``load_state_dict`` / ``.to()`` keep working on the channels-last parameters.
 
 A model opts in by having a ``conv_memory_format`` attribute (``VQGAN`` does); :func:`apply` sets
 it to ``torch.channels_last``, :func:`remove` back to ``torch.contiguous_format`` (the plain path,
@@ -31,11 +33,35 @@ def _targets(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(m, ATTR)]
 
 
+_HOOK = "_musefast_contiguous_state"  # the state-dict hook handle of an applied model
+
+
+def _decoder_convs(module: nn.Module) -> list[nn.Conv2d]:
+    parts = [getattr(module, name, None) for name in ("post_quant_conv", "decoder")]
+    return [m for part in parts if part is not None for m in part.modules() if isinstance(m, nn.Conv2d)]
+
+
+def _weights_to(module: nn.Module, memory_format: torch.memory_format) -> None:
+    for conv in _decoder_convs(module):
+        if conv.weight.device.type == "cpu":
+            conv.weight.data = conv.weight.data.contiguous(memory_format=memory_format)
+
+
+def _contiguous_state(module, state_dict, prefix, local_metadata) -> None:
+    """state_dict hook: the channels-last weights leave as ordinary NCHW-contiguous tensors."""
+    for key, value in state_dict.items():
+        if key.startswith(prefix) and isinstance(value, torch.Tensor) and not value.is_contiguous():
+            state_dict[key] = value.contiguous()
+
+
 def apply(model: nn.Module) -> int:
     """Run every VQ decoder inside ``model`` channels-last on the CPU; returns how many models."""
     targets = _targets(model)
     for module in targets:
         setattr(module, ATTR, torch.channels_last)
+        _weights_to(module, torch.channels_last)
+        if _HOOK not in module.__dict__:
+            module.__dict__[_HOOK] = module._register_state_dict_hook(_contiguous_state)
     return len(targets)
 
 
@@ -43,6 +69,10 @@ def remove(model: nn.Module) -> None:
     """Back to the plain NCHW path."""
     for module in _targets(model):
         setattr(module, ATTR, torch.contiguous_format)
+        _weights_to(module, torch.contiguous_format)
+        handle = module.__dict__.pop(_HOOK, None)
+        if handle is not None:
+            handle.remove()
 
 
 def is_applied(model: nn.Module) -> bool:
