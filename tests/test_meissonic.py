@@ -245,12 +245,20 @@ def test_image_to_image_and_inpainting(pipe):
         assert torch.equal(out[0][keep], known[0][keep])
 
 
-def test_cli_generates_from_a_meissonic_folder(tmp_path):
+def _int8_case():
+    from musefast.engine import int8
+
+    reasons = int8.unavailable_reasons()
+    return pytest.param(["--quantize", "int8"], id="int8", marks=pytest.mark.skipif(bool(reasons), reason="; ".join(reasons)))
+
+
+@pytest.mark.parametrize("extra", [[], ["--cache", "fast"], _int8_case()], ids=["exact", "step-cache", "int8"])
+def test_cli_generates_from_a_meissonic_folder(tmp_path, extra):
     from musefast.cli import main
 
     out = tmp_path / "m.png"
-    assert main(["generate", "a red cat", "--model", str(PIPELINE), "--steps", "2", "--seed", "1", "-q",
-                 "-o", str(out)]) == 0
+    assert main(["generate", "a red cat", "--model", str(PIPELINE), "--steps", "4", "--seed", "1", "-q",
+                 "-o", str(out), *extra]) == 0
     from PIL import Image
 
     assert Image.open(out).size == (1024, 1024)
