@@ -134,13 +134,18 @@ def plain():
         _switch.off = before
 
 
+def plain_active() -> bool:
+    """Whether this thread is inside :func:`plain` (every CPU fast path then runs its twin)."""
+    return getattr(_switch, "off", False)
+
+
 def _usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the oneDNN path applies to this call (else the ordinary F.linear runs). Under
     torch.compile the ordinary path is traced: the packed-weight cache is Python state keyed by
     data pointers, and the compiler plans its own matrix products."""
     if torch.compiler.is_compiling():
         return False
-    return (not getattr(_switch, "off", False) and x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype
+    return (not plain_active() and x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype
             and weight.dtype in _PACKABLE and weight.layout == torch.strided
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
@@ -604,5 +609,5 @@ def describe() -> list[str]:
 
 
 __all__ = ["apply", "apply_default", "auto_dtype", "auto_dtype_reason", "cpu_isa", "describe", "enabled_by_default", "is_applied",
-           "is_released", "linear", "plain", "release_by_default", "remove", "resolve_dtype", "restore_weights",
+           "is_released", "linear", "plain", "plain_active", "release_by_default", "remove", "resolve_dtype", "restore_weights",
            "EngineReport"]

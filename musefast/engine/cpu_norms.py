@@ -31,7 +31,7 @@ def _kernel_usable(x: torch.Tensor) -> bool:
     from musefast import _build
     from musefast.engine import cpu
 
-    if torch.compiler.is_compiling() or getattr(cpu._switch, "off", False):
+    if torch.compiler.is_compiling() or cpu.plain_active():
         return False
     if x.device.type != "cpu" or x.dtype not in _DTYPES or x.dim() != 3 or (torch.is_grad_enabled() and x.requires_grad):
         return False
