@@ -39,6 +39,9 @@ class ImageSink:
         return [_finish(done, f"images/{done.record['id']}.png")]
 
     def close(self) -> list[dict]:
+        # every row is finished: what is left under a temporary name is a killed Ray actor's
+        # half-written image (its row was generated again elsewhere)
+        remove_temporaries(self.folder)
         return []
 
 
