@@ -23,6 +23,32 @@ _DEMO_INDEX = Path(__file__).resolve().parent / "assets" / "demo" / "model_index
 _DRAWN_SEEDS = 2**31
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, so ``--help`` answers "what if I leave it out".
+
+    A help text that already says ``(default: ...)`` in words is kept as written (a ``None`` often
+    means "the model's setting", which only the text can say); otherwise the value is appended:
+    ``off`` for flags, ``none`` for an unset value; a required option says so instead."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or "(default" in text or action.default is argparse.SUPPRESS:
+            return text
+        if action.required:
+            return f"{text} (required)"
+        if isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            return text
+        if action.nargs == 0 and action.const is not True:  # store_const aliases such as --quick
+            return text
+        if action.nargs == 0:
+            default = "on" if action.default else "off"
+        elif action.default is None:
+            default = "none"
+        else:
+            default = "%(default)s"
+        return f"{text} (default: {default})".strip()
+
+
 class CommandError(RuntimeError):
     """A run that cannot go on (model not loadable, bad image file): exit code 1, one line."""
 
@@ -191,24 +217,29 @@ def _add_batch(sub) -> None:
                                    "optional id, seed, negative_prompt, num_steps, guidance_scale")
     b.add_argument("-o", "--output", required=True, help="output folder (images/, manifest.jsonl, errors.jsonl)")
     b.add_argument("--model", default="demo", help='"demo", a pipeline folder, or a hub id')
-    b.add_argument("--steps", type=int, default=None, help="decoding steps for rows without num_steps")
-    b.add_argument("--guidance", type=float, default=None, help="guidance scale for rows without one")
+    b.add_argument("--steps", type=int, default=None,
+                   help="decoding steps for rows without num_steps (default: the model's setting)")
+    b.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale for rows without one (default: the model's setting)")
     b.add_argument("--negative", default=None, help="negative prompt for rows without one")
     b.add_argument("--seed", type=int, default=0, help="global seed: rows without a seed get hash(id, seed)")
     b.add_argument("--batch-size", type=int, default=None, help="rows per forward pass (default: 8 CPU, 32 GPU)")
-    b.add_argument("--format", default="png", choices=["png", "webdataset"])
+    b.add_argument("--format", default="png", choices=["png", "webdataset"],
+                   help="png: images/<id>.png; webdataset: tar shards in shards/")
     b.add_argument("--shard-size", type=int, default=1000, help="images per webdataset tar shard")
     b.add_argument("--overwrite", action="store_true", help="regenerate rows whose settings changed")
     b.add_argument("--deterministic", action="store_true",
                    help="run each row alone so batch size cannot change a token (slower)")
     b.add_argument("--ray", action="store_true", help="run on a local Ray (pip install -e '.[distributed]')")
-    b.add_argument("--ray-address", default=None, help="run on the Ray cluster at ADDR (e.g. auto, ray://host:10001)")
+    b.add_argument("--ray-address", default=None,
+                   help="run on the Ray cluster at ADDR (e.g. auto, ray://host:10001) (default: none, no cluster)")
     b.add_argument("--workers", type=int, default=None, help="Ray actors (default: one per GPU, or per "
                                                                "--cpus-per-worker cores)")
     b.add_argument("--cpus-per-worker", type=int, default=2, help="CPU cores (torch threads) per Ray actor")
-    b.add_argument("--backend", default=None, help="force one backend for every op (e.g. reference)")
-    b.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
-    b.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="weights dtype")
+    b.add_argument("--backend", default=None,
+                   help="force one backend for every op, e.g. reference (default: the fastest usable)")
+    b.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    b.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="weights dtype (default: as saved)")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     b.set_defaults(func=_batch)
 
@@ -335,7 +366,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from musefast import __version__
 
     demo = _demo_settings()
-    parser = argparse.ArgumentParser(prog="musefast", description="Muse-style masked generative image models, fast.")
+    parser = argparse.ArgumentParser(prog="musefast", description="Muse-style masked generative image models, fast.",
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--version", action="version", version=f"musefast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     doctor_p = sub.add_parser("doctor", help="show what was built and which backends are usable")
@@ -399,6 +431,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         add_arguments(t)
     t.set_defaults(func=_train_demo)
     for command in sub.choices.values():
+        command.formatter_class = DefaultsHelpFormatter
         command.add_argument("--debug", action="store_true", help="show Python tracebacks of errors")
     return parser
 
