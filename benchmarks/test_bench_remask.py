@@ -50,7 +50,7 @@ def _diffusers_step(cond, uncond, guidance_scale):
 
 @pytest.fixture
 def threads():
-    """The issue's CPU target is stated for 2 threads."""
+    """The CPU target of this benchmark is stated for 2 threads."""
     if CUDA:
         yield torch.get_num_threads()
         return

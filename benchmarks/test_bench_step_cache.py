@@ -1,4 +1,4 @@
-"""Step cache: decoding with ``cache="fast"`` vs exact decoding, in the same run (issue 16).
+"""Step cache: decoding with ``cache="fast"`` vs exact decoding, in the same run.
 
 Model: aMUSEd's U-ViT (UVit2D), random weights, one image, 12 steps, guidance 10 (both CFG
 branches batched). GPU: the real amused-256 architecture in fp16. CPU: a reduced layout

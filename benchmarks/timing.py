@@ -1,4 +1,4 @@
-"""Timing and roofline helpers shared by the benchmark suites (DESIGN §7).
+"""Timing and roofline functions shared by the benchmark suites (every result is a ratio to an anchor timed in the same run).
 
 On CUDA: warm-up, then CUDA events around a loop of calls, one synchronize at the end; on
 CPU: perf_counter around a loop. Each benchmark times musefast with pytest-benchmark and its

@@ -1,4 +1,4 @@
-"""Measure how often batch size or row order changes a token in `musefast batch` (issue 18).
+"""Measure how often batch size or row order changes a token in `musefast batch`.
 
 Generates N demo captions with batch sizes 1, 8 and 64 and in shuffled order (batch 8), and
 counts rows whose tokens differ from the batch-size-1 run. Prints a JSON report.

@@ -1,4 +1,4 @@
-"""Issue 18's done-when check on the demo model, end to end through the CLI:
+"""The acceptance check of `musefast batch` on the demo model, end to end through the CLI:
 
 1. N rows in-process and with --ray --workers 2 give the same tokens (and PNG bytes);
 2. a run SIGKILLed mid-way and re-run gives N manifest lines, N PNGs, no duplicate id, every

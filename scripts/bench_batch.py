@@ -1,4 +1,4 @@
-"""Benchmark `musefast batch` on the demo model (issue 18): images/s in-process vs Ray with 1 and
+"""Benchmark `musefast batch` on the demo model: images/s in-process vs Ray with 1 and
 2 actors on the same rows, and the cost per image of writing the PNG and its manifest line.
 
     python scripts/bench_batch.py --rows 96 --json benchmarks/results/batch-cpu.json

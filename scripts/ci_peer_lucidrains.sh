@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CI step: parity tests against lucidrains' muse-maskgit-pytorch in their own environment.
 # The peer is a test extra only. Its install_requires pull torchvision (which would bring a
-# second torch) and its T5 helper wants transformers<5, so it gets its own venv: the CPU
+# second torch) and its T5 text-encoding code wants transformers<5, so it gets its own venv: the CPU
 # torch from local disk first, the peer without its dependencies, then the few it needs at
 # import (torchvision is stubbed by the tests), then musefast itself (editable).
 set -euo pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Quality gate of the demo model (issue 8): generate images from held-out captions and score
+"""Quality gate of the demo model: generate images from held-out captions and score
 them with the programmatic checker, with classifier-free guidance, without it, and on the
 reference backend. Writes a JSON report.
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""What ``quantize="int8"`` costs in quality and gains in speed on a CPU (issue 14 item 2).
+"""What ``quantize="int8"`` costs in quality and gains in speed on a CPU.
 
 1. ``op_candidates``: the int8 ops torch offers, on aMUSEd-256's linear shapes at M = 512 rows
    (B = 2 · 16²), against oneDNN's packed fp32/bf16 linears, interleaved: (a) fbgemm's

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Step cache and guidance interval: quality and cost against exact decoding (issue 16).
+"""Step cache and guidance interval: quality and cost against exact decoding.
 
 Two parts, each writing into one JSON report (and a Markdown table beside it):
 

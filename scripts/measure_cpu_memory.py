@@ -1,4 +1,4 @@
-"""Peak resident memory of a CPU generation against the weights' size (issue 14: ≤ 1.3×).
+"""Peak resident memory of a CPU generation against the weights' size (the target: ≤ 1.3×).
 
 Builds (once) a diffusers aMUSEd folder with random weights of the real aMUSEd-256 architecture
 (UVit2D 22 × 1024, CLIP-L/14-sized text encoder, the 8192 × 64 VQ; diffusers + transformers

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Sweep the mask-free edit settings of a pipeline on the held-out edit cases (issue 15, item 8)
+"""Sweep the mask-free edit settings of a pipeline on the held-out edit cases
 and write the checker's scores per setting, to choose the defaults stored in model_index.json.
 
     python scripts/sweep_edit.py --model demo --count 64 -o docs/edit_sweep.json

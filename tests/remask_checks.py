@@ -1,4 +1,4 @@
-"""Shared helpers of the cfg_sample_remask tests: inputs, and equality up to counted near-ties."""
+"""Shared inputs and checks of the cfg_sample_remask tests: inputs, and equality up to counted near-ties."""
 from __future__ import annotations
 
 import torch

@@ -1,7 +1,7 @@
 """ops.attention: every backend vs the reference (flash-attn tolerance rule), dispatch,
 flash-attn key packing, bad input, and the Attention / CrossAttention modules.
 
-Tolerance rule (DESIGN §6): a backend's max error vs an exact reference must be at most
+Tolerance rule (flash-attn's): a backend's max error vs an exact reference must be at most
 2× the max error of PyTorch's plain same-dtype math on the same inputs, plus a small eps.
 The "exact" reference is musefast.reference.attention on float64 copies of the inputs.
 
@@ -115,8 +115,8 @@ def test_backend_matches_reference(backend, lq, lk, d, dtype, masked):
 
 # On a GPU: every backend on CUDA tensors, bf16 included. Each axis value appears several
 # times, in varied pairs, not the full cross product: with one pinned Triton config
-# (MUSEFAST_TRITON_FIXED_CONFIG=1) this is a couple of dozen kernel compiles, which a lent GPU
-# session can afford; the cross product was ~270 plus autotuning.
+# (MUSEFAST_TRITON_FIXED_CONFIG=1) this is a couple of dozen kernel compiles, which a short GPU
+# run can afford; the cross product was ~270 plus autotuning.
 GPU_CASES = [
     (1, 77, 64, BF16, True),
     (97, 300, 80, BF16, True),
@@ -233,7 +233,7 @@ COMPILE_CONFIGS = [
 
 
 def test_triton_kernel_compiles_for_gpu():
-    """The interpreter is more permissive than the compiler (DESIGN §8): compile to cubin for
+    """The interpreter is more permissive than the compiler: compile to cubin for
     sm80/sm90 — in a subprocess, since the interpreter cannot share a process with codegen."""
     import json
     import os

@@ -1,4 +1,4 @@
-"""The CLI as a new user meets it (issue 15): mistakes give one line and exit code 2 before any
+"""The CLI as a new user meets it: mistakes give one line and exit code 2 before any
 model loads, broken models name the file, seeds are printed and stored, --help is complete."""
 import json
 import os

@@ -5,7 +5,7 @@
 fixed inputs, the parameter names and shapes of the released ImageNet models, and msgpack
 samples written by flax. JAX, flax and msgpack are not needed here.
 
-Tolerance: fp32 against fp32 (DESIGN §6: the error of a same-dtype recomputation, ~1e-6 here,
+Tolerance: fp32 against fp32 (flash-attn's rule: the error of a same-dtype recomputation, ~1e-6 here,
 times 2 plus a small eps).
 """
 from __future__ import annotations

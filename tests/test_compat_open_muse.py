@@ -22,7 +22,7 @@ batch 2, text length 5. Variants:
 * ``maskgit_class``: imagenet.yaml-like class-conditional — class ids inside the vocabulary,
   class token prepended at position 0.
 
-Tolerance: fp32 against fp32 (DESIGN §6: the error of a same-dtype recomputation, ~1e-7 here,
+Tolerance: fp32 against fp32 (flash-attn's rule: the error of a same-dtype recomputation, ~1e-7 here,
 times 2 plus a small eps).
 """
 from __future__ import annotations

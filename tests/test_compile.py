@@ -1,5 +1,5 @@
 """torch.compile(fullgraph=True): the three ops, every model's forward and one decoding step of
-each pipeline trace without a graph break and give the eager results (DESIGN §4, issue 13 item 7).
+each pipeline trace without a graph break and give the eager results.
 
 The models and steps compile with the ``aot_eager`` backend: it runs dynamo's full capture (where
 graph breaks and untraceable Python show up) and AOT autograd's fake-tensor tracing of our custom

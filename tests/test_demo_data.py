@@ -148,7 +148,7 @@ def test_held_out_split():
     assert is_held_out(Scene(scene.objects, "black")) and is_held_out(parse_caption(caption(scene, 1)))
 
 
-# Issue 8's quality gate, CI size: the gate itself is colour 0.95 / shape 0.90 / position 0.85
+# The demo model's quality gate, CI size: the gate itself is colour 0.95 / shape 0.90 / position 0.85
 # with CFG on 200 held-out captions (the shipped model: 0.993 / 0.953 / 0.993 in
 # docs/demo_eval.json); here 64 captions (99 shapes, so one shape is one point) against
 # thresholds 3 points lower. Measured on these 64: 0.980 / 0.949 / 0.980.

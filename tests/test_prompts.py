@@ -1,4 +1,4 @@
-"""How the demo text encoder reads prompts (issue 15): case and punctuation do not matter,
+"""How the demo text encoder reads prompts: case and punctuation do not matter,
 unknown words are named in one warning, over-long prompts are reported."""
 import warnings
 

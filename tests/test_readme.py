@@ -1,4 +1,4 @@
-"""The README's demo examples run and give what they say (issue 15): the Python tour is executed
+"""The README's demo examples run and give what they say: the Python tour is executed
 with every ``# True`` / ``# (256, 256)`` line turned into an assertion (the images are read back
 by the exact checker), and the demo CLI lines are run, each generated PNG checked against its
 prompt."""

@@ -147,7 +147,7 @@ def test_extreme_temperatures_and_magnitudes(backend, scale, tau, comparisons):
 @pytest.mark.parametrize("case", CASES + [
     (2, 4097, 1000, torch.float16, True, 10.0, 1.0, 2.0, None, "logprob"),  # selection by sort
     # block selection at N max; K = 2048 (not 8192) keeps the CPU reference of this case to a few
-    # seconds of a lent GPU session (K = 8191 is covered above)
+    # seconds of a short GPU run (K = 8191 is covered above)
     (8, 4096, 2048, torch.bfloat16, True, 10.0, 1.0, 2.0, None, "logprob"),
     (2, 33, 16384, torch.float16, False, 1.0, 0.5, 1.0, 5, "prob"),
 ], ids=str)
@@ -455,7 +455,7 @@ print("compiled")
 
 
 def test_triton_kernel_compiles_for_gpus():
-    """The interpreter is more permissive than the compiler (DESIGN §8): compile the kernel for
+    """The interpreter is more permissive than the compiler: compile the kernel for
     sm_80 and sm_90 without a GPU (in a process without TRITON_INTERPRET)."""
     import os
     import subprocess

@@ -84,7 +84,7 @@ def _flat(logits):
     return logits.reshape(logits.shape[0], -1, logits.shape[-1])
 
 
-# -- helpers -------------------------------------------------------------------------------
+# -- building blocks -----------------------------------------------------------------------
 
 def test_rows_from_mask_pads_with_the_images_own_position():
     sel = torch.tensor([[0, 1, 0, 1, 1], [0, 0, 1, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)

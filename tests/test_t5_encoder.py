@@ -1,4 +1,4 @@
-"""The plain-PyTorch T5 encoder against its reference twin, transformers' T5EncoderModel (issue 15:
+"""The plain-PyTorch T5 encoder against its reference twin, transformers' T5EncoderModel (so
 the demo loads without importing transformers)."""
 import subprocess
 import sys

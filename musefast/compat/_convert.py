@@ -1,4 +1,4 @@
-"""Helpers shared by the weight converters: strict state-dict loading with readable errors."""
+"""Functions shared by the weight converters: strict state-dict loading with readable errors."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping

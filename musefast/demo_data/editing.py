@@ -1,4 +1,4 @@
-"""Zero-shot editing on the demo model, checked by the checker (issue 8, item 5).
+"""Zero-shot editing on the demo model, checked by the checker.
 
 Three kinds of case, each built from a held-out two- or one-shape scene (deterministic from a
 seed) and scored with :func:`musefast.demo_data.checker.score` against the caption of the

@@ -18,7 +18,7 @@ import torch
 from musefast.demo_data.checker import score
 from musefast.demo_data.shapes import ShapesDataset
 
-# Issue 8's quality gate (with classifier-free guidance, >= 200 held-out images).
+# The demo model's quality gate (with classifier-free guidance, >= 200 held-out images).
 GATE = {"colour": 0.95, "shape": 0.90, "position": 0.85}
 
 

@@ -1,6 +1,6 @@
 """Self-attention K/V kept from a full forward, for forwards that compute only some rows.
 
-The step cache (``musefast.sampling.cache``, DESIGN §10) alternates full forwards with cheap
+The step cache (``musefast.sampling.cache``) alternates full forwards with cheap
 ones. A full forward runs every token and each self-attention layer records its keys and
 values here (one (K, V) pair per layer: the store never grows with the number of steps). A
 cheap forward runs the per-token work (norms, projections, MLP, head) for a subset of rows

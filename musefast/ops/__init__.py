@@ -1,4 +1,4 @@
-"""The public ops of musefast and their backend registry (DESIGN §3, §4)."""
+"""The public ops of musefast and their backend registry (musefast.ops.registry)."""
 from musefast.ops.attention import attention
 from musefast.ops.registry import BackendUnavailableError, backends, op, use_backend
 from musefast.ops.remask import cfg_sample_remask

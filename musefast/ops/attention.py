@@ -115,7 +115,7 @@ def flash_attn_forward(flash_attn, q, k, v, key_padding_mask, scale):
 
     Padded keys: the keys (only) are packed by the key mask and run through the varlen
     kernel; every query of every batch element is kept. Unpadding the queries with the key
-    mask would drop image tokens (DESIGN §8).
+    mask would drop image tokens (a bug seen elsewhere: it silently dropped the conditioning).
     """
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
@@ -160,7 +160,7 @@ def _flash_attn_reasons(q, k, v, key_padding_mask, scale):
 
 
 ATTENTION = op("attention")
-# Auto-selection order is a claim of speed (DESIGN §4): our Triton kernel goes ahead of the
+# Auto-selection order is a claim of speed: our Triton kernel goes ahead of the
 # libraries (flash-attn, SDPA) only for the head dims / dtypes where a committed GPU benchmark
 # (benchmarks/results/) shows it faster. None exists yet, so on CUDA tensors the libraries come
 # first and Triton runs when asked for (backend="triton") or where they cannot.

@@ -1,4 +1,4 @@
-"""One backend registry for every op (the xformers / Liger pattern, DESIGN §4).
+"""One backend registry for every op (the xformers / Liger pattern).
 
 Each op has an ordered list of backends. A backend answers ``not_supported_reasons(*args,
 **kwargs) -> list[str]`` for the concrete inputs. ``backend=None`` picks the first backend
@@ -12,7 +12,7 @@ backend of that name, the others auto-select) or per-op pairs (``vq_nearest=cpu,
 environment); pipelines and the CLI use it for their ``backend=`` argument. A name that no op
 has, or a pair naming an unknown op, is an error — a typo must not silently auto-select.
 
-Trust is earned per device (DESIGN §4): a backend registered with ``compiled=True`` (our own
+Trust is earned per device: a backend registered with ``compiled=True`` (our own
 C++/CUDA/Triton code) is compared with the reference by :mod:`musefast.ops.selfcheck` before it
 is first auto-selected on a device; one that disagrees is skipped there (one warning, cached
 verdict, ``musefast doctor`` says why) and the next backend runs.

@@ -1,6 +1,6 @@
 """``cfg_sample_remask``: one fused MaskGIT decoding step (CFG + sampling + confidence + re-mask).
 
-Semantics: DESIGN §5 and musefast/reference/remask.py (the definition). RNG: Philox4x32-10
+Semantics: musefast/reference/remask.py (the definition). RNG: Philox4x32-10
 keyed by ``seed``, counter from (step, b, n, k) (musefast/reference/philox.py), identical in
 every backend, so a fixed ``(seed, step)`` gives the same tokens and mask everywhere except at
 floating-point near-ties.

@@ -2,7 +2,7 @@
 per-device self-check (musefast.ops.selfcheck) and the test suite.
 
 Each function returns ``None`` when the result agrees and otherwise one line saying where it
-does not. The rules (DESIGN §6):
+does not. The rules:
 - vq_nearest: the distance at the chosen index equals the true minimum up to rounding (ties are
   legal); rows with NaN get index 0 and distance NaN.
 - attention: the error against an fp32 reference is at most twice the error of the same

@@ -1,6 +1,6 @@
 """Reference (definition) of one MaskGIT decoding step: CFG + sampling + confidence + re-masking.
 
-DESIGN §5. For image b and a *masked* position n, with float32 arithmetic throughout:
+For image b and a *masked* position n, with float32 arithmetic throughout:
 
 1. guided logits ``l = lu + g * (lc - lu)`` (computed as written, in float32); no guidance
    (``l = lc``) when ``uncond_logits`` is None or ``g == 1``.

@@ -1,4 +1,4 @@
-"""MaskGIT / Muse decoding: schedules, peer presets and the sampler (DESIGN §5)."""
+"""MaskGIT / Muse decoding: schedules, peer presets and the sampler."""
 from musefast.sampling.cache import GuidedForward, StepCache
 from musefast.sampling.presets import PRESETS, Preset, get_preset
 from musefast.sampling.sampler import MaskGitSampler

@@ -1,4 +1,4 @@
-"""The step cache: cheap decoding steps that reuse the K/V of tokens already decoded (DESIGN §10).
+"""The step cache: cheap decoding steps that reuse the K/V of tokens already decoded.
 
 ReCAP (arXiv 2505.19089) alternates full steps with cheap ones; Lumina-DiMOO's ML-Cache
 recomputes only the least confident tokens between refreshes. Here:

@@ -1,6 +1,6 @@
 """Presets: each peer's decoding step as parameters of ``ops.cfg_sample_remask`` + schedules.
 
-DESIGN §5. A preset fixes, per step, the mask count, the guidance scale, the sampling and
+The step itself is defined in musefast/reference/remask.py. A preset fixes, per step, the mask count, the guidance scale, the sampling and
 choice temperatures, the top-k filter and the confidence measure:
 
 * ``maskgit`` (google-research/maskgit): categorical sampling at tau = 1, confidence
