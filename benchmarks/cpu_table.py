@@ -1,5 +1,5 @@
 """Markdown tables of a CPU peer benchmark JSON (``benchmarks/test_bench_cpu_peers.py`` run with
-``--benchmark-json``), in the README's CPU section layout: forwards, end to end with its stages,
+``--benchmark-json``), in the layout of docs/performance.md's CPU section: forwards, end to end with its stages,
 text encode, VQ decode.
 
     python benchmarks/cpu_table.py benchmarks/results/cpu-<date>.json

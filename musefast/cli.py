@@ -378,7 +378,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     doctor_p.set_defaults(func=_doctor)
 
     g = sub.add_parser("generate", help="text to image")
-    g.add_argument("prompt", nargs="?", help="what to draw (the demo knows: musefast/demo_data, see README)")
+    g.add_argument("prompt", nargs="?", help="what to draw (the demo's vocabulary: docs/models.md)")
     g.add_argument("-n", "--num-images", dest="num_images_given", type=checks.positive_int, default=None,
                    metavar="N", help="images for the prompt (default: 1)")
     g.add_argument("--from-png", default=None, metavar="IMAGE",

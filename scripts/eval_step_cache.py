@@ -3,7 +3,7 @@
 
 Two parts, each writing into one JSON report (and a Markdown table beside it):
 
-* ``demo``: the embedded demo model on the held-out captions and seeds of the README table
+* ``demo``: the embedded demo model on the held-out captions and seeds of the demo quality table (docs/models.md)
   (``scripts/eval_demo.py``: 200 captions, seed 0, batches of 16, the pipeline's guidance):
   the exact checker's colour / shape / position per setting, token agreement with exact,
   and transformer FLOPs per image (counted by ``torch.utils.flop_counter``);

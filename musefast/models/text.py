@@ -293,7 +293,7 @@ class TextEncoder(nn.Module):
             listed = ", ".join(repr(w) for w in unknown)
             usable = sorted(w for w in known if not self.normalize or w == w.lower())
             warnings.warn(f"this text encoder does not know the word(s) {listed}: ignored. It knows only: "
-                          f"{' '.join(usable)} (README: 'The demo model's captions')", UserWarning, stacklevel=4)
+                          f"{' '.join(usable)} (docs/models.md, 'The demo model')", UserWarning, stacklevel=4)
         return out
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

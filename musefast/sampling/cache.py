@@ -66,7 +66,7 @@ class StepCache:
             check_guidance_interval(self.guidance_interval)
 
 
-# Chosen by scripts/eval_step_cache.py (README "Step cache"): of the settings measured on the
+# Chosen by scripts/eval_step_cache.py (docs/performance.md, "Step cache"): of the settings measured on the
 # real-size aMUSEd architecture, the one with the fewest transformer FLOPs per image whose
 # demo checker scores stay within 1 point of exact ("lowest_confidence" settings lose 5+
 # points of shape accuracy there).
