@@ -11,7 +11,6 @@ import sys
 
 from musefast.cli import DefaultsHelpFormatter, build_parser
 
-_WIDTH = 100  # fixed, so the usage lines do not depend on the terminal that renders them
 _HEADER = """\
 # Command-line reference
 
@@ -58,11 +57,21 @@ def _help_and_default(action: argparse.Action, formatter: argparse.HelpFormatter
     return text[:start].rstrip(), text[start + len("(default:"):].rstrip().removesuffix(")").strip()
 
 
+def _usage(parser: argparse.ArgumentParser) -> str:
+    """``musefast NAME [options] POSITIONALS``: written here rather than taken from argparse, whose
+    usage wrapping differs between Python versions (the page must render the same everywhere)."""
+    words = [parser.prog, "[options]"]
+    for action in parser._actions:
+        if not action.option_strings:
+            name = action.metavar or action.dest
+            words.append(f"[{name}]" if action.nargs == "?" else name)
+    return " ".join(words)
+
+
 def _command(name: str, parser: argparse.ArgumentParser, summary: str) -> list[str]:
-    formatter = DefaultsHelpFormatter(parser.prog, width=_WIDTH)
-    formatter.add_usage(parser.usage, parser._actions, parser._mutually_exclusive_groups, prefix="")
+    formatter = DefaultsHelpFormatter(parser.prog)
     lines = [f"## musefast {name}", "", summary[:1].upper() + summary[1:] + ".", "", "```text",
-             formatter.format_help().strip(), "```", ""]
+             _usage(parser), "```", ""]
     rows = [a for a in parser._actions
             if a.help is not argparse.SUPPRESS and not isinstance(a, argparse._HelpAction)]
     lines += ["| argument | default | what it does |", "|---|---|---|"]

@@ -147,3 +147,20 @@ def test_python_names_exist(page):
              if not n.startswith(PENDING_MODULES + BUILT_ON_FIRST_USE) and not n.endswith("_")}  # convert_*
     missing = sorted(n for n in names if not _resolves(n))
     assert not missing, f"{page.name} names what musefast does not have: {missing}"
+
+
+def test_committed_plots_are_small_and_shown():
+    pngs = sorted((ROOT / "docs" / "img").glob("*.png"))
+    assert {p.name for p in pngs} >= {"cpu-latency.png", "step-cache.png", "batch-throughput.png"}
+    for png in pngs:
+        assert png.stat().st_size < 150_000, f"{png.name}: {png.stat().st_size} bytes"
+    assert "](docs/img/" in README
+
+
+def test_plots_render_from_the_committed_results(tmp_path):
+    pytest.importorskip("matplotlib")
+    import runpy
+
+    plot = runpy.run_path(str(ROOT / "benchmarks" / "plot.py"))
+    assert plot["main"](["--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(p.name for p in (ROOT / "docs" / "img").glob("*.png"))
