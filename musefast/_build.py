@@ -549,13 +549,14 @@ def _background_files() -> tuple[Path, Path]:
 
 
 def _background_build_log() -> Path | None:
-    """The log of a background build that is running now, if there is one."""
+    """The log of a background build that another process is running now, if there is one."""
     log, pid_file = _background_files()
     try:
-        os.kill(int(pid_file.read_text().strip()), 0)
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, 0)
     except (OSError, ValueError):
         return None
-    return log
+    return log if pid != os.getpid() else None  # the background build itself is not waiting
 
 
 def build_in_background() -> Path:

@@ -226,3 +226,17 @@ def test_doctor_on_a_built_cache_says_cached_and_compiles_no_cuda(tmp_path):
     assert "compiling" not in proc.stderr, proc.stderr
     assert not marker.exists(), marker.read_text()
     assert [p.name for p in (tmp_path / "cache" / "ext").iterdir()] == [built.name]
+
+
+def test_a_process_waiting_for_the_background_build_says_so(cold_cpu_state, monkeypatch):
+    """`musefast generate` compiles in a detached process; another command that needs the kernels
+    meanwhile waits for it, and says whose build it waits for. The build itself does not."""
+    log, pid_file = _build._background_files()
+    pid_file.write_text(str(os.getppid()))  # a live process other than this one
+    assert _build._background_build_log() == log
+    expect, why = _build._why_compile(_build.cache_dir(), _build.cache_dir() / "musefast_C.so", False)
+    assert expect and why == f"waiting for the build another musefast process started; its log: {log}"
+    pid_file.write_text(str(os.getpid()))  # the background build reading its own pid file
+    assert _build._background_build_log() is None
+    assert _build._why_compile(_build.cache_dir(), _build.cache_dir() / "musefast_C.so", False)[1].startswith(
+        "first use, cached in ")
