@@ -240,3 +240,38 @@ def test_a_process_waiting_for_the_background_build_says_so(cold_cpu_state, monk
     assert _build._background_build_log() is None
     assert _build._why_compile(_build.cache_dir(), _build.cache_dir() / "musefast_C.so", False)[1].startswith(
         "first use, cached in ")
+
+
+_FAKE_BUILD_PLUGIN = '''
+import time
+from musefast import _build, _build_progress
+
+_build_progress.INTERVAL_S = 0.2
+
+
+def _slow_build():
+    time.sleep(0.9)
+    (_build.cache_dir() / (_build.EXTENSION_NAME + ".so")).write_bytes(b"")
+    return object()
+
+
+_build._jit_build = _slow_build
+'''
+
+
+def test_pytest_shows_the_build_lines_before_the_first_test(tmp_path):
+    """Inside a test pytest would capture them: the first build happens at session start, where
+    the lines reach the terminal. A fake build keeps this cheap."""
+    (tmp_path / "fake_build_plugin.py").write_text(_FAKE_BUILD_PLUGIN)
+    env = {**os.environ, "MUSEFAST_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(tmp_path)}
+    for name in ("MUSEFAST_NO_EXT", "MUSEFAST_BUILD_PROGRESS"):
+        env.pop(name, None)
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "fake_build_plugin", "-p", "no:cacheprovider",
+                           f"{here}/test_build_progress.py::test_quiet_mode_and_its_override"],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=os.path.dirname(here))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith("musefast: compiling the C++ CPU kernels (first use, cached in "), proc.stderr
+    assert lines[1].startswith("... still compiling the C++ CPU kernels: ")
+    assert lines[-1].startswith("musefast: compiled the C++ CPU kernels in ")
