@@ -4,7 +4,7 @@
   kernels and ``build_info()``. Needs only a C++ compiler.
 - ``musefast_C_cuda``, the CUDA part: CUDA kernels for the ops the CPU part defines (a plain
   shared library that registers them; no Python module). Compiled only when torch is a CUDA
-  build and nvcc is found, always after the CPU part has loaded.
+  build, nvcc is found and (just in time) a GPU is visible, always after the CPU part has loaded.
 
 They are separate so that a CUDA build that fails (an nvcc that does not match torch, a
 missing header, ...) never takes the CPU kernels with it: the CPU part still loads, one warning
@@ -16,8 +16,9 @@ link against a second torch from an isolated build environment. The CPU part is 
 the extension is first used; the CUDA part when a CUDA tensor first asks for it, or by
 ``doctor`` -- only where a GPU is visible: the default pip torch is a CUDA build, and on a
 machine without a GPU its kernels would cost minutes of nvcc for nothing. While a part
-compiles, stderr says what and for how long (:mod:`musefast._build_progress`). Optional ahead-of-time build of both parts: ``MUSEFAST_AOT=1 pip install -e .
---no-build-isolation`` (see setup.py). Failures never break musefast: :func:`extension`
+compiles, stderr says what and for how long (:mod:`musefast._build_progress`). Optional
+ahead-of-time build of both parts: ``MUSEFAST_AOT=1 pip install -e . --no-build-isolation``
+(see setup.py). Failures never break musefast: :func:`extension`
 returns ``None``, :func:`cuda_extension` ``False``, and :func:`extension_status` says why.
 """
 from __future__ import annotations
@@ -44,8 +45,8 @@ CUDA_EXTENSION_NAME = "musefast_C_cuda"
 
 # An ahead-of-time build on a machine with no visible GPU gives torch's builder no device to read
 # an architecture from (it fails with an IndexError), so the CUDA part is then compiled for these
-# unless TORCH_CUDA_ARCH_LIST says otherwise: A100-class and H100-class GPUs as machine code, plus PTX of the newest, which the
-# driver compiles for later GPUs. Kept to two: each architecture is a full device compile.
+# unless TORCH_CUDA_ARCH_LIST says otherwise: A100-class and H100-class GPUs as machine code, plus
+# PTX of the newest, which the driver compiles for later GPUs. Kept to two: each architecture is a full device compile.
 DEFAULT_CUDA_ARCHS = ("8.0", "9.0")
 
 _lock = threading.RLock()

@@ -118,7 +118,8 @@ def test_first_build_lines_in_order(cold_cpu_state, monkeypatch):
     assert _build.extension() == "module"
     lines = out.getvalue().splitlines()
     assert lines[0] == f"musefast: compiling the C++ CPU kernels (first use, cached in {_build.cache_dir()}) ..."
-    assert len(_progress_lines(out.getvalue())) >= 2 and lines[1].startswith("... still compiling the C++ CPU kernels: ")
+    assert len(_progress_lines(out.getvalue())) >= 2
+    assert lines[1].startswith("... still compiling the C++ CPU kernels: ")
     assert lines[-1].startswith("musefast: compiled the C++ CPU kernels in ")
 
 
@@ -275,3 +276,19 @@ def test_pytest_shows_the_build_lines_before_the_first_test(tmp_path):
     assert lines[0].startswith("musefast: compiling the C++ CPU kernels (first use, cached in "), proc.stderr
     assert lines[1].startswith("... still compiling the C++ CPU kernels: ")
     assert lines[-1].startswith("musefast: compiled the C++ CPU kernels in ")
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_generate_waiting_for_the_build_is_quiet_only_with_q(cold_cpu_state, monkeypatch, capsys, quiet):
+    from musefast.cli import main
+
+    def fake_build():  # the kernels this process may already have loaded stay registered
+        (_build.cache_dir() / f"{_build.EXTENSION_NAME}.so").write_bytes(b"")
+        return object()
+
+    monkeypatch.setattr(_build, "_jit_build", fake_build)
+    out = cold_cpu_state / "a.png"
+    args = ["generate", "a red circle", "-o", str(out), "--steps", "2", "--wait-for-build"] + (["-q"] if quiet else [])
+    assert main(args) == 0 and out.is_file()
+    err = capsys.readouterr().err
+    assert ("musefast: compiling the C++ CPU kernels (first use" in err) is not quiet, err
