@@ -96,11 +96,11 @@ def test_selfcheck_can_be_switched_off(verdicts, wrong_vq_backend, monkeypatch):
 
 
 # A check's cost is its CPU time on one thread, in units of a fixed small-op loop timed in the same
-# process. On more threads a loaded machine bills spin-waiting as CPU time: measured on a loaded
-# 2-core machine, the Triton vq check took 0.07 s on one thread and 0.37-0.68 s on two, and the
-# limit of 1 s failed. One thread's CPU time hardly moves with load (the anchor: 0.026-0.028 s at
-# load 1-12), and the ratio follows a slower CPU. 40 anchors = about 1.1 s there; the dearest check
-# (Triton interpreter, qk_norm_rope) took 0.45-0.53 s.
+# process. On more threads a busy machine bills spin-waiting as CPU time: on a 2-core machine at
+# load 10-12, the Triton vq check took 0.07-0.08 s on one thread and 0.63-0.68 s on two (a fixed
+# 1 s limit failed on such a machine). One thread's CPU time hardly moves with load (the anchor:
+# 0.026-0.028 s there, on one thread or two), and the ratio follows a slower CPU. 40 anchors = about
+# 1.1 s there; the dearest check (Triton interpreter, qk_norm_rope) took 0.44-0.53 s.
 _CHECK_COST_LIMIT_IN_ANCHORS = 40
 _ONE_THREAD_SELFTEST = """
 import dataclasses, json, pathlib, sys, time, torch
@@ -168,8 +168,8 @@ def test_doctor_selftest_cli_passes_on_cpu(tmp_path):
     env = {**__import__("os").environ, "MUSEFAST_SELFCHECK": "1"}
     # The wall time of a command says little on a shared machine by itself; the anchor is plain
     # `musefast doctor` just before (the same imports and extension load, and it builds a cold
-    # cache). Measured on a loaded 2-core machine: 18-21 s against 10-12 s, so 10x is a hung or
-    # autotuning check, not load (the former limit of 120 s failed there).
+    # cache). Measured on a 2-core machine at load 12: 18-21 s against 10-12 s, so 10x is a hung or
+    # autotuning check, not load (a fixed limit of 120 s failed on a loaded machine).
     start = time.perf_counter()
     anchor = subprocess.run([sys.executable, "-m", "musefast.cli", "doctor"], capture_output=True, text=True,
                             env=env, timeout=600)
