@@ -4,22 +4,26 @@
   kernels and ``build_info()``. Needs only a C++ compiler.
 - ``musefast_C_cuda``, the CUDA part: CUDA kernels for the ops the CPU part defines (a plain
   shared library that registers them; no Python module). Compiled only when torch is a CUDA
-  build and nvcc is found, always after the CPU part has loaded.
+  build, nvcc is found and (just in time) a GPU is visible, always after the CPU part has loaded.
 
-They are separate so that a CUDA build that fails (no visible GPU to pick an architecture
-for, an nvcc that does not match torch, a missing header, ...) never takes the CPU kernels
-with it: the CPU part still loads, one warning says what happened, and ``doctor`` says why.
+They are separate so that a CUDA build that fails (an nvcc that does not match torch, a
+missing header, ...) never takes the CPU kernels with it: the CPU part still loads, one warning
+says what happened, and ``doctor`` says why.
 
 Default: just-in-time on first use with ``torch.utils.cpp_extension.load`` + ninja into a
 cache folder (FlashInfer's approach), so ``pip install -e .`` compiles nothing and can never
 link against a second torch from an isolated build environment. The CPU part is built when
 the extension is first used; the CUDA part when a CUDA tensor first asks for it, or by
-``doctor``. Optional ahead-of-time build of both parts: ``MUSEFAST_AOT=1 pip install -e .
---no-build-isolation`` (see setup.py). Failures never break musefast: :func:`extension`
+``doctor`` -- only where a GPU is visible: the default pip torch is a CUDA build, and on a
+machine without a GPU its kernels would cost minutes of nvcc for nothing. While a part
+compiles, stderr says what and for how long (:mod:`musefast._build_progress`). Optional
+ahead-of-time build of both parts: ``MUSEFAST_AOT=1 pip install -e . --no-build-isolation``
+(see setup.py). Failures never break musefast: :func:`extension`
 returns ``None``, :func:`cuda_extension` ``False``, and :func:`extension_status` says why.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
@@ -34,18 +38,21 @@ import time
 import warnings
 from pathlib import Path
 
+from musefast import _build_progress
+
 EXTENSION_NAME = "musefast_C"
 CUDA_EXTENSION_NAME = "musefast_C_cuda"
 
-# With no visible GPU torch's builder has no device to read an architecture from (and fails
-# with an IndexError), so the CUDA part is compiled for these unless TORCH_CUDA_ARCH_LIST says
-# otherwise: A100-class and H100-class GPUs as machine code, plus PTX of the newest, which the
-# driver compiles for later GPUs. Kept to two: each architecture is a full device compile.
+# An ahead-of-time build on a machine with no visible GPU gives torch's builder no device to read
+# an architecture from (it fails with an IndexError), so the CUDA part is then compiled for these
+# unless TORCH_CUDA_ARCH_LIST says otherwise: A100-class and H100-class GPUs as machine code, plus
+# PTX of the newest, which the driver compiles for later GPUs. Kept to two: each architecture is a full device compile.
 DEFAULT_CUDA_ARCHS = ("8.0", "9.0")
 
 _lock = threading.RLock()
 _state: dict = {"tried": False, "module": None, "error": None, "how": None, "seconds": None}
-_cuda_state: dict = {"tried": False, "loaded": False, "error": None, "how": None, "seconds": None, "archs": None}
+_cuda_state: dict = {"tried": False, "loaded": False, "error": None, "how": None, "seconds": None, "archs": None,
+                     "skipped": False}
 
 
 def csrc_dir() -> Path:
@@ -80,14 +87,28 @@ def nvcc_path() -> str | None:
     return shutil.which("nvcc")
 
 
-def cuda_unavailable_reason() -> str | None:
-    """Why the CUDA part will not be compiled at all, or None if it will be tried."""
+NO_GPU = "no GPU visible"
+
+
+def gpu_visible() -> bool:
+    """A CUDA device this process can use (``CUDA_VISIBLE_DEVICES=""`` hides them all)."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.device_count() > 0
+
+
+def cuda_unavailable_reason(need_gpu: bool = True) -> str | None:
+    """Why the CUDA part will not be compiled at all, or None if it will be tried. Just in time
+    it is compiled only for a visible GPU (``need_gpu``); an ahead-of-time build, which the user
+    asks for explicitly, may target GPUs of another machine."""
     import torch
 
     if torch.version.cuda is None:
         return "torch is a CPU-only build"
+    if need_gpu and not gpu_visible():
+        return NO_GPU
     if _cpp_extension().CUDA_HOME is None or nvcc_path() is None:
-        return "nvcc not found (set CUDA_HOME)"
+        return "nvcc not found; set CUDA_HOME"
     if not cuda_archs()[0]:
         return f"no default architecture ({', '.join(DEFAULT_CUDA_ARCHS)}) is supported by both torch and nvcc; " \
                "set TORCH_CUDA_ARCH_LIST"
@@ -171,6 +192,12 @@ def _gencode_flags(arch_list: str) -> list[str]:
         if arch.endswith("+PTX"):
             flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
     return flags
+
+
+def arch_names(arch_list: str) -> str:
+    """"8.0;9.0+PTX" -> "sm_80, sm_90 + PTX" (names other than numbers are left as they are)."""
+    return ", ".join(re.sub(r"^(\d+)\.(\d)", r"sm_\1\2", a).replace("+PTX", " + PTX")
+                     for a in re.split(r"[;\s]+", arch_list.strip()))
 
 
 def cuda_arch_flags() -> list[str]:
@@ -278,6 +305,51 @@ def _usable_cuda_home() -> str | None:
     return root if root and Path(root, "include", "cuda_runtime_api.h").is_file() else None
 
 
+def _mtime_ns(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+def _inputs(with_cuda: bool) -> list[str]:
+    """The files a part's JIT build depends on (its sources and the headers they include)."""
+    headers = sorted(glob.glob(str(csrc_dir() / "*.h")))
+    if with_cuda:
+        headers += sorted(glob.glob(str(csrc_dir() / "cuda" / "*.h")))
+    return sources(with_cuda) + headers
+
+
+def _why_compile(folder: Path, library: Path, with_cuda: bool) -> tuple[bool, str]:
+    """(a compile is expected, the reason the start line gives) for a JIT build into ``folder``.
+    Not expected: the library is newer than its sources, and loading it takes a second -- unless
+    torch finds other work (changed flags), which the progress lines then report late."""
+    log = _background_build_log()
+    if log is not None and not with_cuda:
+        return True, f"waiting for the build another musefast process started; its log: {log}"
+    built = _mtime_ns(library)
+    if built is None:
+        return True, f"first use, cached in {folder}"
+    if any((_mtime_ns(Path(p)) or 0) > built for p in _inputs(with_cuda)):
+        return True, f"the sources changed, cached in {folder}"
+    return False, f"cached in {folder}"
+
+
+@contextlib.contextmanager
+def _reported_jit_build(what: str, folder: Path, name: str, with_cuda: bool):
+    """Run a JIT build inside, with its progress on stderr; the yielded dict's "how" then says
+    whether it compiled or loaded what the cache held."""
+    library = folder / f"{name}.so"
+    before = _mtime_ns(library)
+    expect, why = _why_compile(folder, library, with_cuda)
+    outcome: dict = {}
+    with _build_progress.reporting(what, why, expect_compile=expect, describe_error=_summary):
+        yield outcome
+    compiled = _mtime_ns(library) != before
+    outcome["how"] = (f"just-in-time (compiled now; cached in {folder})" if compiled
+                      else f"just-in-time (loaded from the cache in {folder})")
+
+
 def _jit_build():
     load = _cpp_extension().load
     cflags, _ = _flags(native=True)
@@ -333,8 +405,9 @@ def extension():
             _state["how"] = "ahead-of-time (musefast._C)"
         except ImportError:
             try:
-                module = _jit_build()
-                _state["how"] = f"just-in-time (cached in {cache_dir()})"
+                with _reported_jit_build("the C++ CPU kernels", cache_dir(), EXTENSION_NAME, False) as outcome:
+                    module = _jit_build()
+                _state["how"] = outcome["how"]
             except Exception as exc:  # a failed build must never break the pure backends
                 _state["error"] = _summary(exc)
                 return None
@@ -384,8 +457,8 @@ def cuda_extension() -> bool:
             return False
         aot = _aot_cuda_library()
         reason = None if aot else cuda_unavailable_reason()
-        if reason:
-            _cuda_state["error"] = reason
+        if reason:  # nothing to compile for, or with: not a failure
+            _cuda_state["error"], _cuda_state["skipped"] = reason, True
             return False
         import torch
 
@@ -407,18 +480,19 @@ def cuda_extension() -> bool:
             if earlier.get("fingerprint") == fingerprint:
                 _cuda_state["error"] = f"{earlier['error']} (an earlier build failed; full log: {record}; " \
                                        "delete it to retry)"
-                if torch.cuda.is_available():  # a GPU is losing its kernels: say so in every process
-                    _warn_cuda_build_failed()
+                _warn_cuda_build_failed()  # a GPU is losing its kernels: say so in every process
                 return False
             try:
-                _jit_build_cuda()
+                with _reported_jit_build(f"the CUDA kernels for {arch_names(_cuda_state['archs'])}",
+                                         cache_dir(with_cuda=True), CUDA_EXTENSION_NAME, True) as outcome:
+                    _jit_build_cuda()
             except Exception as exc:  # the CPU part stays loaded whatever happens here
                 _cuda_state["error"] = _summary(exc)
                 record.write_text(json.dumps({"fingerprint": fingerprint, "error": _cuda_state["error"],
                                               "log": str(exc)}, indent=1))
                 _warn_cuda_build_failed()
                 return False
-            _cuda_state["how"] = f"just-in-time (cached in {cache_dir(with_cuda=True)})"
+            _cuda_state["how"] = outcome["how"]
         _cuda_state["loaded"], _cuda_state["seconds"] = True, time.perf_counter() - start
         return True
 
@@ -444,9 +518,7 @@ def _aot_module_present() -> bool:
 
 def _cuda_needed_now() -> bool:
     """The CUDA part matters to a command only when there is a GPU to run it on."""
-    import torch
-
-    return torch.cuda.is_available() and cuda_unavailable_reason() is None
+    return cuda_unavailable_reason() is None
 
 
 def needs_first_build() -> bool:
@@ -463,21 +535,39 @@ def needs_first_build() -> bool:
     return not (folder / f"{CUDA_EXTENSION_NAME}.so").is_file() and not _failure_record(folder).is_file()
 
 
+def build_now() -> bool:
+    """Build (or load) every part this machine can use now: the CPU part, and the CUDA part
+    where a GPU is visible. True when the CPU part loaded."""
+    module = extension()
+    if _cuda_needed_now():
+        cuda_extension()
+    return module is not None
+
+
+def _background_files() -> tuple[Path, Path]:
+    folder = cache_dir()
+    return folder / "background-build.log", folder / "background-build.pid"
+
+
+def _background_build_log() -> Path | None:
+    """The log of a background build that another process is running now, if there is one."""
+    log, pid_file = _background_files()
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return log if pid != os.getpid() else None  # the background build itself is not waiting
+
+
 def build_in_background() -> Path:
     """Start the first JIT build in a detached process and make *this* process run without the
-    extension (the pure backends: ``sdpa``/``reference``), so a first command does not wait a
-    minute or two for the compiler. The next process finds the build in the cache. Returns the
-    build log's path. A build already running in the background is not started twice."""
-    folder = cache_dir()
-    log = folder / "background-build.log"
-    pid_file = folder / "background-build.pid"
-    running = False
-    try:
-        os.kill(int(pid_file.read_text().strip()), 0)
-        running = True
-    except (OSError, ValueError):
-        pass
-    if not running:
+    extension (the pure backends: ``sdpa``/``reference``), so a first command does not wait
+    minutes for the compiler. The next process finds the build in the cache. Returns the build
+    log's path, where the build's progress lines go. A build already running in the background
+    is not started twice."""
+    log, pid_file = _background_files()
+    if _background_build_log() is None:
         with open(log, "w") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-c", "from musefast import _build; import sys; m = _build.extension(); "
@@ -504,6 +594,7 @@ def extension_status() -> dict:
         status.update(module.build_info())
     status["cuda_kernels"] = cuda_loaded
     status.update({f"cuda_{k}": _cuda_state[k] for k in ("how", "error", "seconds", "archs")})
+    status["cuda_skipped"] = bool(_cuda_state.get("skipped"))
     return status
 
 
@@ -541,7 +632,7 @@ def aot_extension():
     include = [str(csrc_dir())]
     exts = [CppExtension("musefast._C", [os.path.relpath(s) for s in sources()], include_dirs=include,
                          extra_compile_args={"cxx": cflags})]
-    reason = cuda_unavailable_reason()
+    reason = cuda_unavailable_reason(need_gpu=False)
     if reason is None:
         fixed_home = _usable_cuda_home()
         if fixed_home:  # this process only builds: torch's builder may keep the corrected path

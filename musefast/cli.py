@@ -447,7 +447,7 @@ def _first_build_in_background(quiet: bool) -> None:
     if _build.needs_first_build():
         log = _build.build_in_background()
         if not quiet:
-            print(f"musefast: compiling the C++ kernels in the background (first use, about 1-2 min; log: {log}); "
+            print(f"musefast: compiling the C++ kernels in the background (first use; progress in {log}); "
                   "this run uses the PyTorch backends. --wait-for-build waits for them instead.", file=sys.stderr)
 
 
@@ -479,8 +479,11 @@ def _execute(args, parser) -> int:
     _check(args, parser)
     previous_threads = torch.get_num_threads()
     _set_threads(args)
+    from musefast import _build_progress
+
     try:
-        return _with_backend(args)
+        with _build_progress.quiet(args.quiet):  # -q: no build lines either (doctor still times the build)
+            return _with_backend(args)
     finally:
         torch.set_num_threads(previous_threads)  # in-process callers keep their setting
 

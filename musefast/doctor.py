@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import platform
-import re
 
 import torch
 
@@ -28,21 +27,19 @@ def _versions() -> list[str]:
     return lines
 
 
-def _arch_names(arch_list: str) -> str:
-    """"8.0;9.0+PTX" -> "sm_80, sm_90 + PTX" (names other than numbers are left as they are)."""
-    return ", ".join(re.sub(r"^(\d+)\.(\d)", r"sm_\1\2", a).replace("+PTX", " + PTX")
-                     for a in re.split(r"[;\s]+", arch_list.strip()))
-
-
 def _build_lines(status: dict) -> list[str]:
-    """One line per part of musefast._C: built how, or why not."""
+    """One line per part of musefast._C: built how and in how long, or why not."""
+    from musefast._build import arch_names
+
     if status["built"]:
         cpu = f"built {status['how']} in {status['seconds']:.1f}s; cpu isa {status['cpu_isa']}"
     else:
         cpu = f"NOT built: {status['error']}"
     if status["cuda_kernels"]:
-        archs = f" for {_arch_names(status['cuda_archs'])}" if status["cuda_archs"] else ""
+        archs = f" for {arch_names(status['cuda_archs'])}" if status["cuda_archs"] else ""
         cuda = f"built {status['cuda_how']}{archs} in {status['cuda_seconds']:.1f}s"
+    elif status["cuda_skipped"]:  # nothing was compiled, on purpose
+        cuda = f"not compiled ({status['cuda_error']})"
     else:
         cuda = f"not built: {status['cuda_error']}"
     return [f"musefast._C CPU kernels: {cpu}", f"musefast._C CUDA kernels: {cuda}"]

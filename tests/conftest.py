@@ -9,6 +9,7 @@ GPU tests (marked ``gpu``) are skipped without CUDA. Each one counts the compari
 through the ``comparisons`` fixture and fails when it made none: a GPU test must never be green
 because everything in it was skipped.
 """
+import contextlib
 import os
 
 import pytest
@@ -35,6 +36,19 @@ def comparisons(request) -> Comparisons:
     counter = Comparisons()
     request.node.stash[_COUNTER] = counter
     return counter
+
+
+def pytest_sessionstart(session):
+    """Compile musefast._C (if this machine has not yet) before the first test, where its progress
+    lines reach the terminal: inside a test pytest captures them, and the first test to use an op
+    would sit silent for minutes. Almost every run needs the kernels anyway."""
+    from musefast import _build
+
+    if not _build.needs_first_build():
+        return
+    capture = session.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+        _build.build_now()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -29,21 +29,24 @@ def test_doctor_reports_build_and_backends():
     assert "vq_nearest" in report and "cpu         ok" in report
 
 
-def test_cuda_part_builds_wherever_it_can():
-    """With a CUDA torch and nvcc (no GPU needed) the CUDA kernels must really compile, for
-    the default architectures when no GPU is visible; without, doctor says why."""
+def test_cuda_part_builds_where_a_gpu_is_visible(monkeypatch):
+    """With a CUDA torch, nvcc and a visible GPU the CUDA kernels must really compile; without a
+    GPU nothing is compiled (not even with nvcc at hand) and doctor says why."""
+    if _build.extension() is None:
+        pytest.skip(f"musefast._C is not built ({_build.extension_error()})")
+    # not what an earlier test that ran without the CPU part left behind
+    monkeypatch.setattr(_build, "_cuda_state", {"tried": False, "loaded": False, "error": None, "how": None,
+                                                "seconds": None, "archs": None, "skipped": False})
     status = _build.extension_status()
     reason = _build.cuda_unavailable_reason()
     if reason is not None:
-        assert not status["cuda_kernels"] and status["cuda_error"] == reason
+        assert not status["cuda_kernels"] and status["cuda_error"] == reason and status["cuda_skipped"]
+        assert f"musefast._C CUDA kernels: not compiled ({reason})" in musefast.doctor()
         return
     assert status["cuda_kernels"], status["cuda_error"]
     for op in ("vq_nearest", "cfg_sample_remask"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"musefast::{op}", "CUDA")
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"musefast::{op}", "CPU")
-    if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        assert status["cuda_archs"].endswith("+PTX") and "9.0" in status["cuda_archs"]
-        assert "sm_90 + PTX in " in musefast.doctor()
 
 
 def test_cli_doctor_runs():
@@ -141,32 +144,25 @@ def test_failed_cuda_build_keeps_the_cpu_kernels_warns_once_and_is_remembered(fr
     assert status["built"] and not status["cuda_kernels"]
     record = _build.cache_dir(with_cuda=True) / "build-failed.json"
     assert "ninja: build stopped" in json.loads(record.read_text())["log"]
-    # the next process does not pay for the same failing compile again, and says where the log is
-    monkeypatch.setattr(_build, "_cuda_state", {"tried": False, "loaded": False, "error": None, "how": None,
-                                                "seconds": None, "archs": None})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no GPU here to lose kernels on: no warning again
-        assert _build.cuda_extension() is False and len(calls) == 1
-    assert "an earlier build failed" in _build.cuda_extension_error() and str(record) in _build.cuda_extension_error()
-    # with a GPU that loses its kernels every process says so, once
-    archs = _build.cuda_archs()
-    monkeypatch.setattr(_build, "cuda_archs", lambda: archs)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    # the next process does not pay for the same failing compile again, says where the log is,
+    # and (its GPU is losing its kernels) warns once as well
     monkeypatch.setattr(_build, "_cuda_state", {"tried": False, "loaded": False, "error": None, "how": None,
                                                 "seconds": None, "archs": None})
     with pytest.warns(RuntimeWarning, match="CUDA kernels could not be built") as caught:
         assert _build.cuda_extension() is False and _build.cuda_extension() is False
     assert len(caught) == 1 and len(calls) == 1
+    assert "an earlier build failed" in _build.cuda_extension_error() and str(record) in _build.cuda_extension_error()
 
 
 def test_without_nvcc_only_the_cpu_part_and_no_warning(fresh_build_state, monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(_build, "gpu_visible", lambda: True)
     monkeypatch.setattr(_build, "nvcc_path", lambda: None)
     monkeypatch.setattr(_build, "_jit_build_cuda", lambda: pytest.fail("no nvcc: nothing to compile"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _build.cuda_extension() is False
-    assert _build.cuda_extension_error() == "nvcc not found (set CUDA_HOME)"
+    assert _build.cuda_extension_error() == "nvcc not found; set CUDA_HOME"
     assert _build.extension_status()["built"]
 
 
@@ -192,7 +188,7 @@ def test_default_cuda_architectures_without_a_visible_gpu(monkeypatch):
     monkeypatch.setattr(_build, "_nvcc_archs", lambda _: frozenset({"10.0", "12.0"}))
     assert _build.cuda_archs()[0] == ""
     monkeypatch.setattr(torch.version, "cuda", "13.0")
-    assert "TORCH_CUDA_ARCH_LIST" in _build.cuda_unavailable_reason()
+    assert "TORCH_CUDA_ARCH_LIST" in _build.cuda_unavailable_reason(need_gpu=False)  # ahead of time
     # the user's list wins, is left to torch's builder, and keys the cache
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.9")
     assert _build.cuda_archs() == ("8.9", "TORCH_CUDA_ARCH_LIST") and _build.cuda_arch_flags() == []

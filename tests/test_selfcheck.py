@@ -95,14 +95,48 @@ def test_selfcheck_can_be_switched_off(verdicts, wrong_vq_backend, monkeypatch):
     assert not verdicts.exists()
 
 
+# A check's cost is its CPU time on one thread, in units of a fixed small-op loop timed in the same
+# process. On more threads a busy machine bills spin-waiting as CPU time: on a 2-core machine at
+# load 10-12, the Triton vq check took 0.07-0.08 s on one thread and 0.63-0.68 s on two (a fixed
+# 1 s limit failed on such a machine). One thread's CPU time hardly moves with load (the anchor:
+# 0.026-0.028 s there, on one thread or two), and the ratio follows a slower CPU. 40 anchors = about
+# 1.1 s there; the dearest check (Triton interpreter, qk_norm_rope) took 0.44-0.53 s.
+_CHECK_COST_LIMIT_IN_ANCHORS = 40
+_ONE_THREAD_SELFTEST = """
+import dataclasses, json, pathlib, sys, time, torch
+from musefast.ops import selfcheck
+selfcheck.verdict_file = lambda: pathlib.Path(sys.argv[1])  # not the user's cache
+def anchor():
+    x = torch.arange(64, dtype=torch.float32)
+    start = time.process_time()
+    for _ in range(5000):
+        x = (x * 0.5 + 1.0).clamp_(max=100.0)
+    return time.process_time() - start
+results = [dataclasses.asdict(r) for r in selfcheck.selftest("cpu")]
+print(json.dumps({"anchor_s": min(anchor() for _ in range(3)), "results": results}))
+"""
+
+
+@pytest.fixture(scope="module")
+def one_thread_selftest(tmp_path_factory):
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MUSEFAST_SELFCHECK": "1"}
+    proc = subprocess.run([sys.executable, "-c", _ONE_THREAD_SELFTEST, str(tmp_path_factory.mktemp("v") / "s.json")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("op_name", ["vq_nearest", "cfg_sample_remask", "attention"])
-def test_real_cpu_backends_pass_and_each_check_costs_under_a_second(verdicts, op_name):
-    results = [r for r in selfcheck.selftest("cpu") if r.op == op_name]
+def test_real_cpu_backends_pass_and_each_check_costs_under_a_second(one_thread_selftest, op_name):
+    results = [selfcheck.Result(**r) for r in one_thread_selftest["results"] if r["op"] == op_name]
     assert results, f"no backend of {op_name} was checked or reported"
     checked = [r for r in results if r.status != "skip"]
+    limit = _CHECK_COST_LIMIT_IN_ANCHORS * one_thread_selftest["anchor_s"]
     for r in checked:
         assert r.status == "pass", f"{r.backend}: {r.detail}"
-        assert r.seconds < 1.0, f"{op_name}/{r.backend} self-check took {r.seconds:.2f}s"
+        assert r.seconds < limit, f"{op_name}/{r.backend} self-check took {r.seconds:.2f}s (limit {limit:.2f}s)"
     if op_name != "attention":  # attention has no compiled CPU backend; sdpa is checked all the same
         assert any(r.backend == "cpu" for r in checked), "the C++ backend was not checked"
 
@@ -132,10 +166,20 @@ def test_checks_catch_subtle_bugs(verdicts):
 
 def test_doctor_selftest_cli_passes_on_cpu(tmp_path):
     env = {**__import__("os").environ, "MUSEFAST_SELFCHECK": "1"}
+    # The wall time of a command says little on a shared machine by itself; the anchor is plain
+    # `musefast doctor` just before (the same imports and extension load, and it builds a cold
+    # cache). Measured on a 2-core machine at load 12: 18-21 s against 10-12 s, so 10x is a hung or
+    # autotuning check, not load (a fixed limit of 120 s failed on a loaded machine).
+    start = time.perf_counter()
+    anchor = subprocess.run([sys.executable, "-m", "musefast.cli", "doctor"], capture_output=True, text=True,
+                            env=env, timeout=600)
+    anchor_s = time.perf_counter() - start
+    assert anchor.returncode == 0, anchor.stderr
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "musefast.cli", "doctor", "--selftest"], capture_output=True,
                           text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "pass vq_nearest" in proc.stdout.replace("  ", " ") or "pass" in proc.stdout
     assert " 0 failed" in proc.stdout
-    assert time.perf_counter() - start < 120
+    assert time.perf_counter() - start < 10 * anchor_s, f"doctor --selftest took {time.perf_counter() - start:.0f}s, " \
+                                                        f"doctor {anchor_s:.0f}s"
