@@ -256,7 +256,9 @@ def run_step(step: Step, timeout: float, *, rehearse: bool, out_dir: Path, log, 
     timed_out = code is None
     code = proc.wait()
     output.join(5)
-    locks = remove_build_locks(cache_base(env), started_epoch)
+    # A finished build removes its lock (torch <= 2.13) or leaves an unheld one that means
+    # nothing (2.14+): only a killed step's locks need removing.
+    locks = remove_build_locks(cache_base(env), started_epoch) if timed_out or code < 0 else []
     wall, cpu = time.perf_counter() - start, _children_cpu_s() - cpu0
     entry = {"status": "fail", "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "timeout_s": round(timeout, 1),
              "figures": {}, "error": None}

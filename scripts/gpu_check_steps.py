@@ -15,6 +15,8 @@ import os
 import platform
 import subprocess
 import sys
+import threading
+import time
 import traceback
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -210,8 +212,6 @@ def _compile_seconds(folder: Path) -> dict:
 def build(rehearse: bool, out: Path) -> dict:
     """Both parts of musefast._C (the rehearsal: the CPU part only; there is no GPU to build
     the CUDA part for), a line before and after each, and each file's compile time."""
-    import time
-
     from musefast import _build, ops
 
     print(f"musefast._C CPU part: building {len(_build.sources())} sources unless cached ...", flush=True)
@@ -570,6 +570,18 @@ STEPS = {f.__name__: f for f in (wheels, install, env, build, decode_step, amuse
                                  bench_remask, bench_attention, bench_vq, pytest_gpu)}
 
 
+HEARTBEAT_S = 30
+
+
+def _heartbeat(step: str) -> None:
+    """A line every HEARTBEAT_S: a step that compiles (the extension, inductor, Triton) for a
+    minute still shows it is alive, and for how long."""
+    start = time.monotonic()
+    while True:
+        time.sleep(HEARTBEAT_S)
+        print(f"({step}: still running after {time.monotonic() - start:.0f} s)", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("step", choices=list(STEPS))
@@ -581,6 +593,7 @@ def main() -> int:
     global _PARTIAL, _WHEELHOUSE
     _PARTIAL, _WHEELHOUSE = args.result, args.wheelhouse
     result = {"status": "pass", "figures": {}, "error": None}
+    threading.Thread(target=_heartbeat, args=(args.step,), daemon=True).start()
     try:
         result["figures"] = STEPS[args.step](args.rehearse, args.out)
     except Skip as exc:
