@@ -6,7 +6,7 @@
   kernel accepts. Correctness runs (the GPU test suite) and every step of
   ``scripts/gpu_check.py`` (self-test and timings included: its figures are the pinned
   config's, and its report says so) then compile each kernel once per specialisation instead
-  of once per candidate config and spend no time timing candidates: a lent GPU's run fits its
+  of once per candidate config and spend no time timing candidates: a short GPU run fits its
   budget. Another config can round differently (attention folds keys in BLOCK_N tiles) but
   must meet the same tolerances.
 - Otherwise (benchmarks, users): ``triton.autotune`` over the kernel's candidates.

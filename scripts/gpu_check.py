@@ -1,15 +1,17 @@
-"""Everything a lent GPU machine must check, in one command, offline; or its CPU rehearsal.
+"""Everything a time-limited GPU machine must check, in one command, offline; or its CPU rehearsal.
 
     python scripts/gpu_check.py --out DIR                    # on the GPU machine (one command, < 8 min)
     python scripts/gpu_check.py --wheelhouse .wheelhouse --out DIR   # same, diffusers carried as wheels
     python scripts/gpu_check.py --rehearse --out DIR         # anywhere: the same steps on CPU, tiny
     python scripts/gpu_check.py --rehearse --cold --out DIR  # ... from empty extension/Triton caches
+    python scripts/gpu_check.py --plan                       # each step's cap, reserve, least timeout
 
-On the lent machine (the `run` call of the device tool): prepare the wheels here once with
-``bash scripts/make_wheelhouse.sh`` (writes .wheelhouse/, git-ignored), then
+On a remote GPU machine that is sent this checkout and runs one command, with git-ignored
+folders carried along: prepare the wheels here once with ``bash scripts/make_wheelhouse.sh``
+(writes .wheelhouse/, git-ignored), then
 
     run(command="python3 scripts/gpu_check.py --wheelhouse .wheelhouse --out $OUT",
-        carry=[".wheelhouse"], timeout_s=540)
+        carry=[".wheelhouse"], timeout_s=500)
 
 $OUT then brings back gpu_report.json, gpu_check.log and pytest_gpu.xml; the report belongs in
 benchmarks/results/. A rerun of what a first call missed: ``--only STEP,... --budget S``.
@@ -39,7 +41,7 @@ step's cap and reserve on the rehearsal are its GPU ones times its ``rehearsal_s
 steps whose host-side work is serial Python (one core here does what one core does there), 3
 for the build, whose 5 C++ translation units compile in one wave on the GPU machine's 16 cores
 and in ceil(5/2) = 3 waves on 2 cores. ``--cold`` gives the steps fresh extension, Triton and
-inductor caches (as on a bare lent machine). CPU seconds per step (user + system of the step's
+inductor caches (as on a bare GPU machine). CPU seconds per step (user + system of the step's
 processes) are reported beside wall seconds, with the load average, because a shared machine
 stretches wall time by its load and leaves CPU time almost as it is.
 """
@@ -81,8 +83,8 @@ class Step:
 
 STEPS = [
     Step("wheels", 60, 0, ""),  # skipped without --wheelhouse
-    Step("install", 60, 10, ""),
-    Step("env", 30, 5, "device name, memory, nvcc, the GPU image's package versions"),
+    Step("install", 60, 15, ""),
+    Step("env", 30, 15, "device name, memory, nvcc, the GPU image's package versions"),
     Step("build", 180, 60, "the CUDA part of musefast._C (nvcc for the visible GPU) and its load; "
                            "the rehearsal builds the CPU part only", rehearsal_scale=3.0),
     Step("decode_step", 150, 60, "aMUSEd-256 fp16 step at batch 8 on CUDA, CUDA-graph capture and replay, "
@@ -102,7 +104,7 @@ MIN_STEP_S = 5  # a step with less time than this left is reported as not run
 
 
 def _build_module():
-    """musefast/_build.py loaded by path: this process needs its lock helper before (and
+    """musefast/_build.py loaded by path: this process needs its lock function before (and
     whether or not) musefast is installed, and without importing torch."""
     spec = importlib.util.spec_from_file_location("musefast_build_for_gpu_check", ROOT / "musefast" / "_build.py")
     module = importlib.util.module_from_spec(spec)
@@ -180,7 +182,7 @@ def step_env(name: str, rehearse: bool, *, caches: Path | None = None, no_ext: b
     """The environment of one step's processes."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     # One config per Triton kernel for every step: autotuning compiles and times each candidate,
-    # which a lent machine's budget cannot pay for (kernels/_tuning.py).
+    # which a GPU machine's 8-minute budget cannot pay for (kernels/_tuning.py).
     env["MUSEFAST_TRITON_FIXED_CONFIG"] = "1"
     if rehearse:
         env["TRITON_INTERPRET"] = "1"
@@ -393,9 +395,23 @@ def summary(report: dict, out_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def plan_table(steps: list[Step], budget: float, rehearse: bool) -> str:
+    """Each step's cap and reserve, and the timeout it gets when every step before it runs to
+    its own timeout (the worst case: the least it can get)."""
+    lines = [f"{'step':16s} {'cap s':>6s} {'reserve s':>9s} {'worst-case timeout s':>20s}  (budget {budget:.0f} s)"]
+    left = budget
+    for i, step in enumerate(steps):
+        timeout = max(step_timeout(steps, i, left, rehearse), 0.0)
+        scale = step.rehearsal_scale if rehearse else 1.0
+        lines.append(f"{step.name:16s} {step.cap_s * scale:6.0f} {step.reserve_s * scale:9.0f} {timeout:20.0f}")
+        left -= timeout
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, type=Path, help="folder for gpu_report.json and gpu_check.log")
+    parser.add_argument("--out", type=Path, help="folder for gpu_report.json and gpu_check.log (required)")
+    parser.add_argument("--plan", action="store_true", help="print each step's timeouts and exit")
     parser.add_argument("--rehearse", action="store_true", help="run every step on CPU at tiny sizes")
     parser.add_argument("--cold", action="store_true",
                         help="fresh extension, Triton and inductor caches for the steps (a bare machine)")
@@ -413,6 +429,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown step(s) {unknown}; steps: {STEP_NAMES}")
     if args.budget is not None and args.budget <= 0:
         parser.error(f"--budget must be a positive number of seconds, got {args.budget}")
+    if args.plan:
+        print(plan_table(plan(only), args.budget or default_budget(args.rehearse), args.rehearse))
+        return 0
+    if args.out is None:
+        parser.error("--out DIR is required (the folder for gpu_report.json and gpu_check.log)")
     if args.wheelhouse is not None:
         args.wheelhouse = args.wheelhouse.resolve()
         if not args.wheelhouse.is_dir() or not any(args.wheelhouse.glob("*.whl")):

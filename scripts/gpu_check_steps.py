@@ -129,7 +129,7 @@ def wheels(rehearse: bool, out: Path) -> dict:
 
 
 def install(rehearse: bool, out: Path) -> dict:
-    """An editable install of this checkout (a lent machine starts bare): no dependencies, no
+    """An editable install of this checkout (a GPU machine starts bare): no dependencies, no
     build isolation, nothing compiled (the extension is built by the next step), no network."""
     before = _imported_here()
     if before == str(ROOT):
@@ -164,7 +164,7 @@ def env(rehearse: bool, out: Path) -> dict:
 
 
 def commit_id(root: Path) -> str:
-    """The checked-out commit, read from .git's files (a lent machine may have no git; a copied
+    """The checked-out commit, read from .git's files (a GPU machine may have no git; a copied
     tree may have no .git): "unknown" when it cannot be read. Handles a worktree's .git file
     and packed refs."""
     try:

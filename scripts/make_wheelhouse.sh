@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepare the wheels scripts/gpu_check.py installs offline on the lent GPU machine
+# Prepare the wheels scripts/gpu_check.py installs offline on the GPU machine
 # (`--wheelhouse .wheelhouse`, carried with the run): diffusers, for the steps that compare with
 # it, and what it needs that the GPU image (Python 3.12, no network) lacks.
 #

@@ -2,7 +2,7 @@
 offline wheels; on CPU.
 
 The full rehearsal (``python scripts/gpu_check.py --rehearse --out DIR``, every step) runs in
-CI on its own; here fast subsets and stand-in steps check what a lent GPU session relies on.
+CI on its own; here fast subsets and stand-in steps check what a run on a GPU machine relies on.
 """
 import json
 import os
@@ -52,6 +52,8 @@ def test_headline_figures_come_first_and_keep_their_share_of_the_budget():
             assert timeout >= 30, step.name
         left -= timeout
     assert left >= 0
+    table = gpu_check.plan_table(steps, gpu_check.BUDGET_S, rehearse=False).splitlines()
+    assert len(table) == len(steps) + 1 and table[-1].split()[0] == "pytest_gpu"
 
 
 def test_a_step_never_eats_the_reserve_of_later_ones():
