@@ -231,7 +231,8 @@ def run_step(step: Step, timeout: float, *, rehearse: bool, out_dir: Path, log, 
     result_file = out_dir / f".{step.name}.json"
     result_file.unlink(missing_ok=True)
     cmd = step_command(step.name, result_file, out_dir, rehearse, wheelhouse)
-    log.write(f"\n===== {step.name} (timeout {timeout:.0f} s) {datetime.datetime.now().isoformat(timespec='seconds')}\n")
+    now = datetime.datetime.now().isoformat(timespec="seconds")
+    log.write(f"\n===== {step.name} (timeout {timeout:.0f} s) {now}\n")
     log.flush()
     print(f"== {step.name} (timeout {timeout:.0f} s)", flush=True)
     started_epoch, start, cpu0 = time.time(), time.perf_counter(), _children_cpu_s()

@@ -125,7 +125,8 @@ def wheels(rehearse: bool, out: Path) -> dict:
     if proc.returncode:
         errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR")] or [proc.stderr.strip()]
         raise RuntimeError(f"pip install --no-index from {_WHEELHOUSE} failed: {errors[-1][:400]}")
-    return {"wheels": [Path(f).name for f in files], "diffusers": _version("diffusers")}
+    return {"wheelhouse_files": [Path(f).name for f in files], "diffusers": _version("diffusers"),
+            "requested": requirements.read_text().split() if requirements.is_file() else "every wheel"}
 
 
 def install(rehearse: bool, out: Path) -> dict:

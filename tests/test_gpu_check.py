@@ -204,7 +204,7 @@ def test_wheelhouse_installs_offline_first(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "out" / gpu_check.REPORT_NAME).read_text())
     assert code == 0, report["steps"]["wheels"]
     assert (site / "musefast_probe_wheel.py").is_file()
-    assert report["steps"]["wheels"]["figures"]["wheels"] == ["musefast_probe_wheel-0.1-py3-none-any.whl"]
+    assert report["steps"]["wheels"]["figures"]["wheelhouse_files"] == ["musefast_probe_wheel-0.1-py3-none-any.whl"]
 
 
 def test_wheelhouse_missing_a_dependency_fails_in_one_line(tmp_path, monkeypatch):

@@ -425,7 +425,8 @@ def selftest(device: str | torch.device | None = None, progress=None) -> list[Re
 
 
 def format_header(device) -> str:
-    return f"musefast self-test on {device_key(torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu')))}"
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return f"musefast self-test on {device_key(device)}"
 
 
 def format_result(r: Result) -> str:
