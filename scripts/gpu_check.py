@@ -22,8 +22,9 @@ after the install and the extension build they depend on; then the self-test, th
 benchmarks and last the long ``pytest -m gpu``. Each step (scripts/gpu_check_steps.py) runs in
 its own process group with its own timeout: at most its cap, and never so long that a later
 step loses the share of the budget reserved for it. A step past its timeout has its whole
-process group killed (compilers, pytest, doctor) and any extension build lock it left removed,
-so the next step cannot hang on it; a step that fails or times out costs that step only.
+process group killed (compilers, pytest, inductor workers) and any extension build lock it
+left removed, so the next step cannot hang on it; a failure or a timeout costs that step only.
+If the build fails, later steps run with MUSEFAST_NO_EXT=1 rather than start it again.
 
 Every step pins one Triton config per kernel (MUSEFAST_TRITON_FIXED_CONFIG=1: no autotuning,
 which would spend the budget compiling and timing candidates; the report says so). Each line a
