@@ -3,10 +3,12 @@
 - Under ``TRITON_INTERPRET=1`` (CPU tests): one config chosen for the interpreter, which would
   otherwise run every candidate.
 - With ``MUSEFAST_TRITON_FIXED_CONFIG=1``: one config per kernel, valid for every shape the
-  kernel accepts. Correctness runs (the GPU test suite, ``scripts/gpu_check.py``) then compile
-  each kernel once per specialisation instead of once per candidate config and spend no time
-  timing candidates: a lent GPU's test run fits its budget. Another config can round
-  differently (attention folds keys in BLOCK_N tiles) but must meet the same tolerances.
+  kernel accepts. Correctness runs (the GPU test suite) and every step of
+  ``scripts/gpu_check.py`` (self-test and timings included: its figures are the pinned
+  config's, and its report says so) then compile each kernel once per specialisation instead
+  of once per candidate config and spend no time timing candidates: a short GPU run fits its
+  budget. Another config can round differently (attention folds keys in BLOCK_N tiles) but
+  must meet the same tolerances.
 - Otherwise (benchmarks, users): ``triton.autotune`` over the kernel's candidates.
 
 Both variables are read once, when the kernel module is imported. (The remask kernel has no

@@ -15,6 +15,8 @@ import os
 import platform
 import subprocess
 import sys
+import threading
+import time
 import traceback
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -42,16 +44,26 @@ class StepFailed(Exception):
 
 _PARTIAL: Path | None = None  # the result file, written after each measurement
 _LAST: dict = {}  # the figures of the last checkpoint, reported when the step then fails
+_WHEELHOUSE: Path | None = None  # --wheelhouse: the carried wheels
 
 
-def checkpoint(figures: dict) -> None:
+def checkpoint(figures: dict, line: str | None = None) -> None:
     """Save the figures measured so far: a step killed at its timeout or failing later still
-    reports them."""
+    reports them. ``line`` (what was just measured) goes to the output at once: the log and
+    the console show a step's progress while it runs."""
     global _LAST
     _LAST = figures
+    if line is not None:
+        print(line, flush=True)
     if _PARTIAL is not None:
         _PARTIAL.write_text(json.dumps({"status": "fail", "figures": figures, "error": "did not finish"},
                                        default=str))
+
+
+def _brief(figures: dict) -> str:
+    """One line of what was just measured (numbers to 4 significant digits)."""
+    return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()
+                     if not isinstance(v, (dict, list)))
 
 
 def _time(fn, rehearse: bool, warmup: int = 3) -> float:
@@ -93,8 +105,32 @@ def _imported_here() -> str | None:
     return str(Path(musefast.__file__).resolve().parent.parent)
 
 
+def wheels(rehearse: bool, out: Path) -> dict:
+    """Install the carried wheels (scripts/make_wheelhouse.sh: diffusers and what it needs that
+    the GPU image lacks) offline, before anything else: the comparison steps then find them.
+    Dependencies are resolved against what is installed and the folder, never the network."""
+    if _WHEELHOUSE is None:
+        raise Skip("no --wheelhouse given")
+    files = sorted(str(p) for p in _WHEELHOUSE.glob("*.whl"))
+    if not files:
+        raise RuntimeError(f"no .whl files in {_WHEELHOUSE} (prepare it with: bash scripts/make_wheelhouse.sh)")
+    # requirements.txt names what to install; the other wheels are only used where the installed
+    # packages do not satisfy it (a wheel named on the command line would replace the image's own)
+    requirements = _WHEELHOUSE / "requirements.txt"
+    wanted = ["-r", str(requirements)] if requirements.is_file() else files
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(_WHEELHOUSE),
+                           "--no-cache-dir", "--no-compile", "--disable-pip-version-check", *wanted],
+                          capture_output=True, text=True)
+    print(proc.stdout[-3000:], proc.stderr[-3000:], flush=True)
+    if proc.returncode:
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("ERROR")] or [proc.stderr.strip()]
+        raise RuntimeError(f"pip install --no-index from {_WHEELHOUSE} failed: {errors[-1][:400]}")
+    return {"wheelhouse_files": [Path(f).name for f in files], "diffusers": _version("diffusers"),
+            "requested": requirements.read_text().split() if requirements.is_file() else "every wheel"}
+
+
 def install(rehearse: bool, out: Path) -> dict:
-    """An editable install of this checkout (a lent machine starts bare): no dependencies, no
+    """An editable install of this checkout (a GPU machine starts bare): no dependencies, no
     build isolation, nothing compiled (the extension is built by the next step), no network."""
     before = _imported_here()
     if before == str(ROOT):
@@ -110,14 +146,14 @@ def install(rehearse: bool, out: Path) -> dict:
 
 def env(rehearse: bool, out: Path) -> dict:
     nvcc = subprocess.run(["nvcc", "--version"], capture_output=True, text=True) if _which("nvcc") else None
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     figures = {
         "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "torch_cuda": torch.version.cuda, "triton": _version("triton"),
         "transformers": _version("transformers"), "diffusers": _version("diffusers"),
         "flash_attn": _version("flash-attn"),
         "nvcc": nvcc.stdout.strip().splitlines()[-1] if nvcc and nvcc.returncode == 0 else None,
-        "musefast_commit": commit or None, "cuda_available": CUDA,
+        "musefast_commit": commit_id(ROOT), "cuda_available": CUDA,
+        "triton_fixed_config": os.environ.get("MUSEFAST_TRITON_FIXED_CONFIG") == "1",
     }
     if CUDA:
         props = torch.cuda.get_device_properties(0)
@@ -128,19 +164,79 @@ def env(rehearse: bool, out: Path) -> dict:
     return figures
 
 
+def commit_id(root: Path) -> str:
+    """The checked-out commit, read from .git's files (a GPU machine may have no git; a copied
+    tree may have no .git): "unknown" when it cannot be read. Handles a worktree's .git file
+    and packed refs."""
+    try:
+        git = root / ".git"
+        if git.is_file():  # a worktree: "gitdir: <path>"
+            git = (root / git.read_text().split(":", 1)[1].strip()).resolve()
+        common = git
+        if (git / "commondir").is_file():
+            common = (git / (git / "commondir").read_text().strip()).resolve()
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head  # a detached HEAD holds the id itself
+        ref = head.split(":", 1)[1].strip()
+        for folder in (git, common):
+            if (folder / ref).is_file():
+                return (folder / ref).read_text().strip()
+        for line in (common / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except (OSError, IndexError):
+        pass
+    return "unknown"
+
+
 def _which(program: str) -> bool:
     import shutil
 
     return shutil.which(program) is not None
 
 
+def _compile_seconds(folder: Path) -> dict:
+    """Seconds per compiled file of the last ninja build in ``folder`` (its .ninja_log): how a
+    build would spread over more cores."""
+    times = {}
+    try:
+        for line in (folder / ".ninja_log").read_text().splitlines():
+            fields = line.split("\t")
+            if len(fields) >= 4 and not line.startswith("#"):
+                times[fields[3]] = round((int(fields[1]) - int(fields[0])) / 1e3, 1)
+    except (OSError, ValueError):
+        pass
+    return times
+
+
 def build(rehearse: bool, out: Path) -> dict:
+    """Both parts of musefast._C (the rehearsal: the CPU part only; there is no GPU to build
+    the CUDA part for), a line before and after each, and each file's compile time."""
     from musefast import _build, ops
 
-    status = _build.extension_status()
+    print(f"musefast._C CPU part: building {len(_build.sources())} sources unless cached ...", flush=True)
+    start = time.perf_counter()
+    module = _build.extension()
+    print(f"musefast._C CPU part: {'loaded' if module is not None else _build.extension_error()} after "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
+    compile_s = {"cpu": _compile_seconds(_build.cache_dir())}
+    if rehearse:
+        status = {"built": module is not None, "error": _build.extension_error(),
+                  "cuda_kernels": "not built in a rehearsal: no GPU to build them for"}
+        status.update(module.build_info() if module is not None else {})
+    else:
+        print(f"musefast._C CUDA part: building {len(_build.sources(with_cuda=True))} sources unless cached ...",
+              flush=True)
+        start = time.perf_counter()
+        status = _build.extension_status()  # builds the CUDA part now
+        print(f"musefast._C CUDA part: {'loaded' if status['cuda_kernels'] else status['cuda_error']} after "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
+        if CUDA:
+            compile_s["cuda"] = _compile_seconds(_build.cache_dir(with_cuda=True))
     figures = {"extension": {k: (v if isinstance(v, (bool, int, float, str, type(None))) else str(v))
                              for k, v in status.items()},
-               "backends": ops.backends(DEVICE)}
+               "compile_s": compile_s, "backends": ops.backends(DEVICE)}
     if not status.get("built"):
         raise StepFailed(f"musefast._C was not built: {status.get('error')}", figures)
     if CUDA:  # the CUDA kernels must be there on a GPU machine, whatever the build reports
@@ -152,23 +248,27 @@ def build(rehearse: bool, out: Path) -> dict:
 
 
 def selftest(rehearse: bool, out: Path) -> dict:
-    import contextlib
-    import io
+    """What ``musefast doctor --selftest`` runs (every usable backend of every op against the
+    reference, verdicts re-recorded), each line printed and saved as its check finishes: a
+    first run compiles every kernel, and a step cut short still says which checks passed."""
+    from musefast.ops import selfcheck
 
-    from musefast.cli import build_parser
+    lines = [selfcheck.format_header(DEVICE)]
+    print(lines[0], flush=True)
 
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            build_parser(["doctor"]).parse_args(["doctor", "--selftest"])
-    except SystemExit:
-        raise Skip("selftest: not available (this musefast has no `musefast doctor --selftest`)") from None
-    proc = subprocess.run([sys.executable, "-c", "from musefast.cli import main; raise SystemExit(main())",
-                           "doctor", "--selftest"], cwd=ROOT, capture_output=True, text=True)
-    print(proc.stdout, proc.stderr)
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    if proc.returncode:
-        raise RuntimeError(f"musefast doctor --selftest exited {proc.returncode}: " + " | ".join(lines[-5:]))
-    return {"lines": lines}
+    def progress(result):
+        lines.append(selfcheck.format_result(result))
+        checkpoint({"lines": lines}, lines[-1])
+
+    results = selfcheck.selftest(DEVICE, progress=progress)
+    failed = [f"{r.op}/{r.backend}: {r.detail}" for r in results if r.status == "FAIL"]
+    lines.append(selfcheck.format_results(results, DEVICE).splitlines()[-1])
+    print(lines[-1], flush=True)
+    figures = {"lines": lines, "passed": sum(r.status == "pass" for r in results), "failed": failed,
+               "skipped": sum(r.status == "skip" for r in results)}
+    if failed:
+        raise StepFailed(f"{len(failed)} backend(s) disagree with the reference: {'; '.join(failed)[:400]}", figures)
+    return figures
 
 
 def pytest_gpu(rehearse: bool, out: Path) -> dict:
@@ -227,7 +327,7 @@ def bench_vq(rehearse: bool, out: Path) -> dict:
             row[f"{b}_speedup_vs_cdist"] = row["cdist_argmin_ms"] / ms
             row[f"{b}_tflops"] = 2.0 * n * k * d / (ms * 1e-3) / 1e12
         figures["cases"].append(row)
-        checkpoint(figures)
+        checkpoint(figures, _brief(row))
     return figures
 
 
@@ -261,7 +361,7 @@ def bench_attention(rehearse: bool, out: Path) -> dict:
             row[f"{name}_speedup_vs_sdpa"] = row["torch_sdpa_ms"] / ms
             row[f"{name}_tflops_nominal"] = 4.0 * b * h * lq * lk * d / (ms * 1e-3) / 1e12
         figures["cases"].append(row)
-        checkpoint(figures)
+        checkpoint(figures, _brief(row))
     return figures
 
 
@@ -302,7 +402,7 @@ def bench_remask(rehearse: bool, out: Path) -> dict:
             if f"{name}_ms" in row and "diffusers_step_ms" in row:
                 row[f"{name}_speedup_vs_diffusers"] = row["diffusers_step_ms"] / row[f"{name}_ms"]
         figures["cases"].append(row)
-        checkpoint(figures)
+        checkpoint(figures, _brief(row))
     return figures
 
 
@@ -324,8 +424,8 @@ def decode_step(rehearse: bool, out: Path) -> dict:
                 figures["cuda_graph_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         else:
             figures["cuda_graph"] = "skipped: no CUDA device"
-        checkpoint(figures)
-        # The whole step under torch.compile(fullgraph=True) (DESIGN §4); a step that only
+        checkpoint(figures, _brief(figures))
+        # The whole step under torch.compile(fullgraph=True), as musefast promises; a step that only
         # compiles with graph breaks is reported as not compiling (its many small graphs would
         # cost more compile time than this step has). The rehearsal traces with the "eager"
         # backend: the capture is checked, not inductor's code generation.
@@ -336,11 +436,12 @@ def decode_step(rehearse: bool, out: Path) -> dict:
             figures["compiled_ms"] = 1e3 * _time(lambda: compiled(*inputs), rehearse)
         except Exception as exc:  # recorded: the report says why the step does not compile
             figures["compile_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        checkpoint(figures, _brief({k: v for k, v in figures.items() if k.startswith("compile")}))
     # (equality with eager is reported, not required: a captured cuBLAS may pick another
     # algorithm, and fp16 rounding can then move a near-tie token)
     if "cuda_graph_error" in figures:
         raise StepFailed("the decoding step cannot be captured as a CUDA graph", figures)
-    if "compile_error" in figures:  # DESIGN §4 promises fullgraph compilation of the step
+    if "compile_error" in figures:  # musefast promises fullgraph compilation of the step
         raise StepFailed("the decoding step does not compile with fullgraph=True", figures)
     return figures
 
@@ -379,7 +480,7 @@ def amused_e2e(rehearse: bool, out: Path) -> dict:
             figures["cases"].append({"size": size, "batch": batch, "dtype": str(dtype)[6:], "e2e_ms": ms,
                                      "ms_per_image": ms / batch, "image_shape": list(images.shape),
                                      "finite": bool(torch.isfinite(images.float()).all())})
-            checkpoint(figures)
+            checkpoint(figures, _brief(figures["cases"][-1]))
         pipe = None  # free the model before building the next one
         if CUDA:
             torch.cuda.empty_cache()
@@ -449,7 +550,7 @@ def meissonic_1024(rehearse: bool, out: Path) -> dict:
         figures["step_ms"] = 1e3 * _time(step, rehearse)
         figures["step_peak_mib"] = _peak_mib()
         figures["remask_ms"] = max(figures["step_ms"] - figures["forward_b2_ms"], 0.0)  # the sampling's share
-        checkpoint(figures)
+        checkpoint(figures, _brief(figures))
         model = context = None  # free the transformer before the VQ decoder runs
         if CUDA:
             torch.cuda.empty_cache()
@@ -466,8 +567,20 @@ def meissonic_1024(rehearse: bool, out: Path) -> dict:
     return figures
 
 
-STEPS = {f.__name__: f for f in (install, env, build, selftest, pytest_gpu, bench_vq, bench_attention, bench_remask,
-                                 decode_step, amused_e2e, meissonic_1024)}
+STEPS = {f.__name__: f for f in (wheels, install, env, build, decode_step, amused_e2e, meissonic_1024, selftest,
+                                 bench_remask, bench_attention, bench_vq, pytest_gpu)}
+
+
+HEARTBEAT_S = 30
+
+
+def _heartbeat(step: str) -> None:
+    """A line every HEARTBEAT_S: a step that compiles (the extension, inductor, Triton) for a
+    minute still shows it is alive, and for how long."""
+    start = time.monotonic()
+    while True:
+        time.sleep(HEARTBEAT_S)
+        print(f"({step}: still running after {time.monotonic() - start:.0f} s)", flush=True)
 
 
 def main() -> int:
@@ -476,10 +589,12 @@ def main() -> int:
     parser.add_argument("--result", required=True, type=Path)
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--rehearse", action="store_true")
+    parser.add_argument("--wheelhouse", type=Path, default=None)
     args = parser.parse_args()
-    global _PARTIAL
-    _PARTIAL = args.result
+    global _PARTIAL, _WHEELHOUSE
+    _PARTIAL, _WHEELHOUSE = args.result, args.wheelhouse
     result = {"status": "pass", "figures": {}, "error": None}
+    threading.Thread(target=_heartbeat, args=(args.step,), daemon=True).start()
     try:
         result["figures"] = STEPS[args.step](args.rehearse, args.out)
     except Skip as exc:

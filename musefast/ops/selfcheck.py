@@ -1,4 +1,4 @@
-"""Trust is earned, per device (DESIGN §4).
+"""Trust is earned, per device.
 
 Before a compiled backend (our C++, CUDA or Triton code: ``compiled=True`` in the registry) is
 first auto-selected on a device, it is run on small awkward inputs (odd sizes, padding, all-masked
@@ -392,11 +392,13 @@ class Result:
     seconds: float  # CPU time of the check
 
 
-def selftest(device: str | torch.device | None = None) -> list[Result]:
+def selftest(device: str | torch.device | None = None, progress=None) -> list[Result]:
     """Run every check of every backend usable on ``device`` now (verdicts re-recorded).
 
     The reference defines the result and is not checked against itself; backends that cannot run
-    on the device are reported as skipped with their reasons."""
+    on the device are reported as skipped with their reasons. ``progress(result)`` is called as
+    each result comes: a first run on a GPU compiles every kernel, and a caller can show each
+    line then instead of all of them at the end."""
     from musefast.ops.registry import _OPS
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -411,20 +413,29 @@ def selftest(device: str | torch.device | None = None) -> list[Result]:
             reasons = b.reasons(*args, **kwargs)
             if reasons:
                 results.append(Result(name, backend, "skip", "; ".join(reasons), 0.0))
-                continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                verdict = run_check(the_op, backend, device)
-            results.append(Result(name, backend, "pass" if verdict["ok"] else "FAIL", verdict["why"],
-                                  verdict["seconds"]))
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    verdict = run_check(the_op, backend, device)
+                results.append(Result(name, backend, "pass" if verdict["ok"] else "FAIL", verdict["why"],
+                                      verdict["seconds"]))
+            if progress is not None:
+                progress(results[-1])
     return results
 
 
+def format_header(device) -> str:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return f"musefast self-test on {device_key(device)}"
+
+
+def format_result(r: Result) -> str:
+    detail = f" ({r.detail})" if r.detail else ""
+    return f"  {r.status:<4} {r.op:<18} {r.backend:<11} {r.seconds:6.2f}s{detail}"
+
+
 def format_results(results: list[Result], device) -> str:
-    lines = [f"musefast self-test on {device_key(torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu')))}"]
-    for r in results:
-        detail = f" ({r.detail})" if r.detail else ""
-        lines.append(f"  {r.status:<4} {r.op:<18} {r.backend:<11} {r.seconds:6.2f}s{detail}")
+    lines = [format_header(device)] + [format_result(r) for r in results]
     failed = sum(r.status == "FAIL" for r in results)
     lines.append(f"{sum(r.status == 'pass' for r in results)} passed, {failed} failed, "
                  f"{sum(r.status == 'skip' for r in results)} skipped")
