@@ -1,5 +1,5 @@
 // One MaskGIT decoding step on the CPU: classifier-free guidance + sampling + confidence +
-// re-masking (definition: musefast/reference/remask.py, DESIGN §5).
+// re-masking (definition: musefast/reference/remask.py).
 //
 // Per masked row (b, n), in parallel over rows, the logits are read once:
 //   pass 1: guided logits l = lu + g (lc - lu) (NaN -> -inf, +inf -> FLT_MAX) into a per-thread

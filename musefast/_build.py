@@ -135,7 +135,7 @@ def _flags(native: bool) -> tuple[list[str], list[str]]:
     cflags = ["-O3", "-ffp-contract=fast", "-fopenmp"]
     if native:  # JIT builds run where they are compiled, so the host's vector units are fair game
         cflags.append("-march=native")
-    # nvcc compiles only csrc/cuda/*.cu, which include no torch header (DESIGN §4): they are
+    # nvcc compiles only csrc/cuda/*.cu, which include no torch header: they are
     # written in C++17, the standard scripts/nvcc_compile_check.sh checks them with in CI, so
     # they compile the same whatever standard a torch version prefers.
     cuda_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]

@@ -261,7 +261,7 @@ _build._jit_build = _slow_build
 
 
 def test_pytest_shows_the_build_lines_before_the_first_test(tmp_path):
-    """Inside a test pytest would capture them: the first build happens at session start, where
+    """Inside a test pytest would capture them: the first build happens when the test run starts, where
     the lines reach the terminal. A fake build keeps this cheap."""
     (tmp_path / "fake_build_plugin.py").write_text(_FAKE_BUILD_PLUGIN)
     env = {**os.environ, "MUSEFAST_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(tmp_path)}

@@ -1,4 +1,4 @@
-"""Per-device self-check of compiled backends (DESIGN §4, issue 13 item 3)."""
+"""Per-device self-check of compiled backends: a backend earns trust on a device by matching the reference."""
 import json
 import subprocess
 import sys
