@@ -7,11 +7,17 @@ compile it ahead of time instead.
 """
 import os
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
-# kernels/ and csrc/ live at the repository root (DESIGN §2) but install *inside* the
-# musefast package: `kernels` is another PyPI project's top-level name.
-packages = find_packages(include=["musefast", "musefast.*"]) + ["musefast.kernels", "musefast.csrc"]
+# kernels/ and csrc/ live at the repository root but install *inside* the musefast package:
+# `kernels` is Hugging Face's top-level name (transformers imports it). kernels/ has no
+# __init__.py so that Python started in the repository root never takes it for that package;
+# musefast/_kernels_path.py maps it for editable installs, which setuptools cannot.
+# Namespace discovery: a folder without __init__.py (kernels/, musefast/reference/) is a
+# package too and must not be left out of a wheel.
+packages = find_namespace_packages(
+    include=["musefast", "musefast.*"], exclude=["musefast.assets", "musefast.assets.*", "*.__pycache__"]
+) + ["musefast.kernels", "musefast.csrc"]
 package_dir = {"musefast.kernels": "kernels", "musefast.csrc": "csrc"}
 package_data = {
     "musefast.csrc": ["*.cpp", "*.h", "cuda/*.cu", "cuda/*.cpp", "cuda/*.h"],

@@ -117,7 +117,9 @@ def _update_best(v, l, offs_k, start, best, best_idx, best_l):
     return best, best_idx, best_l
 
 
-@triton.jit
+# The seed words are never specialised: an int argument equal to 1 would otherwise arrive as a
+# constexpr (no .to()), and one divisible by 16 would compile another variant of the kernel.
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _remask_rows_kernel(
     lc_ptr, lu_ptr, tokens_ptr, masked_ptr, out_tokens_ptr, conf_ptr,
     R, N, K, stride_cb, stride_cn, stride_ub, stride_un,
@@ -135,8 +137,8 @@ def _remask_rows_kernel(
     row_off_u = b.to(tl.int64) * stride_ub + n.to(tl.int64) * stride_un
     offs_k = tl.arange(0, BLOCK_K)
     groups = tl.arange(0, BLOCK_K // 4)
-    k0 = tl.to_tensor(seed_lo).to(tl.uint32)  # to_tensor: an int arg of 1 arrives as a constexpr
-    k1 = tl.to_tensor(seed_hi).to(tl.uint32)
+    k0 = seed_lo.to(tl.uint32)  # int32 or uint32 by value: the same 32 bits either way
+    k1 = seed_hi.to(tl.uint32)
 
     threshold = tl.full([BLOCK_R], float("-inf"), tl.float32)
     if TOP_K:

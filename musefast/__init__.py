@@ -1,4 +1,8 @@
 """musefast: fast, faithful inference for Muse-style masked generative image transformers."""
+from musefast import _kernels_path
+
+_kernels_path.install()  # before anything imports musefast.kernels
+
 from musefast import ops
 from musefast.doctor import doctor
 from musefast.compat.amused_accelerate import accelerate

@@ -17,6 +17,7 @@ PY="$VENV/bin/python"
 "$PY" -m pip install -q einops beartype vector-quantize-pytorch memory-efficient-attention-pytorch \
     ema-pytorch accelerate "transformers<5" tqdm pillow sentencepiece pytest
 "$PY" -m pip install -q --no-build-isolation -e .
+"$PY" scripts/print_versions.py "lucidrains environment (pinned)"
 
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 export MUSEFAST_CACHE="${MUSEFAST_CACHE:-$VENV/musefast-cache}"

@@ -1,1 +1,0 @@
-"""Triton kernels of musefast, one file per op family; imported as musefast.kernels."""
