@@ -38,6 +38,7 @@ from musefast.pipelines.amused import (
     _present,
     _resolve,
 )
+from musefast.pipelines.peer_components import PeerModules
 from musefast.sampling import GuidedForward, check_guidance_scale, uses_guidance
 from musefast.sampling.cache import batch_slice
 
@@ -77,6 +78,10 @@ class MeissonicPipeline(AmusedPipeline):
         self.sampler = _check_sampler(sampler)
         self._compat_source: dict | None = None  # set by from_pretrained when dtype="auto" changed the dtype
         self._compat_twin: MeissonicPipeline | None = None
+        self._peer_modules = PeerModules([])
+        self._return_dict_default = None
+
+    encode_prompt = AmusedPipeline.encode_text  # musefast's earlier name, kept for Meissonic callers
 
     @classmethod
     def from_pretrained(cls, folder_or_hub_id: str | os.PathLike, *, variant: str | None = None,
@@ -216,7 +221,8 @@ class MeissonicPipeline(AmusedPipeline):
             raise ValueError(f"num_inference_steps must be an int >= 1, got {steps!r}")
         guidance_scale = default_guidance if guidance_scale is None else float(guidance_scale)
         use_cfg = uses_guidance(check_guidance_scale(guidance_scale))  # diffusers: <= 1 is no guidance
-        pooled, hidden, B = self.encode_prompt(
+        progress = self._progress(progress)  # set_progress_bar_config(disable=True) silences it, as every pipeline
+        pooled, hidden, B = self.encode_text(
             prompt, negative_prompt, prompt_embeds=prompt_embeds, encoder_hidden_states=encoder_hidden_states,
             negative_prompt_embeds=negative_prompt_embeds,
             negative_encoder_hidden_states=negative_encoder_hidden_states,
@@ -225,6 +231,8 @@ class MeissonicPipeline(AmusedPipeline):
             B=B, steps=steps, sampler=sampler, temperature=temperature, image=image, mask_image=mask_image,
             latents=latents, height=height, width=width, strength=strength,
             num_images_per_prompt=num_images_per_prompt, seed=seed, generator=generator)
+        self._guidance_scale, self._num_timesteps = guidance_scale, steps - start
+        hook = self._step_hook(callback, callback_steps, None, None, start)
 
         micro = torch.tensor([width, height, *micro_conditioning_crop_coord, micro_conditioning_aesthetic_score],
                              device=self.device, dtype=hidden.dtype)
@@ -249,14 +257,13 @@ class MeissonicPipeline(AmusedPipeline):
                 uncond, cond = out.chunk(2)
                 return uncond + guidance_scale * (cond - uncond)
 
-            tokens = self._run_compat(compat, logits_of, tokens, start, ratio, generator, callback, callback_steps,
-                                      progress)
+            tokens = self._run_compat(compat, logits_of, tokens, start, ratio, generator, hook, progress)
         else:  # negatives come first in a CFG batch, as in the peer
             forward = (GuidedForward(model, batch_slice(context, slice(B, 2 * B)), context, uncond_first=True)
                        if use_cfg else GuidedForward(model, context))
             tokens = self._run_fused(forward, tokens, steps, start, ratio, use_cfg, guidance_scale,
-                                     guidance_schedule, temperature, mask_image is not None, seed, backend, callback,
-                                     callback_steps, progress, guidance_interval, cache)
+                                     guidance_schedule, temperature, mask_image is not None, seed, backend, hook,
+                                     progress, guidance_interval, cache)
         return self._output(tokens, output_type, return_dict)
 
 

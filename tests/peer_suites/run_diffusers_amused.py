@@ -37,6 +37,7 @@ FILES = ["tests/pipelines/amused/test_amused.py", "tests/pipelines/amused/test_a
 PIPELINES = ("AmusedPipeline", "AmusedImg2ImgPipeline", "AmusedInpaintPipeline")
 HUB_TOKENIZER = 'CLIPTokenizer.from_pretrained("hf-internal-testing/tiny-random-clip")'
 DEPRECATION_SKIP = "issubclass(self.pipeline_class, DeprecatedPipelineMixin)"
+KEEP_WEIGHTS = "MUSEFAST_CPU_ENGINE_KEEP_WEIGHTS"
 ALLOWED_FAILURES = re.compile(r"dduf", re.IGNORECASE)
 
 
@@ -108,6 +109,12 @@ def main(argv=None) -> int:
         if args.k:
             cmd += ["-k", args.k]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
+        if args.target == "musefast":
+            # test_loading_with_variants compares every parameter of two pipelines; musefast's CPU
+            # engine releases a linear's plain weight once it is packed (reading it then raises,
+            # naming this setting), so the suite runs with the documented switch that keeps them
+            print(f"musefast setting for this run: {KEEP_WEIGHTS}=1 (the suite reads packed linears' plain weights)")
+            env[KEEP_WEIGHTS] = "1"
         with open(report, "w") as log:
             subprocess.run(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
         text = report.read_text()
