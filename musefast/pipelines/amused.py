@@ -52,12 +52,9 @@ from musefast.pipelines.diffusers_api import LOAD_LOGGER, AmusedPipelineOutput, 
 from musefast.pipelines.options import diffusers_dtype, to_arguments
 from musefast.pipelines.peer_components import (
     AmusedSchedulerConfig,
-    PeerModules,
-    convert_text_encoder,
+    convert_components,
     convert_transformer,
-    convert_vqvae,
     is_peer_module,
-    scheduler_settings,
 )
 from musefast.sampling import GuidedForward, MaskGitSampler, check_guidance_scale, mask_ratio, uses_guidance
 from musefast.sampling.cache import batch_slice
@@ -102,22 +99,11 @@ class AmusedPipeline(DiffusersPipelineAPI):
     def __init__(self, vqvae: VQGAN | None = None, text_encoder: CLIPTextEncoder | None = None,
                  transformer: UVit2D | None = None, scheduler=None, *, tokenizer=None,
                  mask_token_id: int | None = None, masking_schedule: str | None = None, sampler: str = "fused"):
-        if vqvae is None or transformer is None:
-            raise ValueError("an aMUSEd pipeline needs vqvae= and transformer=")
-        peers = [m for m, cls in ((vqvae, "VQModel"), (transformer, "UVit2DModel")) if is_peer_module(m, cls)]
-        from_peer = bool(peers) or tokenizer is not None or scheduler is not None
-        self._peer_modules = PeerModules([vqvae, transformer, text_encoder] if from_peer else [])
-        self._return_dict_default = True if from_peer else None
-        if is_peer_module(vqvae, "VQModel"):
-            vqvae = convert_vqvae(vqvae)
-        if is_peer_module(transformer, "UVit2DModel"):
-            transformer = convert_transformer(transformer)
-        text_encoder = convert_text_encoder(text_encoder, tokenizer)
-        settings = scheduler_settings(scheduler)
-        if settings is not None:
-            mask_token_id = settings.mask_token_id if mask_token_id is None else mask_token_id
-            masking_schedule = masking_schedule or settings.masking_schedule
-        masking_schedule = masking_schedule or "cosine"
+        c = convert_components(vqvae, text_encoder, transformer, tokenizer, scheduler, transformer_class="UVit2DModel",
+                               is_peer_transformer=lambda m: is_peer_module(m, "UVit2DModel"),
+                               convert_peer_transformer=convert_transformer)
+        vqvae, text_encoder, transformer = c.vqvae, c.text_encoder, c.transformer
+        mask_token_id, masking_schedule = self._take_peer_settings(c, mask_token_id, masking_schedule)
         cfg = transformer.config
         # diffusers accepts a VQ codebook larger than the transformer's (its img2img test model):
         # the transformer must embed every id the VQ encodes, and the VQ decode every id it predicts
@@ -143,6 +129,17 @@ class AmusedPipeline(DiffusersPipelineAPI):
         self.sampler = _check_sampler(sampler)
         self._compat_source: dict | None = None  # set by from_pretrained when dtype="auto" changed the dtype
         self._compat_twin: AmusedPipeline | None = None
+
+    def _take_peer_settings(self, converted, mask_token_id, masking_schedule):
+        """Keep what a pipeline built from the peer's objects needs; -> (mask id, masking schedule)
+        with the scheduler's settings where the caller gave none."""
+        self._peer_modules = converted.peer_modules
+        self._return_dict_default = True if converted.from_peer else None
+        settings = converted.scheduler
+        if settings is not None:
+            mask_token_id = settings.mask_token_id if mask_token_id is None else mask_token_id
+            masking_schedule = masking_schedule or settings.masking_schedule
+        return mask_token_id, masking_schedule or "cosine"
 
     @property
     def scheduler(self) -> AmusedSchedulerConfig:

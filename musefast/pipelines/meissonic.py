@@ -38,7 +38,11 @@ from musefast.pipelines.amused import (
     _present,
     _resolve,
 )
-from musefast.pipelines.peer_components import PeerModules
+from musefast.pipelines.peer_components import (
+    convert_components,
+    convert_meissonic_transformer,
+    is_peer_meissonic_transformer,
+)
 from musefast.sampling import GuidedForward, check_guidance_scale, uses_guidance
 from musefast.sampling.cache import batch_slice
 
@@ -49,6 +53,11 @@ DEFAULTS = {"text2image": (48, 9.0), "image": (12, 10.0)}  # (steps, guidance) o
 class MeissonicPipeline(AmusedPipeline):
     """Meissonic / Monetico text-to-image, image-to-image and inpainting.
 
+    Built from musefast's components, or by keyword from the peer's own objects, as its
+    ``Pipeline(vqvae=VQModel, tokenizer=CLIPTokenizer, text_encoder=CLIPTextModelWithProjection,
+    transformer=Transformer2DModel, scheduler=Scheduler)``: converted once, here (see
+    :class:`AmusedPipeline`; prompts are then padded to the peer's 77 tokens).
+
     Args:
         vqvae: the VQ tokenizer (float32); text_encoder: a :class:`CLIPTextEncoder` (or None if
             you always pass embeddings); transformer: the :class:`MeissonicTransformer`;
@@ -56,8 +65,15 @@ class MeissonicPipeline(AmusedPipeline):
         masking_schedule, sampler: as :class:`AmusedPipeline`.
     """
 
-    def __init__(self, vqvae: VQGAN, text_encoder: CLIPTextEncoder | None, transformer: MeissonicTransformer, *,
-                 mask_token_id: int | None = None, masking_schedule: str = "cosine", sampler: str = "fused"):
+    def __init__(self, vqvae: VQGAN | None = None, text_encoder: CLIPTextEncoder | None = None,
+                 transformer: MeissonicTransformer | None = None, scheduler=None, *, tokenizer=None,
+                 mask_token_id: int | None = None, masking_schedule: str | None = None, sampler: str = "fused"):
+        c = convert_components(vqvae, text_encoder, transformer, tokenizer, scheduler,
+                               transformer_class="Transformer2DModel (Meissonic)",
+                               is_peer_transformer=is_peer_meissonic_transformer,
+                               convert_peer_transformer=convert_meissonic_transformer, text_max_length=TEXT_LENGTH)
+        vqvae, text_encoder, transformer = c.vqvae, c.text_encoder, c.transformer
+        mask_token_id, masking_schedule = self._take_peer_settings(c, mask_token_id, masking_schedule)
         cfg = transformer.config
         if vqvae.config.codebook_size != cfg.codebook_size:
             raise ValueError(f"vqvae codebook ({vqvae.config.codebook_size}) != transformer codebook_size "
@@ -78,10 +94,12 @@ class MeissonicPipeline(AmusedPipeline):
         self.sampler = _check_sampler(sampler)
         self._compat_source: dict | None = None  # set by from_pretrained when dtype="auto" changed the dtype
         self._compat_twin: MeissonicPipeline | None = None
-        self._peer_modules = PeerModules([])
-        self._return_dict_default = None
 
     encode_prompt = AmusedPipeline.encode_text  # musefast's earlier name, kept for Meissonic callers
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        raise NotImplementedError("MeissonicPipeline.save_pretrained is not implemented: the peer's folder layout "
+                                  "names its own source classes (src.transformer); keep the folder you loaded from")
 
     @classmethod
     def from_pretrained(cls, folder_or_hub_id: str | os.PathLike, *, variant: str | None = None,

@@ -11,6 +11,7 @@ imported: the objects are recognised by their class names and configs.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -76,7 +77,7 @@ def convert_vqvae(vqvae) -> VQGAN:
                           device=next(vqvae.parameters()).device, dtype=torch.float32)
 
 
-def convert_text_encoder(text_encoder, tokenizer) -> CLIPTextEncoder | None:
+def convert_text_encoder(text_encoder, tokenizer, max_length: int | None = None) -> CLIPTextEncoder | None:
     """A transformers CLIP text model + tokenizer -> :class:`CLIPTextEncoder` (the same model
     object, not a copy); None when either is None (a pipeline fed embeddings)."""
     if isinstance(text_encoder, TextEncoder):
@@ -89,17 +90,52 @@ def convert_text_encoder(text_encoder, tokenizer) -> CLIPTextEncoder | None:
     if type(text_encoder).__name__ != "CLIPTextModelWithProjection":
         raise TypeError(f"text_encoder must be a transformers CLIPTextModelWithProjection or a musefast "
                         f"CLIPTextEncoder, got {type(text_encoder).__name__}")
-    return CLIPTextEncoder(text_encoder.eval(), tokenizer)
+    return CLIPTextEncoder(text_encoder.eval(), tokenizer, max_length=max_length)
 
 
 def scheduler_settings(scheduler) -> AmusedSchedulerConfig | None:
-    """diffusers ``AmusedScheduler`` (or musefast's :class:`AmusedSchedulerConfig`) -> settings."""
+    """diffusers' ``AmusedScheduler``, Meissonic's ``Scheduler`` (the same config), or musefast's
+    :class:`AmusedSchedulerConfig` -> settings."""
     if scheduler is None or isinstance(scheduler, AmusedSchedulerConfig):
         return scheduler
-    if type(scheduler).__name__ != SCHEDULER_CLASS:
-        raise TypeError(f"scheduler must be diffusers' AmusedScheduler, got {type(scheduler).__name__}")
-    return AmusedSchedulerConfig(int(scheduler.config.mask_token_id),
-                                 scheduler.config.get("masking_schedule", "cosine"))
+    config = getattr(scheduler, "config", None)
+    if config is None or "mask_token_id" not in config:
+        raise TypeError(f"scheduler must be diffusers' AmusedScheduler (or Meissonic's Scheduler), "
+                        f"got {type(scheduler).__name__}")
+    return AmusedSchedulerConfig(int(config["mask_token_id"]), config.get("masking_schedule", "cosine"))
+
+
+@dataclass
+class Converted:
+    """Components after :func:`convert_components`: musefast's modules and what the pipeline keeps."""
+
+    vqvae: VQGAN
+    text_encoder: CLIPTextEncoder | None
+    transformer: torch.nn.Module
+    scheduler: AmusedSchedulerConfig | None
+    peer_modules: "PeerModules"
+    from_peer: bool
+
+
+def convert_components(vqvae, text_encoder, transformer, tokenizer, scheduler, *, transformer_class: str,
+                       is_peer_transformer, convert_peer_transformer, text_max_length: int | None = None) -> Converted:
+    """Every component of an aMUSEd-family pipeline as musefast's, converting the peer's once.
+    ``transformer_class`` names the peer's transformer in errors; ``is_peer_transformer(obj)``
+    recognises it and ``convert_peer_transformer(obj)`` converts it."""
+    if vqvae is None or transformer is None:
+        raise ValueError("this pipeline needs vqvae= and transformer=")
+    from_peer = (is_peer_module(vqvae, "VQModel") or is_peer_transformer(transformer) or tokenizer is not None
+                 or scheduler is not None)
+    peers = PeerModules([vqvae, transformer, text_encoder] if from_peer else [])
+    if is_peer_module(vqvae, "VQModel"):
+        vqvae = convert_vqvae(vqvae)
+    if is_peer_transformer(transformer):
+        transformer = convert_peer_transformer(transformer)
+    elif not hasattr(transformer, "prepare_context"):
+        raise TypeError(f"transformer must be musefast's model or the peer's {transformer_class}, "
+                        f"got {type(transformer).__name__}")
+    text_encoder = convert_text_encoder(text_encoder, tokenizer, text_max_length)
+    return Converted(vqvae, text_encoder, transformer, scheduler_settings(scheduler), peers, from_peer)
 
 
 class PeerModules:
@@ -115,3 +151,25 @@ class PeerModules:
             module = ref()
             if module is not None:
                 module.to(device=device, dtype=dtype)
+
+
+def is_peer_meissonic_transformer(obj) -> bool:
+    """The peer's Meissonic ``Transformer2DModel``: recognised by its config keys, as its folders
+    are (:data:`musefast.compat.meissonic.CONFIG_KEYS`), never by that shared class name."""
+    from musefast.compat.meissonic import CONFIG_KEYS
+
+    config = getattr(obj, "config", None)
+    # diffusers-style configs are mappings; musefast's own models carry a dataclass config
+    return hasattr(obj, "state_dict") and isinstance(config, Mapping) and CONFIG_KEYS <= config.keys()
+
+
+def convert_meissonic_transformer(transformer):
+    """The peer's Meissonic transformer -> :class:`MeissonicTransformer`, same dtype and device."""
+    from musefast.compat.meissonic import source_keys
+    from musefast.models.meissonic import MeissonicConfig, MeissonicTransformer
+
+    config = config_from_dict(MeissonicConfig, _config_dict(transformer), source="transformer.config (Meissonic)")
+    weight = next(transformer.parameters())
+    return fill_converted(lambda: MeissonicTransformer(config), _state(transformer), source_keys,
+                          source="the Meissonic transformer passed as transformer=", device=weight.device,
+                          dtype=weight.dtype)
