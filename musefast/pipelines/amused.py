@@ -25,9 +25,7 @@ decodes in float32. Batch order follows diffusers: with several prompts and
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +37,6 @@ from musefast.compat.amused_scheduler import (
     MASKING_SCHEDULES,
     AmusedCompatSampler,
     choice_temperatures,
-    seed_from_generator,
 )
 from musefast.engine import cpu as cpu_engine, int8
 from musefast.models.text import CLIPTextEncoder, TextEmbeddings
@@ -48,8 +45,14 @@ from musefast.models.vqgan import VQGAN
 from musefast.models.vqmodel import load_vqmodel
 from musefast.pipelines.images import format_output, to_mask, to_tensor, token_mask
 from musefast.pipelines.amused_save import save_amused
-from musefast.pipelines.diffusers_api import LOAD_LOGGER, AmusedPipelineOutput, DiffusersPipelineAPI, with_images
-from musefast.pipelines.options import diffusers_dtype, to_arguments
+from musefast.pipelines.diffusers_api import (  # noqa: F401 (AmusedPipelineOutput: re-exported)
+    LOAD_LOGGER,
+    AmusedPipelineOutput,
+    DiffusersPipelineAPI,
+    pipeline_output,
+)
+from musefast.pipelines.options import diffusers_dtype, resolve_seed, to_arguments
+from musefast.pipelines.shared import HUB_ID, as_list, file_dtype
 from musefast.pipelines.peer_components import (
     AmusedSchedulerConfig,
     convert_components,
@@ -63,7 +66,6 @@ PIPELINE_INDEX = "model_index.json"
 AMUSED_CLASSES = ("AmusedPipeline", "AmusedImg2ImgPipeline", "AmusedInpaintPipeline")
 SAMPLERS = ("fused", "compat")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent", "tokens")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class AmusedPipeline(DiffusersPipelineAPI):
@@ -212,7 +214,7 @@ class AmusedPipeline(DiffusersPipelineAPI):
         if dtypes is not None:
             return cls._from_pretrained_per_component(folder, dtypes, variant=variant, device=device, sampler=sampler,
                                                       backend=backend)
-        weights_dtype, num_params = _file_dtype(folder / "transformer", _present(variant, folder / "transformer"))
+        weights_dtype, num_params = file_dtype(folder / "transformer", _present(variant, folder / "transformer"))
         run_dtype = dtype
         if dtype == "auto":  # int8 keeps the rest in the weights' dtype: closer logits, and no slower (README)
             run_dtype = (weights_dtype if sampler == "compat" or quantize
@@ -267,11 +269,18 @@ class AmusedPipeline(DiffusersPipelineAPI):
                                      masking_schedule="linear" if mask_image is not None else self.masking_schedule,
                                      device=self.device) if sampler == "compat" else None
         if sampler == "fused":
-            seed = _resolve_seed(seed, generator)
-        elif seed is not None:
-            if generator is not None:
-                raise ValueError("pass seed or generator, not both")
-            generator = torch.Generator().manual_seed(seed)
+            seed = resolve_seed(seed, generator)  # a list (of seeds or generators): one seed per image
+            if isinstance(seed, list) and len(seed) != B:
+                raise ValueError(f"{len(seed)} seeds or generators for {B} images: pass one per image "
+                                 f"(prompts x num_images_per_prompt), or one")
+        else:
+            if isinstance(seed, (list, tuple)) or isinstance(generator, (list, tuple)):
+                raise ValueError("the compat sampler consumes one generator, as diffusers' aMUSEd: pass one seed or "
+                                 "generator, or sampler='fused' for one per image")
+            if seed is not None:
+                if generator is not None:
+                    raise ValueError("pass seed or generator, not both")
+                generator = torch.Generator().manual_seed(resolve_seed(seed))
 
         start, ratio = 0, None
         if image is None:
@@ -294,14 +303,18 @@ class AmusedPipeline(DiffusersPipelineAPI):
             if start == steps:
                 raise ValueError(f"strength={strength} runs int({steps} x {strength}) = 0 of the {steps} steps: "
                                  "raise strength or num_inference_steps")
-            if mask_image is None:
+            if mask_image is None and isinstance(seed, list):  # per-image seeds: each image noised by its own
+                tokens = _match_batch(tokens, B // num_images_per_prompt).repeat(num_images_per_prompt, 1, 1)
+                tokens = torch.cat([self._fused_noise(t[None], start, steps, s) for t, s in zip(tokens, seed)])
+            elif mask_image is None:
                 tokens = (compat.add_noise(tokens, start, generator) if compat
                           else self._fused_noise(tokens, start, steps, seed))
             else:
                 masked = self._token_mask(mask_image, tokens.shape)
                 tokens = tokens.masked_fill(masked, self.mask_token_id)
                 ratio = masked.sum() / tokens.numel()
-            tokens = _match_batch(tokens, B // num_images_per_prompt).repeat(num_images_per_prompt, 1, 1)
+            if tokens.shape[0] != B:
+                tokens = _match_batch(tokens, B // num_images_per_prompt).repeat(num_images_per_prompt, 1, 1)
         return tokens, start, ratio, height, width, compat, seed, generator
 
     def _compat_pipeline(self) -> "AmusedPipeline":
@@ -359,7 +372,7 @@ class AmusedPipeline(DiffusersPipelineAPI):
         if pooled is None:
             if prompt is None:
                 raise ValueError("pass prompt, or prompt_embeds and encoder_hidden_states")
-            emb = self._text_encoder().encode(_as_list(prompt, "prompt"))
+            emb = self._text_encoder().encode(as_list(prompt, "prompt"))
             pooled, hidden = emb.pooled, emb.hidden
         elif prompt is not None:
             raise ValueError("pass only one of prompt and prompt_embeds")
@@ -371,7 +384,7 @@ class AmusedPipeline(DiffusersPipelineAPI):
             neg_pooled, neg_hidden = _embeddings(negative_prompt_embeds, negative_encoder_hidden_states,
                                                  "negative_prompt_embeds", "negative_encoder_hidden_states")
             if neg_pooled is None:
-                negatives = [""] * n if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
+                negatives = [""] * n if negative_prompt is None else as_list(negative_prompt, "negative_prompt")
                 if len(negatives) == 1 and n > 1:
                     negatives = negatives * n
                 if len(negatives) != n:
@@ -640,11 +653,8 @@ class AmusedPipeline(DiffusersPipelineAPI):
                        callback=None if hook is None else report)
 
     def _output(self, tokens: torch.Tensor, output_type: str, return_dict: bool | None):
-        images = with_images(tokens if output_type in ("latent", "tokens")
-                             else format_output(self.decode(tokens), output_type))
-        if return_dict is None:
-            return images
-        return AmusedPipelineOutput(images) if return_dict else (images,)
+        images = tokens if output_type in ("latent", "tokens") else format_output(self.decode(tokens), output_type)
+        return pipeline_output(images, return_dict)
 
 
 class _AnyPixelMask:
@@ -699,26 +709,6 @@ def _steps(num_inference_steps, num_steps) -> int:
     return steps
 
 
-def _resolve_seed(seed, generator) -> int:
-    """The fused sampler's Philox seed: ``seed``, else one drawn from ``generator`` (or from
-    torch's global RNG, so torch.manual_seed governs it too)."""
-    if seed is None:
-        return seed_from_generator(generator)
-    if generator is not None:
-        raise ValueError("pass seed or generator, not both")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
-    return seed
-
-
-def _as_list(value, name: str) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise TypeError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
-
-
 def _embeddings(pooled, hidden, pooled_name: str, hidden_name: str):
     """(pooled (B, P), hidden (B, L, E)) from diffusers' pair of arguments or a TextEmbeddings."""
     if isinstance(pooled, TextEmbeddings):
@@ -766,7 +756,7 @@ def _resolve(folder_or_hub_id, variant: str | None, local_files_only: bool) -> P
     path = Path(folder_or_hub_id).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or not _HUB_ID.match(str(folder_or_hub_id)):
+    if path.exists() or not HUB_ID.match(str(folder_or_hub_id)):
         raise FileNotFoundError(f"{folder_or_hub_id!r} is neither a local folder nor a hub id (owner/name)")
     from huggingface_hub import snapshot_download
 
@@ -792,26 +782,6 @@ def _log_loaded(pipe, folder: Path) -> None:
 def _present(variant: str | None, folder: Path) -> str | None:
     """``variant`` if ``folder`` has files of it, else None (then the full-precision files)."""
     return variant if variant and any(folder.glob(f"*.{variant}.safetensors*")) else None
-
-
-def _file_dtype(folder: Path, variant: str | None) -> tuple[torch.dtype, int | None]:
-    """(floating dtype, parameter count) of a diffusers component folder's weights, read from
-    the safetensors header; (float32, None) when the folder holds another format."""
-    from safetensors import safe_open
-
-    name = f"diffusion_pytorch_model.{variant}.safetensors" if variant else "diffusion_pytorch_model.safetensors"
-    files = [folder / name] if (folder / name).is_file() else sorted(folder.glob("*.safetensors"))
-    dtype, count = torch.float32, 0
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                tensor = f.get_slice(key)
-                dtype = _SAFETENSORS_FLOATS.get(tensor.get_dtype(), dtype)
-                count += math.prod(tensor.get_shape())
-    return dtype, count if files else None
-
-
-_SAFETENSORS_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def _load_clip(folder: Path, variant: str | None, device, dtype) -> CLIPTextEncoder:

@@ -122,3 +122,13 @@ class AmusedPipelineOutput(PipelineOutput):
 
     def __len__(self) -> int:
         return 1
+
+
+def pipeline_output(images, return_dict: bool | None):
+    """What a pipeline call returns, for every pipeline: the images themselves (``None``,
+    musefast's default), diffusers' output object (True) or a 1-tuple (False); each form
+    answers ``.images``."""
+    images = with_images(images)
+    if return_dict is None:
+        return images
+    return AmusedPipelineOutput(images) if return_dict else (images,)

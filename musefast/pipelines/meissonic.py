@@ -34,10 +34,10 @@ from musefast.pipelines.amused import (
     AmusedPipeline,
     _check_sampler,
     _load_clip,
-    _file_dtype,
     _present,
     _resolve,
 )
+from musefast.pipelines.shared import file_dtype
 from musefast.pipelines.peer_components import (
     convert_components,
     convert_meissonic_transformer,
@@ -139,7 +139,7 @@ class MeissonicPipeline(AmusedPipeline):
                 raise FileNotFoundError(f"Meissonic folder {folder} has no {sub}/ sub-folder")
         requested = dtype
         if dtype == "auto":
-            weights_dtype, num_params = _file_dtype(folder / "transformer", _present(variant, folder / "transformer"))
+            weights_dtype, num_params = file_dtype(folder / "transformer", _present(variant, folder / "transformer"))
             on_gpu = device is not None and torch.device(device).type == "cuda"
             dtype = (weights_dtype if sampler == "compat" or quantize else torch.bfloat16 if on_gpu
                      else cpu_engine.resolve_dtype("auto", device, weights_dtype, num_params))

@@ -2,6 +2,7 @@
 
     python tests/peer_suites/run_diffusers_amused.py --target diffusers   # diffusers' classes
     python tests/peer_suites/run_diffusers_amused.py --target musefast    # musefast's classes
+    python tests/peer_suites/run_diffusers_amused.py --target accelerated # diffusers' + musefast.accelerate
 
 The vendored files are copied to a temporary folder and only there receive, as text
 replacements, the changes a user of either library may fairly make to run them offline:
@@ -12,7 +13,14 @@ replacements, the changes a user of either library may fairly make to run them o
    tokenizer built here (the suite's text encoders have a 1000-token vocabulary; this one has
    fewer, so every id is valid);
 3. with ``--target musefast``: the pipeline class import comes from ``musefast`` instead of
-   ``diffusers`` — the only change a diffusers user makes to switch.
+   ``diffusers`` — the only change a diffusers user makes to switch; with ``--target
+   accelerated`` it comes from a module written here whose classes are diffusers' own with
+   ``musefast.accelerate(pipe)`` applied as each pipeline is built (what a user who keeps
+   diffusers' pipelines does).
+
+With ``--target musefast`` the run sets ``MUSEFAST_CPU_ENGINE_KEEP_WEIGHTS=1``: one test compares
+every parameter of two pipelines, and musefast's CPU engine otherwise releases a linear's plain
+weight once it is packed (reading it then raises an error naming that setting).
 
 Prints ``<target>: N passed, N failed, N skipped`` and exits non-zero when a test that is not
 allowed to fail fails. Allowed: the DDUF round trips, which diffusers' own classes fail
@@ -39,6 +47,29 @@ HUB_TOKENIZER = 'CLIPTokenizer.from_pretrained("hf-internal-testing/tiny-random-
 DEPRECATION_SKIP = "issubclass(self.pipeline_class, DeprecatedPipelineMixin)"
 KEEP_WEIGHTS = "MUSEFAST_CPU_ENGINE_KEEP_WEIGHTS"
 ALLOWED_FAILURES = re.compile(r"dduf", re.IGNORECASE)
+
+
+ACCELERATED = '''"""diffusers' aMUSEd pipelines, accelerated by musefast as they are built."""
+import functools
+
+import diffusers
+
+import musefast
+
+
+def _accelerated(base):
+    @functools.wraps(base.__init__)  # diffusers' from_pretrained reads the components from this signature
+    def __init__(self, *args, **kwargs):
+        base.__init__(self, *args, **kwargs)
+        musefast.accelerate(self)
+
+    return type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__})
+
+
+AmusedPipeline = _accelerated(diffusers.AmusedPipeline)
+AmusedImg2ImgPipeline = _accelerated(diffusers.AmusedImg2ImgPipeline)
+AmusedInpaintPipeline = _accelerated(diffusers.AmusedInpaintPipeline)
+'''
 
 
 def replace_once(text: str, old: str, new: str, where: str) -> str:
@@ -68,10 +99,13 @@ def prepare(workdir: Path, target: str) -> None:
         path = workdir / name
         text = replace_once(path.read_text(), HUB_TOKENIZER, f"CLIPTokenizer.from_pretrained({str(tokenizer)!r})",
                             path.name)
-        if target == "musefast":
+        if target != "diffusers":
+            source = "musefast" if target == "musefast" else "musefast_accelerated"
             pipeline = next(p for p in PIPELINES if re.search(rf"from diffusers import {p}, ", text))
             text = replace_once(text, f"from diffusers import {pipeline}, ",
-                                f"from musefast import {pipeline}\nfrom diffusers import ", path.name)
+                                f"from {source} import {pipeline}\nfrom diffusers import ", path.name)
+    if target == "accelerated":
+        (workdir / "musefast_accelerated.py").write_text(ACCELERATED)
         path.write_text(text)
 
 
@@ -97,7 +131,7 @@ def summarize(report: Path) -> tuple[dict[str, int], list[str]]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", choices=("diffusers", "musefast"), required=True)
+    parser.add_argument("--target", choices=("diffusers", "musefast", "accelerated"), required=True)
     parser.add_argument("-k", default=None, help="pytest -k expression (to run a subset)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix=f"diffusers-amused-{args.target}-") as tmp:
