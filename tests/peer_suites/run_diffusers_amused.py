@@ -104,9 +104,12 @@ def prepare(workdir: Path, target: str) -> None:
             pipeline = next(p for p in PIPELINES if re.search(rf"from diffusers import {p}, ", text))
             text = replace_once(text, f"from diffusers import {pipeline}, ",
                                 f"from {source} import {pipeline}\nfrom diffusers import ", path.name)
+        path.write_text(text)
     if target == "accelerated":
         (workdir / "musefast_accelerated.py").write_text(ACCELERATED)
-        path.write_text(text)
+    for name in FILES:  # offline, a hub id may still resolve to some cached tokenizer: never run unshimmed
+        if HUB_TOKENIZER in (workdir / name).read_text():
+            raise SystemExit(f"{name}: the tokenizer shim was not applied")
 
 
 def summarize(report: Path) -> tuple[dict[str, int], list[str]]:
