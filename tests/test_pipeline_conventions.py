@@ -207,6 +207,9 @@ def test_every_pipeline_moves_with_to(family):
         model.to(torch.int8)
     with pytest.raises(ValueError, match="not a device"):
         model.to("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA GPU is available"):
+            model.enable_model_cpu_offload()
 
 
 @pytest.mark.parametrize("g", [0.0, 1.0])

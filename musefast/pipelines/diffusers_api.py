@@ -72,9 +72,10 @@ class DiffusersPipelineAPI(ProgressBarConfig):
         """Keep the models on the CPU between calls and run each call on ``device``: the whole
         pipeline moves there for the call and back after it (diffusers moves one model at a
         time; musefast's decoding loop needs the transformer and the text encoder together)."""
-        dev = torch.device(device)
-        if gpu_id is not None:
-            dev = torch.device(dev.type, gpu_id)
+        dev = torch.device(device) if gpu_id is None else torch.device(torch.device(device).type, gpu_id)
+        if dev.type != "cuda" or not torch.cuda.is_available():  # the same answer as MusePipeline's
+            raise RuntimeError("enable_model_cpu_offload moves components between the CPU and a CUDA GPU, and no "
+                               "CUDA GPU is available here: the pipeline already runs on the CPU, nothing to do")
         self._offload_device = check_device(dev)
         self.to("cpu")
 
