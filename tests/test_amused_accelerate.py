@@ -96,3 +96,15 @@ def test_fused_step_samples_follow_softmax():
 def test_accelerate_refuses_other_objects():
     with pytest.raises(TypeError, match="needs a diffusers aMUSEd pipeline"):
         musefast.accelerate(object())
+
+
+def test_set_default_attn_processor_restores_diffusers_attention(pipe):
+    """diffusers' tests call transformer.set_default_attn_processor(); diffusers' own method
+    refuses processors it does not list, so an accelerated transformer must answer it."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    musefast.accelerate(pipe)
+    pipe.transformer.set_default_attn_processor()
+    assert all(type(p) is AttnProcessor for p in pipe.transformer.attn_processors.values())
+    musefast.accelerate(pipe)  # accelerating again swaps musefast's attention back in
+    assert all(isinstance(p, MusefastAttnProcessor) for p in pipe.transformer.attn_processors.values())

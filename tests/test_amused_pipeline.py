@@ -185,7 +185,7 @@ def test_fused_one_step_samples_follow_the_model(pipes256):
     n = 300
     tokens = ours(PROMPTS[0], num_inference_steps=1, num_images_per_prompt=n, seed=11, output_type="latent",
                   progress=False)
-    pooled, hidden, _ = ours.encode_prompt(PROMPTS[0], use_cfg=True)
+    pooled, hidden, _ = ours.encode_text(PROMPTS[0], use_cfg=True)
     context = ours.transformer.prepare_context(hidden, pooled, torch.tensor([16.0, 16.0, 0.0, 0.0, 6.0]))
     full = torch.full((2, 4, 4), MASK_ID)
     with torch.no_grad():

@@ -275,3 +275,37 @@ def test_pipeline_errors(pipe):
         pipe("a", strength=0.3)
     with pytest.raises(FileNotFoundError, match="not a pipeline folder"):
         musefast.MeissonicPipeline.from_pretrained(PIPELINE / "transformer")
+
+
+class _PeerTransformer(torch.nn.Module):
+    """Stands in for the peer's Transformer2DModel (its source is not a package): the config and
+    the state dict under the peer's keys are all that musefast reads of it."""
+
+    def __init__(self, folder):
+        super().__init__()
+        self.config = json.loads((folder / "config.json").read_text())
+        weights = load_file(folder / "diffusion_pytorch_model.safetensors")
+        self._names = list(weights)
+        for i, tensor in enumerate(weights.values()):
+            self.register_parameter(f"p{i}", torch.nn.Parameter(tensor, requires_grad=False))
+
+    def state_dict(self, *args, **kwargs):
+        return dict(zip(self._names, self.parameters()))
+
+
+def test_built_from_the_peers_objects_gives_the_loaded_pipelines_tokens(pipe):
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+
+    scheduler = type("Scheduler", (), {"config": json.loads((PIPELINE / "scheduler/scheduler_config.json").read_text())})()
+    peer = musefast.MeissonicPipeline(
+        vqvae=diffusers.VQModel.from_pretrained(PIPELINE / "vqvae"),
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(PIPELINE / "tokenizer"),
+        text_encoder=transformers.CLIPTextModelWithProjection.from_pretrained(PIPELINE / "text_encoder"),
+        transformer=_PeerTransformer(PIPELINE / "transformer"), scheduler=scheduler)
+    assert peer.mask_token_id == pipe.mask_token_id and peer.text_encoder.max_length == 77
+    kw = dict(seed=3, num_inference_steps=2, height=64, width=64, output_type="latent", progress=False,
+              return_dict=False)
+    assert torch.equal(peer("a cat", **kw)[0], pipe("a cat", **kw)[0])
+    with pytest.raises(TypeError, match="peer's Transformer2DModel"):
+        musefast.MeissonicPipeline(vqvae=peer.vqvae, transformer=torch.nn.Linear(2, 2))

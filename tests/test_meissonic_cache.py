@@ -145,7 +145,7 @@ def _before(pipe, prompt, height, width, num_inference_steps, seed, guidance_sca
     f = pipe.vae_scale_factor
     tokens = torch.full((B, height // f, width // f), pipe.mask_token_id)
     return pipe._run_fused(logits_of, tokens, steps, 0, None, True, guidance_scale, "constant", (2, 0), False, seed,
-                           None, None, 1, False)
+                           None, None, False)
 
 
 def test_cache_off_and_refresh_1_give_the_tokens_of_before(pipe):

@@ -1,12 +1,16 @@
-"""MusePipeline speaks diffusers' conventions too: guidance <= 1 = no CFG, diffusers' argument
-names, output objects, ``to()``, numpy seeds, resizing, progress-bar config (issue 15)."""
+"""Every pipeline speaks diffusers' conventions: guidance <= 1 = no CFG, diffusers' argument
+names, output objects, ``to()``, numpy and per-image seeds, a list of generators, progress-bar
+config, one-line errors, save/load; MusePipeline's resizing. The first tests cover MusePipeline;
+the last group runs the same checks over tiny Muse, aMUSEd and Meissonic pipelines."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import musefast
 from musefast.models.text import load_text_encoder
 from musefast.pipelines.random_init import random_pipeline
 from musefast.sampling import MaskGitSampler
@@ -123,3 +127,122 @@ def test_resize_any_size(pipe):
     with pytest.raises(ValueError, match=r"is 66×30, but this model works at 32×32"):
         pipe.outpaint(image, "a tree", left=16, seed=0, **FAST)
     assert pipe.outpaint(image, "a tree", left=16, seed=0, resize=True, **FAST)[0].size == (66, 30)
+
+
+# -- one suite over every pipeline family: tiny Muse, aMUSEd and Meissonic --------------------------
+
+MEISSONIC = Path(__file__).parent / "fixtures" / "meissonic" / "meissonic"
+SIZE = {"muse": {}, "amused": {}, "meissonic": {"height": 64, "width": 64}}  # Meissonic's default is 1024²
+
+
+@pytest.fixture(scope="module", params=["muse", "amused", "meissonic"])
+def family(request, tmp_path_factory, pipe):
+    """(name, pipeline, the keyword arguments of a fast call)."""
+    if request.param == "muse":
+        model = pipe
+    elif request.param == "amused":
+        pytest.importorskip("diffusers")
+        from amused_tiny import make_tiny_amused
+
+        folder = tmp_path_factory.mktemp("amused")
+        make_tiny_amused(folder)
+        model = musefast.AmusedPipeline.from_pretrained(folder, dtype=None)
+    else:
+        model = musefast.load(MEISSONIC, dtype=None)
+    return request.param, model, dict(num_inference_steps=3, **SIZE[request.param])
+
+
+def _tokens(model, prompt, **kw):
+    return model(prompt, output_type="tokens", progress=False, return_dict=False, **kw)[0]
+
+
+def test_every_pipeline_takes_diffusers_argument_names_and_seeds(family):
+    _, model, kw = family
+    drawn = torch.randint(0, 2**63 - 1, (), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_tokens(model, "a cat", generator=torch.Generator().manual_seed(0), **kw),
+                       _tokens(model, "a cat", seed=int(drawn), **kw))
+    assert torch.equal(_tokens(model, "a cat", seed=np.int64(5), **kw), _tokens(model, "a cat", seed=5, **kw))
+    with pytest.raises(ValueError, match="seed or generator"):
+        _tokens(model, "a cat", seed=1, generator=torch.Generator(), **kw)
+
+
+def test_every_pipeline_gives_each_image_its_own_seed(family):
+    """Per-image seeds (and diffusers' list of generators): an image's tokens are those of its solo run."""
+    _, model, kw = family
+    prompts = ["a cat", "a red dog"]
+    solo = torch.cat([_tokens(model, p, seed=s, **kw) for p, s in zip(prompts, (7, 8))])
+    assert torch.equal(_tokens(model, prompts, seed=[7, 8], **kw), solo)
+    generators = [torch.Generator().manual_seed(i) for i in (1, 2)]
+    seeds = [int(torch.randint(0, 2**63 - 1, (), generator=torch.Generator().manual_seed(i))) for i in (1, 2)]
+    assert torch.equal(_tokens(model, prompts, generator=generators, **kw), _tokens(model, prompts, seed=seeds, **kw))
+
+
+def test_every_pipeline_returns_diffusers_output_objects(family):
+    _, model, kw = family
+    images = model("a cat", seed=0, progress=False, **kw)
+    assert isinstance(images[0], Image.Image) and images.images is images
+    out = model("a cat", seed=0, progress=False, return_dict=True, **kw)
+    assert isinstance(out.images[0], Image.Image)
+    (arr,) = model("a cat", seed=0, output_type="np", progress=False, return_dict=False, **kw)
+    assert arr.ndim == 4 and arr.shape[0] == 1 and arr.shape[-1] == 3 and arr.images is arr
+
+
+def test_every_pipeline_honours_the_progress_bar_config(family, capfd):
+    _, model, kw = family
+    model.set_progress_bar_config(disable=True)
+    try:
+        model("a cat", seed=0, output_type="tokens", **kw)
+        assert "decoding" not in capfd.readouterr().err
+    finally:
+        model.set_progress_bar_config()
+    model("a cat", seed=0, output_type="tokens", **kw)
+    assert "decoding" in capfd.readouterr().err
+
+
+def test_every_pipeline_moves_with_to(family):
+    _, model, _ = family
+    assert model.to("cpu", torch.float32).dtype == torch.float32 and model.device.type == "cpu"
+    assert model.to(dtype=torch.float32).to(torch.device("cpu")).dtype == torch.float32
+    with pytest.raises(TypeError, match="floating torch.dtype"):
+        model.to(torch.int8)
+    with pytest.raises(ValueError, match="not a device"):
+        model.to("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA GPU is available"):
+            model.enable_model_cpu_offload()
+
+
+@pytest.mark.parametrize("g", [0.0, 1.0])
+def test_every_pipeline_runs_one_branch_at_guidance_one_or_less(family, g):
+    _, model, kw = family
+    seen, tokens = _forward_batches(model, lambda: _tokens(model, "a cat", seed=3, guidance_scale=g, **kw))
+    assert set(seen) == {1}
+    assert torch.equal(tokens, _tokens(model, "a cat", seed=3, guidance_scale=1.0, **kw))
+    seen, _ = _forward_batches(model, lambda: _tokens(model, "a cat", seed=3, guidance_scale=3.0, **kw))
+    assert set(seen) == {2}
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(num_inference_steps=0), "num_inference_steps|num_steps"),
+    (dict(output_type="bmp"), "output_type"),
+    (dict(prompt=[]), "prompt"),
+    (dict(seed=-1), "seed"),
+])
+def test_every_pipeline_rejects_bad_input_in_one_line(family, bad, match):
+    _, model, kw = family
+    kw = {**kw, "prompt": "a cat", "seed": 0, "progress": False, **bad}
+    with pytest.raises((TypeError, ValueError), match=match) as info:
+        model(**kw)
+    assert "\n" not in str(info.value)
+
+
+def test_every_pipeline_saves_and_loads_back(family, tmp_path):
+    name, model, kw = family
+    if name == "meissonic":
+        with pytest.raises(NotImplementedError, match="not implemented"):
+            model.save_pretrained(tmp_path)
+        return
+    model.save_pretrained(tmp_path)
+    loaded = musefast.load(tmp_path, dtype=None)
+    assert type(loaded) is type(model)
+    assert torch.equal(_tokens(loaded, "a cat", seed=4, **kw), _tokens(model, "a cat", seed=4, **kw))

@@ -5,7 +5,8 @@ For users who keep their diffusers code: every attention of ``pipe.transformer``
 ``pipe.scheduler.step`` becomes :func:`~musefast.compat.amused_scheduler.fused_step` (one fused
 ``cfg_sample_remask``: sampling, confidence and re-masking). Both swaps are in place, on the
 pipeline's own objects — a scheduler shared by several pipelines is accelerated for all of
-them — and the pipeline is returned. diffusers is never imported here.
+them — and the pipeline is returned. diffusers is imported here only by
+``transformer.set_default_attn_processor()``, which restores diffusers' default processor.
 
 The attention swap changes results only by floating-point rounding. The fused step samples
 from the same distribution with the same mask counts and choice temperatures, but draws its
@@ -30,6 +31,19 @@ class FusedAmusedStep:
                            return_dict, backend=self.backend)
 
 
+class _DefaultAttention:
+    """``transformer.set_default_attn_processor()`` of an accelerated diffusers transformer:
+    diffusers' ``AttnProcessor`` everywhere (undoing the attention swap)."""
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+
+    def __call__(self) -> None:
+        from diffusers.models.attention_processor import AttnProcessor  # only a diffusers object calls this
+
+        self.transformer.set_attn_processor(AttnProcessor())
+
+
 def accelerate(pipe, *, attention: bool = True, fused_step: bool = True, attention_backend: str | None = None,
                step_backend: str | None = None):
     """Swap musefast attention and the fused decoding step into a diffusers ``AmusedPipeline``
@@ -50,6 +64,9 @@ def accelerate(pipe, *, attention: bool = True, fused_step: bool = True, attenti
             raise TypeError(f"accelerate() needs a diffusers aMUSEd pipeline with a transformer, "
                             f"got {type(pipe).__name__}")
         transformer.set_attn_processor(MusefastAttnProcessor(attention_backend))
+        # diffusers' own set_default_attn_processor refuses processors it does not list; on an
+        # accelerated transformer it restores diffusers' default processor, as on a plain one
+        transformer.set_default_attn_processor = _DefaultAttention(transformer)
     if fused_step:
         scheduler = getattr(pipe, "scheduler", None)
         if type(scheduler).__name__ != "AmusedScheduler":

@@ -197,10 +197,20 @@ def load_converted(build: Callable[[], nn.Module], folder: str | os.PathLike,
 
         dtype = resolve_dtype(dtype, device, *stored_dtype_and_count(files))
     # cast as read, so the stored dtype is never held whole (fp32 files run in bf16: half the peak)
-    state = load_weights(files, dtype)
+    return fill_converted(build, load_weights(files, dtype), source_keys, source=source, device=device, dtype=dtype,
+                          consume=True)
+
+
+def fill_converted(build: Callable[[], nn.Module], state: Mapping[str, torch.Tensor],
+                   source_keys: Callable[[str], list[str]], *, source: str, device=None,
+                   dtype: torch.dtype | None = None, consume: bool = False) -> nn.Module:
+    """``build()`` a module on the meta device and fill it from a peer's ``state`` (strictly,
+    see :func:`convert_strict`); returned in eval mode on ``device`` in ``dtype`` (default: as
+    ``state``), with the CPU engine applied. The one conversion path for files and for a peer's
+    in-memory modules."""
     with torch.device("meta"):
         module = build()
-    converted = convert_strict(module, state, source_keys, source=source, consume=True)  # empties state
+    converted = convert_strict(module, state, source_keys, source=source, consume=consume)  # consume: empties state
     module.load_state_dict(converted, strict=True, assign=True)
     del converted  # the module holds the only references: .to() and packing free as they go
     if device is not None or dtype is not None:

@@ -103,9 +103,11 @@ class UVit2DConfig:
         if self.micro_cond_embed_dim % self.micro_cond_encode_dim:
             raise ValueError(f"micro_cond_embed_dim ({self.micro_cond_embed_dim}) must be a multiple of "
                              f"micro_cond_encode_dim ({self.micro_cond_encode_dim})")
-        if self.codebook_size >= self.vocab_size:
-            raise ValueError(f"vocab_size ({self.vocab_size}) must exceed codebook_size ({self.codebook_size}): "
-                             "the [MASK] id lies past the codebook")
+        # diffusers accepts vocab_size == codebook_size (its tiny test models do): the [MASK] id is
+        # then the last codebook entry, which the sampler may also draw, as diffusers' does
+        if self.codebook_size > self.vocab_size:
+            raise ValueError(f"vocab_size ({self.vocab_size}) must be at least codebook_size ({self.codebook_size}): "
+                             "every codebook id needs an embedding")
 
     @property
     def num_micro_conds(self) -> int:
@@ -565,6 +567,18 @@ class UVit2D(nn.Module):
         config = replace(config, backend=backend)
         return load_converted(lambda: cls(config), folder, diffusers_source_keys, variant=variant,
                               device=device, dtype=dtype)
+
+    def enable_layerwise_casting(self, storage_dtype: torch.dtype = torch.float8_e4m3fn,
+                                 compute_dtype: torch.dtype | None = None, **kwargs) -> None:
+        """diffusers' ``ModelMixin.enable_layerwise_casting``, accepted so diffusers code runs:
+        the model is cast to ``compute_dtype`` and its weights stay there — musefast does not
+        store weights in ``storage_dtype`` between layers (a warning says so)."""
+        import warnings
+
+        warnings.warn(f"musefast's UVit2D keeps its weights in the compute dtype ({compute_dtype or self.dtype}): "
+                      f"layerwise casting to {storage_dtype} storage is not implemented", stacklevel=2)
+        if compute_dtype is not None:
+            self.to(dtype=compute_dtype)
 
     def set_backend(self, backend: str | None) -> "UVit2D":
         """Use attention backend ``backend`` (None = best available) in every attention layer."""

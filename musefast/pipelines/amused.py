@@ -25,9 +25,7 @@ decodes in float32. Batch order follows diffusers: with several prompts and
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -39,16 +37,28 @@ from musefast.compat.amused_scheduler import (
     MASKING_SCHEDULES,
     AmusedCompatSampler,
     choice_temperatures,
-    seed_from_generator,
 )
 from musefast.engine import cpu as cpu_engine, int8
 from musefast.models.text import CLIPTextEncoder, TextEmbeddings
 from musefast.models.uvit import UVit2D
 from musefast.models.vqgan import VQGAN
 from musefast.models.vqmodel import load_vqmodel
-from musefast.pipelines.images import ImageList, format_output, to_mask, to_tensor, token_mask
-from musefast.pipelines.images import PipelineOutput as AmusedPipelineOutput
-from musefast.pipelines.options import ProgressBarConfig
+from musefast.pipelines.images import format_output, to_mask, to_tensor, token_mask
+from musefast.pipelines.amused_save import save_amused
+from musefast.pipelines.diffusers_api import (  # noqa: F401 (AmusedPipelineOutput: re-exported)
+    LOAD_LOGGER,
+    AmusedPipelineOutput,
+    DiffusersPipelineAPI,
+    pipeline_output,
+)
+from musefast.pipelines.options import diffusers_dtype, resolve_seed, to_arguments
+from musefast.pipelines.shared import HUB_ID, as_list, file_dtype
+from musefast.pipelines.peer_components import (
+    AmusedSchedulerConfig,
+    convert_components,
+    convert_transformer,
+    is_peer_module,
+)
 from musefast.sampling import GuidedForward, MaskGitSampler, check_guidance_scale, mask_ratio, uses_guidance
 from musefast.sampling.cache import batch_slice
 
@@ -56,29 +66,52 @@ PIPELINE_INDEX = "model_index.json"
 AMUSED_CLASSES = ("AmusedPipeline", "AmusedImg2ImgPipeline", "AmusedInpaintPipeline")
 SAMPLERS = ("fused", "compat")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent", "tokens")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class AmusedPipeline(ProgressBarConfig):
+class AmusedPipeline(DiffusersPipelineAPI):
     """aMUSEd text-to-image, image-to-image and inpainting.
 
+    Built from musefast's components (``AmusedPipeline(vqvae, text_encoder, transformer)``) or,
+    by keyword, from diffusers' own (``AmusedPipeline(vqvae=VQModel, tokenizer=CLIPTokenizer,
+    text_encoder=CLIPTextModelWithProjection, transformer=UVit2DModel, scheduler=AmusedScheduler)``,
+    e.g. ``**diffusers_pipe.components``): those are converted once, here. A pipeline built from
+    diffusers' objects also follows diffusers' return convention (``return_dict`` defaults to
+    True: ``pipe(...)[0]`` is the images) and its ``to()`` moves those objects too while their
+    owner keeps them; one built from musefast's components or loaded returns the images.
+
     Args:
-        vqvae: the VQ tokenizer (:func:`musefast.models.vqmodel.load_vqmodel`), kept in float32.
+        vqvae: the VQ tokenizer (:func:`musefast.models.vqmodel.load_vqmodel`), kept in float32;
+            or diffusers' ``VQModel``.
         text_encoder: a :class:`CLIPTextEncoder` (penultimate hidden states + projected pooled
-            embedding), or None if you always pass prompt embeddings.
-        transformer: the :class:`UVit2D`.
-        mask_token_id: the [MASK] id (default: the transformer's ``vocab_size − 1``).
+            embedding), or transformers' ``CLIPTextModelWithProjection`` with ``tokenizer=``, or
+            None if you always pass prompt embeddings.
+        transformer: the :class:`UVit2D`, or diffusers' ``UVit2DModel``.
+        scheduler: diffusers' ``AmusedScheduler`` (its mask id and masking schedule are used).
+        tokenizer: the CLIP tokenizer, with a transformers ``text_encoder``.
+        mask_token_id: the [MASK] id (default: the scheduler's, else the transformer's ``vocab_size − 1``).
         masking_schedule: the scheduler's schedule for text-to-image and image-to-image
-            (inpainting always uses ``"linear"``, as diffusers' inpaint pipeline).
+            (inpainting always uses ``"linear"``, as diffusers' inpaint pipeline); default: the
+            scheduler's, else ``"cosine"``.
         sampler: default sampler, ``"fused"`` or ``"compat"``.
     """
 
-    def __init__(self, vqvae: VQGAN, text_encoder: CLIPTextEncoder | None, transformer: UVit2D, *,
-                 mask_token_id: int | None = None, masking_schedule: str = "cosine", sampler: str = "fused"):
+    _component_names = ("vqvae", "tokenizer", "text_encoder", "transformer", "scheduler")
+    model_cpu_offload_seq = "text_encoder->transformer->vqvae"
+
+    def __init__(self, vqvae: VQGAN | None = None, text_encoder: CLIPTextEncoder | None = None,
+                 transformer: UVit2D | None = None, scheduler=None, *, tokenizer=None,
+                 mask_token_id: int | None = None, masking_schedule: str | None = None, sampler: str = "fused"):
+        c = convert_components(vqvae, text_encoder, transformer, tokenizer, scheduler, transformer_class="UVit2DModel",
+                               is_peer_transformer=lambda m: is_peer_module(m, "UVit2DModel"),
+                               convert_peer_transformer=convert_transformer)
+        vqvae, text_encoder, transformer = c.vqvae, c.text_encoder, c.transformer
+        mask_token_id, masking_schedule = self._take_peer_settings(c, mask_token_id, masking_schedule)
         cfg = transformer.config
-        if vqvae.config.codebook_size != cfg.codebook_size:
-            raise ValueError(f"vqvae codebook ({vqvae.config.codebook_size}) != transformer codebook_size "
-                             f"({cfg.codebook_size})")
+        # diffusers accepts a VQ codebook larger than the transformer's (its img2img test model):
+        # the transformer must embed every id the VQ encodes, and the VQ decode every id it predicts
+        if not cfg.codebook_size <= vqvae.config.codebook_size <= cfg.vocab_size:
+            raise ValueError(f"vqvae codebook ({vqvae.config.codebook_size}) must lie between the transformer's "
+                             f"codebook_size ({cfg.codebook_size}) and vocab_size ({cfg.vocab_size})")
         if text_encoder is not None:
             if text_encoder.hidden_size != cfg.encoder_hidden_size:
                 raise ValueError(f"text encoder width {text_encoder.hidden_size} != transformer encoder_hidden_size "
@@ -88,7 +121,8 @@ class AmusedPipeline(ProgressBarConfig):
                                  f"{cfg.cond_embed_dim}")
         self.vqvae, self.text_encoder, self.transformer = vqvae.float().eval(), text_encoder, transformer.eval()
         self.mask_token_id = cfg.mask_token_id if mask_token_id is None else int(mask_token_id)
-        if not cfg.codebook_size <= self.mask_token_id < cfg.vocab_size:
+        lowest = cfg.codebook_size if cfg.vocab_size > cfg.codebook_size else 0  # see UVit2DConfig's check
+        if not lowest <= self.mask_token_id < cfg.vocab_size:
             raise ValueError(f"mask_token_id {self.mask_token_id} must lie in [codebook_size, vocab_size) = "
                              f"[{cfg.codebook_size}, {cfg.vocab_size})")
         if masking_schedule not in MASKING_SCHEDULES:
@@ -98,13 +132,45 @@ class AmusedPipeline(ProgressBarConfig):
         self._compat_source: dict | None = None  # set by from_pretrained when dtype="auto" changed the dtype
         self._compat_twin: AmusedPipeline | None = None
 
+    def _take_peer_settings(self, converted, mask_token_id, masking_schedule):
+        """Keep what a pipeline built from the peer's objects needs; -> (mask id, masking schedule)
+        with the scheduler's settings where the caller gave none."""
+        self._peer_modules = converted.peer_modules
+        self._return_dict_default = True if converted.from_peer else None
+        settings = converted.scheduler
+        if settings is not None:
+            mask_token_id = settings.mask_token_id if mask_token_id is None else mask_token_id
+            masking_schedule = masking_schedule or settings.masking_schedule
+        return mask_token_id, masking_schedule or "cosine"
+
+    @property
+    def scheduler(self) -> AmusedSchedulerConfig:
+        """The decoding schedule's settings (diffusers' ``AmusedScheduler`` config)."""
+        return AmusedSchedulerConfig(self.mask_token_id, self.masking_schedule)
+
+    @property
+    def tokenizer(self):
+        return None if self.text_encoder is None else self.text_encoder.tokenizer
+
+    def save_pretrained(self, save_directory, *, variant: str | None = None, safe_serialization: bool = True,
+                        **kwargs) -> None:
+        """Save in diffusers' folder layout (loadable by musefast's and diffusers' ``from_pretrained``).
+        Weights are always written as safetensors (``safe_serialization`` is accepted for
+        diffusers compatibility); ``variant`` names the weight files (``*.fp16.safetensors``)."""
+        unknown = sorted(set(kwargs) - {"max_shard_size", "push_to_hub"})
+        if unknown or kwargs.get("push_to_hub"):
+            raise TypeError(f"save_pretrained() does not take {unknown or ['push_to_hub=True']}: musefast never "
+                            "uploads; save to a folder and upload it with huggingface_hub")
+        save_amused(self, save_directory, variant=variant)
+
     # -- loading -----------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, folder_or_hub_id: str | os.PathLike, *, variant: str | None = None,
                         device: str | torch.device | None = None, dtype: torch.dtype | str | None = "auto",
                         sampler: str = "fused", backend: str | None = None,
-                        local_files_only: bool = False, quantize: str | None = None) -> "AmusedPipeline":
+                        local_files_only: bool = False, quantize: str | None = None,
+                        torch_dtype: torch.dtype | dict | None = None) -> "AmusedPipeline":
         """Load a diffusers aMUSEd folder, or a hub id (``amused/amused-256``) — downloaded with
         huggingface_hub only when it is not a local folder.
 
@@ -120,12 +186,18 @@ class AmusedPipeline(ProgressBarConfig):
                 bf16 runs on a twin loaded once in the weights' dtype. Pass a dtype to choose.
             sampler: default sampler (``"fused"`` or ``"compat"``).
             backend: attention backend of the transformer (None = best available).
+            torch_dtype: diffusers' name for ``dtype``; or, as diffusers allows, a dict of
+                dtypes by component name with an optional ``"default"``
+                (``{"transformer": torch.bfloat16, "default": torch.float16}``) — only there may
+                the VQ get a half dtype (it still decodes in float32).
             quantize: ``"int8"``: the transformer's linears in int8 (CPU with VNNI; close to the
                 float logits, not equal: :mod:`musefast.engine.int8`); with ``dtype="auto"`` the rest
                 of the transformer stays in the weights' dtype. A compat call on a quantized
                 pipeline runs on a float twin loaded once, so it keeps diffusers' tokens.
         """
         int8.check(quantize, device)
+        dtypes = torch_dtype if isinstance(torch_dtype, dict) else None
+        dtype = diffusers_dtype(dtype, None if dtypes is not None else torch_dtype)
         folder = _resolve(folder_or_hub_id, variant, local_files_only)
         index_file = folder / PIPELINE_INDEX
         if not index_file.is_file():
@@ -138,7 +210,11 @@ class AmusedPipeline(ProgressBarConfig):
             if not (folder / sub).is_dir():
                 raise FileNotFoundError(f"aMUSEd folder {folder} has no {sub}/ sub-folder")
         sampler = _check_sampler(sampler)
-        weights_dtype, num_params = _file_dtype(folder / "transformer", _present(variant, folder / "transformer"))
+        _check_variant(folder, variant)
+        if dtypes is not None:
+            return cls._from_pretrained_per_component(folder, dtypes, variant=variant, device=device, sampler=sampler,
+                                                      backend=backend)
+        weights_dtype, num_params = file_dtype(folder / "transformer", _present(variant, folder / "transformer"))
         run_dtype = dtype
         if dtype == "auto":  # int8 keeps the rest in the weights' dtype: closer logits, and no slower (README)
             run_dtype = (weights_dtype if sampler == "compat" or quantize
@@ -154,9 +230,33 @@ class AmusedPipeline(ProgressBarConfig):
         scheduler = json.loads(scheduler_file.read_text())
         pipe = cls(vqvae, text_encoder, transformer, mask_token_id=scheduler.get("mask_token_id"),
                    masking_schedule=scheduler.get("masking_schedule", "cosine"), sampler=sampler)
+        _log_loaded(pipe, folder)
         if quantize or (run_dtype != weights_dtype and dtype == "auto"):  # compat calls need the weights' own dtype, in float
             pipe._compat_source = dict(folder_or_hub_id=folder, variant=variant, device=device, backend=backend)
         int8.quantize_pipeline(pipe, quantize)
+        return pipe
+
+    @classmethod
+    def _from_pretrained_per_component(cls, folder: Path, dtypes: dict, *, variant, device, sampler, backend):
+        """``torch_dtype={"transformer": ..., "default": ...}``: each component in its dtype
+        (those named by neither key keep their files' dtype; the VQ decodes in float32 anyway)."""
+        unknown = sorted(set(dtypes) - {"default", "transformer", "text_encoder", "vqvae"})
+        if unknown:
+            raise ValueError(f"torch_dtype dict: unknown component(s) {unknown}; use transformer, text_encoder, "
+                             "vqvae or default")
+        pick = lambda name: dtypes.get(name, dtypes.get("default"))  # noqa: E731
+        transformer = UVit2D.from_pretrained(folder / "transformer", variant=_present(variant, folder / "transformer"),
+                                             device=device, dtype=pick("transformer"), backend=backend)
+        vqvae = load_vqmodel(folder / "vqvae", variant=_present(variant, folder / "vqvae"), device=device)
+        if pick("vqvae") is not None:
+            vqvae.to(dtype=pick("vqvae"))
+        text_encoder = _load_clip(folder, variant, device, pick("text_encoder"))
+        scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        pipe = cls(vqvae, text_encoder, transformer, mask_token_id=scheduler.get("mask_token_id"),
+                   masking_schedule=scheduler.get("masking_schedule", "cosine"), sampler=sampler)
+        if pick("vqvae") is not None:
+            pipe.vqvae.to(dtype=pick("vqvae"))  # the constructor keeps a VQ in float32 unless asked here
+        _log_loaded(pipe, folder)
         return pipe
 
     def _initial_tokens(self, *, B, steps, sampler, temperature, image, mask_image, latents, height, width,
@@ -169,11 +269,18 @@ class AmusedPipeline(ProgressBarConfig):
                                      masking_schedule="linear" if mask_image is not None else self.masking_schedule,
                                      device=self.device) if sampler == "compat" else None
         if sampler == "fused":
-            seed = _resolve_seed(seed, generator)
-        elif seed is not None:
-            if generator is not None:
-                raise ValueError("pass seed or generator, not both")
-            generator = torch.Generator().manual_seed(seed)
+            seed = resolve_seed(seed, generator)  # a list (of seeds or generators): one seed per image
+            if isinstance(seed, list) and len(seed) != B:
+                raise ValueError(f"{len(seed)} seeds or generators for {B} images: pass one per image "
+                                 f"(prompts x num_images_per_prompt), or one")
+        else:
+            if isinstance(seed, (list, tuple)) or isinstance(generator, (list, tuple)):
+                raise ValueError("the compat sampler consumes one generator, as diffusers' aMUSEd: pass one seed or "
+                                 "generator, or sampler='fused' for one per image")
+            if seed is not None:
+                if generator is not None:
+                    raise ValueError("pass seed or generator, not both")
+                generator = torch.Generator().manual_seed(resolve_seed(seed))
 
         start, ratio = 0, None
         if image is None:
@@ -196,14 +303,18 @@ class AmusedPipeline(ProgressBarConfig):
             if start == steps:
                 raise ValueError(f"strength={strength} runs int({steps} x {strength}) = 0 of the {steps} steps: "
                                  "raise strength or num_inference_steps")
-            if mask_image is None:
+            if mask_image is None and isinstance(seed, list):  # per-image seeds: each image noised by its own
+                tokens = _match_batch(tokens, B // num_images_per_prompt).repeat(num_images_per_prompt, 1, 1)
+                tokens = torch.cat([self._fused_noise(t[None], start, steps, s) for t, s in zip(tokens, seed)])
+            elif mask_image is None:
                 tokens = (compat.add_noise(tokens, start, generator) if compat
                           else self._fused_noise(tokens, start, steps, seed))
             else:
                 masked = self._token_mask(mask_image, tokens.shape)
                 tokens = tokens.masked_fill(masked, self.mask_token_id)
                 ratio = masked.sum() / tokens.numel()
-            tokens = _match_batch(tokens, B // num_images_per_prompt).repeat(num_images_per_prompt, 1, 1)
+            if tokens.shape[0] != B:
+                tokens = _match_batch(tokens, B // num_images_per_prompt).repeat(num_images_per_prompt, 1, 1)
         return tokens, start, ratio, height, width, compat, seed, generator
 
     def _compat_pipeline(self) -> "AmusedPipeline":
@@ -214,9 +325,12 @@ class AmusedPipeline(ProgressBarConfig):
                                                            local_files_only=True)
         return self._compat_twin
 
-    def to(self, device=None, dtype=None) -> "AmusedPipeline":
+    def to(self, *args, device=None, dtype=None) -> "AmusedPipeline":
         """Move every component to ``device``; ``dtype`` applies to the transformer and the text
-        encoder (the VQ stays float32)."""
+        encoder (the VQ stays float32). Positional or keyword, as diffusers: ``to("cuda")``,
+        ``to(torch.float16)``, ``to("cuda", torch.float16)``, ``to(device=..., dtype=...)``."""
+        device, dtype = to_arguments(args, device, dtype)
+        self._peer_modules.to(device=device, dtype=dtype)
         self.transformer.to(device=device, dtype=dtype)
         if self.text_encoder is not None:
             self.text_encoder.to(device=device, dtype=dtype)
@@ -247,7 +361,7 @@ class AmusedPipeline(ProgressBarConfig):
             raise ValueError("this pipeline has no text encoder: pass prompt_embeds and encoder_hidden_states")
         return self.text_encoder
 
-    def encode_prompt(self, prompt=None, negative_prompt=None, *, prompt_embeds=None, encoder_hidden_states=None,
+    def encode_text(self, prompt=None, negative_prompt=None, *, prompt_embeds=None, encoder_hidden_states=None,
                       negative_prompt_embeds=None, negative_encoder_hidden_states=None, num_images_per_prompt=1,
                       use_cfg=True, exact_batching=False) -> tuple[torch.Tensor, torch.Tensor, int]:
         """-> (pooled (M, P), hidden (M, L, E), batch B): the transformer batch M = 2B with CFG
@@ -258,7 +372,7 @@ class AmusedPipeline(ProgressBarConfig):
         if pooled is None:
             if prompt is None:
                 raise ValueError("pass prompt, or prompt_embeds and encoder_hidden_states")
-            emb = self._text_encoder().encode(_as_list(prompt, "prompt"))
+            emb = self._text_encoder().encode(as_list(prompt, "prompt"))
             pooled, hidden = emb.pooled, emb.hidden
         elif prompt is not None:
             raise ValueError("pass only one of prompt and prompt_embeds")
@@ -270,7 +384,7 @@ class AmusedPipeline(ProgressBarConfig):
             neg_pooled, neg_hidden = _embeddings(negative_prompt_embeds, negative_encoder_hidden_states,
                                                  "negative_prompt_embeds", "negative_encoder_hidden_states")
             if neg_pooled is None:
-                negatives = [""] * n if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
+                negatives = [""] * n if negative_prompt is None else as_list(negative_prompt, "negative_prompt")
                 if len(negatives) == 1 and n > 1:
                     negatives = negatives * n
                 if len(negatives) != n:
@@ -354,6 +468,8 @@ class AmusedPipeline(ProgressBarConfig):
         progress: bool = True,
         guidance_interval: tuple | None = None,
         cache=None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ):
         """Generate. Text-to-image by default; ``image=`` gives image-to-image (``strength``
         default 0.5: the last ``int(T · strength)`` steps run); ``image=`` + ``mask_image=``
@@ -371,11 +487,28 @@ class AmusedPipeline(ProgressBarConfig):
         fused step), ``progress``. ``output_type``: ``"pil"``,
         ``"np"``, ``"pt"``, or ``"latent"`` / ``"tokens"`` (the token grid). Returns the images
         — for ``"pil"`` a list that also answers ``.images`` — or diffusers' output object with
-        ``return_dict=True``, a 1-tuple with ``return_dict=False``.
+        ``return_dict=True``, a 1-tuple with ``return_dict=False`` (every kind answers ``.images``);
+        a pipeline built from diffusers' objects defaults to ``return_dict=True``, as diffusers.
+        ``callback_on_step_end(pipe, step, timestep, {"latents": tokens})`` runs after every
+        step, as diffusers' newer pipelines: the tokens it returns under ``"latents"`` replace
+        the current ones, and it may change ``pipe._guidance_scale`` (read back as
+        ``pipe.guidance_scale``; the decoding keeps the scale it started with).
         """
         call_args = {k: v for k, v in locals().items() if k != "self"}
         if (sampler or self.sampler) == "compat" and self._compat_source is not None:
             return self._compat_pipeline()(**call_args)  # the weights' own dtype: see from_pretrained
+        if return_dict is None:
+            call_args["return_dict"] = self._return_dict_default
+        with self._offloaded():
+            return self._generate(**call_args)
+
+    def _generate(self, prompt, height, width, num_inference_steps, guidance_scale, negative_prompt,
+                  num_images_per_prompt, generator, latents, prompt_embeds, encoder_hidden_states,
+                  negative_prompt_embeds, negative_encoder_hidden_states, output_type, return_dict, callback,
+                  callback_steps, cross_attention_kwargs, micro_conditioning_aesthetic_score,
+                  micro_conditioning_crop_coord, temperature, image, mask_image, strength, seed, sampler,
+                  guidance_schedule, num_steps, backend, progress, guidance_interval, cache, callback_on_step_end,
+                  callback_on_step_end_tensor_inputs):
         if cross_attention_kwargs:
             raise ValueError("cross_attention_kwargs (LoRA scales, attention processors) are not supported")
         if output_type not in OUTPUT_TYPES:
@@ -394,7 +527,7 @@ class AmusedPipeline(ProgressBarConfig):
         steps = _steps(num_inference_steps, num_steps)
         use_cfg = uses_guidance(check_guidance_scale(guidance_scale))  # diffusers: no guidance at all for g <= 1
         progress = self._progress(progress)
-        pooled, hidden, B = self.encode_prompt(
+        pooled, hidden, B = self.encode_text(
             prompt, negative_prompt, prompt_embeds=prompt_embeds, encoder_hidden_states=encoder_hidden_states,
             negative_prompt_embeds=negative_prompt_embeds,
             negative_encoder_hidden_states=negative_encoder_hidden_states,
@@ -403,6 +536,9 @@ class AmusedPipeline(ProgressBarConfig):
             B=B, steps=steps, sampler=sampler, temperature=temperature, image=image, mask_image=mask_image,
             latents=latents, height=height, width=width, strength=strength,
             num_images_per_prompt=num_images_per_prompt, seed=seed, generator=generator)
+        self._guidance_scale, self._num_timesteps = guidance_scale, steps - start
+        hook = self._step_hook(callback, callback_steps, callback_on_step_end, callback_on_step_end_tensor_inputs,
+                               start)
 
         micro = torch.tensor([width, height, *micro_conditioning_crop_coord, micro_conditioning_aesthetic_score],
                              device=self.device, dtype=hidden.dtype)
@@ -418,14 +554,13 @@ class AmusedPipeline(ProgressBarConfig):
             return uncond + guidance_scale * (cond - uncond)
 
         if compat is not None:
-            tokens = self._run_compat(compat, logits_of, tokens, start, ratio, generator, callback, callback_steps,
-                                      progress)
+            tokens = self._run_compat(compat, logits_of, tokens, start, ratio, generator, hook, progress)
         else:  # negatives come first in a CFG batch, as in diffusers
             forward = (GuidedForward(self.transformer, batch_slice(context, slice(B, 2 * B)), context, uncond_first=True)
                        if use_cfg else GuidedForward(self.transformer, context))
             tokens = self._run_fused(forward, tokens, steps, start, ratio, use_cfg, guidance_scale,
-                                     guidance_schedule, temperature, mask_image is not None, seed, backend, callback,
-                                     callback_steps, progress, guidance_interval, cache)
+                                     guidance_schedule, temperature, mask_image is not None, seed, backend, hook,
+                                     progress, guidance_interval, cache)
         return self._output(tokens, output_type, return_dict)
 
     def inpaint(self, image, mask, prompt=None, **kwargs):
@@ -461,17 +596,44 @@ class AmusedPipeline(ProgressBarConfig):
         chosen = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(seed)) < ratio
         return tokens.masked_fill(chosen.to(tokens.device), self.mask_token_id)
 
-    def _run_compat(self, compat: AmusedCompatSampler, logits_of, tokens, start, ratio, generator, callback,
-                    callback_steps, progress) -> torch.Tensor:
+    def _step_hook(self, callback, callback_steps, callback_on_step_end, tensor_inputs, start: int = 0):
+        """One ``hook(step, timestep, latents) -> latents or None`` after each step for both
+        samplers: diffusers' legacy ``callback`` every ``callback_steps`` steps (its step index
+        counts from the schedule's start, as diffusers' aMUSEd), then ``callback_on_step_end``
+        (its index counts the steps this call runs, 0 .. num_timesteps - 1, as diffusers' newer
+        pipelines), whose returned ``"latents"`` replace the tokens."""
+        if callback_on_step_end is None and callback is None:
+            return None
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}")
+        names = list(self._callback_tensor_inputs if tensor_inputs is None else tensor_inputs)
+        unknown = [n for n in names if n not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not available; this pipeline "
+                             f"offers {self._callback_tensor_inputs}")
+
+        def hook(step, timestep, latents):
+            if callback is not None and step % callback_steps == 0:
+                callback(step, timestep, latents)
+            if callback_on_step_end is None:
+                return None
+            out = callback_on_step_end(self, step - start, timestep, {n: latents for n in names}) or {}
+            return out.get("latents")
+
+        return hook
+
+    def _run_compat(self, compat: AmusedCompatSampler, logits_of, tokens, start, ratio, generator, hook,
+                    progress) -> torch.Tensor:
         for i in _progress(range(start, len(compat.timesteps)), progress):
             tokens = compat.step(logits_of(tokens), i, tokens, starting_mask_ratio=1.0 if ratio is None else ratio,
                                  generator=generator)
-            if callback is not None and i % callback_steps == 0:
-                callback(i, compat.timesteps[i], tokens)
+            replaced = None if hook is None else hook(i, compat.timesteps[i], tokens)
+            if replaced is not None:
+                tokens = _check_latents(replaced, tuple(tokens.shape), tokens.device)
         return tokens
 
     def _run_fused(self, forward, tokens, steps, start, ratio, use_cfg, guidance_scale, guidance_schedule,
-                   temperature, inpaint, seed, backend, callback, callback_steps, progress, guidance_interval=None,
+                   temperature, inpaint, seed, backend, hook, progress, guidance_interval=None,
                    cache=None) -> torch.Tensor:
         temps = choice_temperatures(steps, temperature)
         sampler = MaskGitSampler(
@@ -483,23 +645,16 @@ class AmusedPipeline(ProgressBarConfig):
         )
 
         def report(step, now, masked):
-            if step % callback_steps == 0:
-                callback(step, steps - 1 - step, now.masked_fill(masked, self.mask_token_id))
+            replaced = hook(step, steps - 1 - step, now.masked_fill(masked, self.mask_token_id))
+            return None if replaced is None else _check_latents(replaced, tuple(now.shape), now.device)
 
         return sampler(forward, tokens, mask_token_id=self.mask_token_id, seed=seed, start_step=start,
                        starting_mask_ratio=1.0 if ratio is None else ratio,
-                       callback=None if callback is None else report)
+                       callback=None if hook is None else report)
 
     def _output(self, tokens: torch.Tensor, output_type: str, return_dict: bool | None):
-        if output_type in ("latent", "tokens"):
-            images = tokens
-        else:
-            images = format_output(self.decode(tokens), output_type)
-            if output_type == "pil":
-                images = ImageList(images)
-        if return_dict is None:
-            return images
-        return AmusedPipelineOutput(images) if return_dict else (images,)
+        images = tokens if output_type in ("latent", "tokens") else format_output(self.decode(tokens), output_type)
+        return pipeline_output(images, return_dict)
 
 
 class _AnyPixelMask:
@@ -554,26 +709,6 @@ def _steps(num_inference_steps, num_steps) -> int:
     return steps
 
 
-def _resolve_seed(seed, generator) -> int:
-    """The fused sampler's Philox seed: ``seed``, else one drawn from ``generator`` (or from
-    torch's global RNG, so torch.manual_seed governs it too)."""
-    if seed is None:
-        return seed_from_generator(generator)
-    if generator is not None:
-        raise ValueError("pass seed or generator, not both")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
-    return seed
-
-
-def _as_list(value, name: str) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise TypeError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
-
-
 def _embeddings(pooled, hidden, pooled_name: str, hidden_name: str):
     """(pooled (B, P), hidden (B, L, E)) from diffusers' pair of arguments or a TextEmbeddings."""
     if isinstance(pooled, TextEmbeddings):
@@ -621,7 +756,7 @@ def _resolve(folder_or_hub_id, variant: str | None, local_files_only: bool) -> P
     path = Path(folder_or_hub_id).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or not _HUB_ID.match(str(folder_or_hub_id)):
+    if path.exists() or not HUB_ID.match(str(folder_or_hub_id)):
         raise FileNotFoundError(f"{folder_or_hub_id!r} is neither a local folder nor a hub id (owner/name)")
     from huggingface_hub import snapshot_download
 
@@ -631,29 +766,22 @@ def _resolve(folder_or_hub_id, variant: str | None, local_files_only: bool) -> P
     return Path(snapshot_download(str(folder_or_hub_id), ignore_patterns=ignore, local_files_only=local_files_only))
 
 
+def _check_variant(folder: Path, variant: str | None) -> None:
+    """diffusers' rule: a ``variant`` that no component folder has files of is an error."""
+    if variant and not any(any(sub.glob(f"*.{variant}.*")) for sub in folder.iterdir() if sub.is_dir()):
+        raise ValueError(f"You are trying to load the model files of the `variant={variant}`, but no such modeling "
+                         f"files are available in {folder}: pass variant=None to load the full-precision files")
+
+
+def _log_loaded(pipe, folder: Path) -> None:
+    for name, component in pipe.components.items():
+        if component is not None:
+            LOAD_LOGGER.info(f"Loaded {name} as {type(component).__name__} from `{name}` subfolder of {folder}.")
+
+
 def _present(variant: str | None, folder: Path) -> str | None:
     """``variant`` if ``folder`` has files of it, else None (then the full-precision files)."""
     return variant if variant and any(folder.glob(f"*.{variant}.safetensors*")) else None
-
-
-def _file_dtype(folder: Path, variant: str | None) -> tuple[torch.dtype, int | None]:
-    """(floating dtype, parameter count) of a diffusers component folder's weights, read from
-    the safetensors header; (float32, None) when the folder holds another format."""
-    from safetensors import safe_open
-
-    name = f"diffusion_pytorch_model.{variant}.safetensors" if variant else "diffusion_pytorch_model.safetensors"
-    files = [folder / name] if (folder / name).is_file() else sorted(folder.glob("*.safetensors"))
-    dtype, count = torch.float32, 0
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                tensor = f.get_slice(key)
-                dtype = _SAFETENSORS_FLOATS.get(tensor.get_dtype(), dtype)
-                count += math.prod(tensor.get_shape())
-    return dtype, count if files else None
-
-
-_SAFETENSORS_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def _load_clip(folder: Path, variant: str | None, device, dtype) -> CLIPTextEncoder:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -13,8 +12,9 @@ from musefast.models.serialization import read_json
 from musefast.pipelines.amused import AMUSED_CLASSES, AmusedPipeline
 from musefast.pipelines.meissonic import MeissonicPipeline
 from musefast.pipelines.muse import PIPELINE_INDEX, MusePipeline
+from musefast.pipelines.shared import HUB_ID
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_ID = HUB_ID
 PIPELINE_CLASSES = {"MusePipeline": MusePipeline, **{name: AmusedPipeline for name in AMUSED_CLASSES},
                     "MeissonicPipeline": MeissonicPipeline}
 

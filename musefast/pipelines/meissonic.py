@@ -34,9 +34,14 @@ from musefast.pipelines.amused import (
     AmusedPipeline,
     _check_sampler,
     _load_clip,
-    _file_dtype,
     _present,
     _resolve,
+)
+from musefast.pipelines.shared import file_dtype
+from musefast.pipelines.peer_components import (
+    convert_components,
+    convert_meissonic_transformer,
+    is_peer_meissonic_transformer,
 )
 from musefast.sampling import GuidedForward, check_guidance_scale, uses_guidance
 from musefast.sampling.cache import batch_slice
@@ -48,6 +53,11 @@ DEFAULTS = {"text2image": (48, 9.0), "image": (12, 10.0)}  # (steps, guidance) o
 class MeissonicPipeline(AmusedPipeline):
     """Meissonic / Monetico text-to-image, image-to-image and inpainting.
 
+    Built from musefast's components, or by keyword from the peer's own objects, as its
+    ``Pipeline(vqvae=VQModel, tokenizer=CLIPTokenizer, text_encoder=CLIPTextModelWithProjection,
+    transformer=Transformer2DModel, scheduler=Scheduler)``: converted once, here (see
+    :class:`AmusedPipeline`; prompts are then padded to the peer's 77 tokens).
+
     Args:
         vqvae: the VQ tokenizer (float32); text_encoder: a :class:`CLIPTextEncoder` (or None if
             you always pass embeddings); transformer: the :class:`MeissonicTransformer`;
@@ -55,8 +65,15 @@ class MeissonicPipeline(AmusedPipeline):
         masking_schedule, sampler: as :class:`AmusedPipeline`.
     """
 
-    def __init__(self, vqvae: VQGAN, text_encoder: CLIPTextEncoder | None, transformer: MeissonicTransformer, *,
-                 mask_token_id: int | None = None, masking_schedule: str = "cosine", sampler: str = "fused"):
+    def __init__(self, vqvae: VQGAN | None = None, text_encoder: CLIPTextEncoder | None = None,
+                 transformer: MeissonicTransformer | None = None, scheduler=None, *, tokenizer=None,
+                 mask_token_id: int | None = None, masking_schedule: str | None = None, sampler: str = "fused"):
+        c = convert_components(vqvae, text_encoder, transformer, tokenizer, scheduler,
+                               transformer_class="Transformer2DModel (Meissonic)",
+                               is_peer_transformer=is_peer_meissonic_transformer,
+                               convert_peer_transformer=convert_meissonic_transformer, text_max_length=TEXT_LENGTH)
+        vqvae, text_encoder, transformer = c.vqvae, c.text_encoder, c.transformer
+        mask_token_id, masking_schedule = self._take_peer_settings(c, mask_token_id, masking_schedule)
         cfg = transformer.config
         if vqvae.config.codebook_size != cfg.codebook_size:
             raise ValueError(f"vqvae codebook ({vqvae.config.codebook_size}) != transformer codebook_size "
@@ -77,6 +94,12 @@ class MeissonicPipeline(AmusedPipeline):
         self.sampler = _check_sampler(sampler)
         self._compat_source: dict | None = None  # set by from_pretrained when dtype="auto" changed the dtype
         self._compat_twin: MeissonicPipeline | None = None
+
+    encode_prompt = AmusedPipeline.encode_text  # musefast's earlier name, kept for Meissonic callers
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        raise NotImplementedError("MeissonicPipeline.save_pretrained is not implemented: the peer's folder layout "
+                                  "names its own source classes (src.transformer); keep the folder you loaded from")
 
     @classmethod
     def from_pretrained(cls, folder_or_hub_id: str | os.PathLike, *, variant: str | None = None,
@@ -116,7 +139,7 @@ class MeissonicPipeline(AmusedPipeline):
                 raise FileNotFoundError(f"Meissonic folder {folder} has no {sub}/ sub-folder")
         requested = dtype
         if dtype == "auto":
-            weights_dtype, num_params = _file_dtype(folder / "transformer", _present(variant, folder / "transformer"))
+            weights_dtype, num_params = file_dtype(folder / "transformer", _present(variant, folder / "transformer"))
             on_gpu = device is not None and torch.device(device).type == "cuda"
             dtype = (weights_dtype if sampler == "compat" or quantize else torch.bfloat16 if on_gpu
                      else cpu_engine.resolve_dtype("auto", device, weights_dtype, num_params))
@@ -216,7 +239,8 @@ class MeissonicPipeline(AmusedPipeline):
             raise ValueError(f"num_inference_steps must be an int >= 1, got {steps!r}")
         guidance_scale = default_guidance if guidance_scale is None else float(guidance_scale)
         use_cfg = uses_guidance(check_guidance_scale(guidance_scale))  # diffusers: <= 1 is no guidance
-        pooled, hidden, B = self.encode_prompt(
+        progress = self._progress(progress)  # set_progress_bar_config(disable=True) silences it, as every pipeline
+        pooled, hidden, B = self.encode_text(
             prompt, negative_prompt, prompt_embeds=prompt_embeds, encoder_hidden_states=encoder_hidden_states,
             negative_prompt_embeds=negative_prompt_embeds,
             negative_encoder_hidden_states=negative_encoder_hidden_states,
@@ -225,6 +249,8 @@ class MeissonicPipeline(AmusedPipeline):
             B=B, steps=steps, sampler=sampler, temperature=temperature, image=image, mask_image=mask_image,
             latents=latents, height=height, width=width, strength=strength,
             num_images_per_prompt=num_images_per_prompt, seed=seed, generator=generator)
+        self._guidance_scale, self._num_timesteps = guidance_scale, steps - start
+        hook = self._step_hook(callback, callback_steps, None, None, start)
 
         micro = torch.tensor([width, height, *micro_conditioning_crop_coord, micro_conditioning_aesthetic_score],
                              device=self.device, dtype=hidden.dtype)
@@ -249,14 +275,13 @@ class MeissonicPipeline(AmusedPipeline):
                 uncond, cond = out.chunk(2)
                 return uncond + guidance_scale * (cond - uncond)
 
-            tokens = self._run_compat(compat, logits_of, tokens, start, ratio, generator, callback, callback_steps,
-                                      progress)
+            tokens = self._run_compat(compat, logits_of, tokens, start, ratio, generator, hook, progress)
         else:  # negatives come first in a CFG batch, as in the peer
             forward = (GuidedForward(model, batch_slice(context, slice(B, 2 * B)), context, uncond_first=True)
                        if use_cfg else GuidedForward(model, context))
             tokens = self._run_fused(forward, tokens, steps, start, ratio, use_cfg, guidance_scale,
-                                     guidance_schedule, temperature, mask_image is not None, seed, backend, callback,
-                                     callback_steps, progress, guidance_interval, cache)
+                                     guidance_schedule, temperature, mask_image is not None, seed, backend, hook,
+                                     progress, guidance_interval, cache)
         return self._output(tokens, output_type, return_dict)
 
 

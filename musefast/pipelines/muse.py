@@ -21,7 +21,9 @@ from musefast.ops.registry import use_backend
 from musefast.models.text import TextEmbeddings, as_text_embeddings, load_text_encoder
 from musefast.models.transformer import Context, MuseTransformer, SuperResTransformer
 from musefast.models.vqgan import VQGAN
-from musefast.pipelines.images import OUTPUT_TYPES, ImageList, PipelineOutput, format_output, to_mask, to_tensor, token_mask
+from musefast.pipelines.diffusers_api import pipeline_output
+from musefast.pipelines.shared import as_list
+from musefast.pipelines.images import OUTPUT_TYPES, format_output, to_mask, to_tensor, token_mask
 from musefast.pipelines.options import (ProgressBarConfig, check_device, diffusers_dtype, pick, resize_images,
                                         resize_mask, resolve_seed, size_error, to_arguments)
 from musefast.sampling import GuidedForward, MaskGitSampler, check_guidance_scale, uses_guidance
@@ -167,14 +169,14 @@ class MusePipeline(ProgressBarConfig):
             cond = as_text_embeddings(prompt_embeds, hidden_size=self.transformer.config.text_dim,
                                       name="prompt_embeds")
         else:
-            prompts = _as_list(prompt, "prompt")
+            prompts = as_list(prompt, "prompt")
             cond = self._text_encoder().encode(prompts)
         n = cond.batch_size
         if negative_prompt_embeds is not None:
             uncond = as_text_embeddings(negative_prompt_embeds, hidden_size=self.transformer.config.text_dim,
                                         batch_size=n, name="negative_prompt_embeds")
         else:
-            negatives = [""] * n if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
+            negatives = [""] * n if negative_prompt is None else as_list(negative_prompt, "negative_prompt")
             if len(negatives) == 1 and n > 1:
                 negatives = negatives * n
             if len(negatives) != n:
@@ -318,11 +320,7 @@ class MusePipeline(ProgressBarConfig):
             if size is not None:
                 pixels = resize_images(pixels, *size)
             images = format_output(pixels, output_type)
-            if output_type == "pil":
-                images = ImageList(images)
-        if return_dict is None:
-            return images
-        return PipelineOutput(images) if return_dict else (images,)
+        return pipeline_output(images, return_dict)
 
     @staticmethod
     def _check_output_type(output_type):
@@ -559,11 +557,3 @@ def _next_seed(seed):
 
 def _grid(model) -> int:
     return model.config.high.grid_size if isinstance(model, SuperResTransformer) else model.config.grid_size
-
-
-def _as_list(value, name: str) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise TypeError(f"{name} must be a string or a non-empty list of strings, got {value!r}")

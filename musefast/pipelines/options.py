@@ -14,7 +14,14 @@ def resolve_seed(seed, generator=None) -> int | list[int]:
     """The Philox seed of a call: ``seed`` (any non-negative integer, numpy's included), else one
     drawn from ``generator``, else from torch's global RNG (so ``torch.manual_seed`` governs it).
     A list gives one seed per image (batch generation): each image's tokens then depend on its own
-    seed only, not on the other images of the call."""
+    seed only, not on the other images of the call; so does a list of generators (diffusers'
+    per-image generators), one seed drawn from each."""
+    if isinstance(generator, (list, tuple)):
+        if seed is not None:
+            raise ValueError("pass seed or generator, not both")
+        if not generator:
+            raise ValueError("generator is an empty list: pass one generator per image, or one generator")
+        return [resolve_seed(None, g) for g in generator]
     if isinstance(seed, (list, tuple)):
         if not seed:
             raise ValueError("seed is an empty list: pass one seed per image, or one int")

@@ -119,7 +119,9 @@ class MaskGitSampler:
             start_step: first step to run (image-to-image starts part-way).
             starting_mask_ratio: aMUSEd's inpainting scale of the mask counts; default: the
                 masked fraction of the batch (1 when everything is masked).
-            callback: called as ``callback(step, tokens, masked)`` after every step.
+            callback: called as ``callback(step, tokens, masked)`` after every step; when it
+                returns a tensor, that replaces the tokens (its ``mask_token_id`` entries are
+                the masked ones).
 
         Returns:
             (B, *shape) int64 tokens, none of them masked; known tokens are unchanged.
@@ -158,8 +160,10 @@ class MaskGitSampler:
                                        seed=seed if seeds is None else seeds,
                                        mask_token_id=mask_token_id, masked_start=masked_start,
                                        starting_mask_ratio=starting_mask_ratio, run=run)
-            if callback is not None:
-                callback(step, tokens.reshape(shape), masked.reshape(shape))
+            replaced = None if callback is None else callback(step, tokens.reshape(shape), masked.reshape(shape))
+            if replaced is not None:  # a step callback may replace the tokens (diffusers' callback_on_step_end)
+                tokens = replaced.reshape(B, -1).to(tokens)
+                masked = tokens == mask_token_id
         return tokens.reshape(shape)
 
     def _step_per_image(self, cond, uncond, tokens, masked, seeds, step, params):
