@@ -8,7 +8,7 @@ always loses to an installed ``kernels``.
 
 A wheel install puts the files in ``site-packages/musefast/kernels/`` and Python finds them
 there. setuptools' editable finder, however, cannot map a package without ``__init__.py``
-(pypa/setuptools#4248, #4943), so ``pip install -e .`` alone leaves ``musefast.kernels``
+(https://github.com/pypa/setuptools/issues/4248 and /4943), so ``pip install -e .`` alone leaves ``musefast.kernels``
 unimportable. This finder, appended after every other one, answers only for
 ``musefast.kernels`` and only when nothing else did: then the package is the repository's
 ``kernels/`` folder next to this ``musefast/`` folder.
