@@ -26,7 +26,7 @@ package_data = {
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("MUSEFAST_AOT") == "1":
-    # Load the build helper by path: importing the musefast package would need its deps.
+    # Load the build module by path: importing the musefast package would need its deps.
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("musefast_build", "musefast/_build.py")

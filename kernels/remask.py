@@ -1,4 +1,4 @@
-"""Triton kernel of ``cfg_sample_remask``: one MaskGIT decoding step (DESIGN §5).
+"""Triton kernel of ``cfg_sample_remask``: one MaskGIT decoding step (semantics: musefast/reference/remask.py).
 
 One program owns BLOCK_R rows (b, n). It streams each row's logits in chunks of BLOCK_K
 tokens, once: guided logits (CFG, NaN -> -inf, +inf -> max float32), an online max and

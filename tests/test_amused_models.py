@@ -1,7 +1,7 @@
 """aMUSEd components against diffusers (a test extra): UVit2D logits, the VQ, loading, errors.
 
 Tiny random diffusers models are built offline, saved with ``save_pretrained`` and loaded by
-musefast from the folder. Logits follow the DESIGN §6 rule: musefast's error against a float64
+musefast from the folder. Logits follow the project's error rule: musefast's error against a float64
 run of diffusers' model is at most 2x (+ eps) diffusers' own error in the same dtype.
 """
 import json

@@ -62,7 +62,7 @@ def test_fp16_variant_loads_in_the_file_dtype():
 
 def test_bf16_logits_within_the_flash_attention_rule():
     """bf16 error vs the fp32 peer logits is at most 2x that of torch's own bf16 computation of the
-    same model (DESIGN §6), here measured with musefast's reference ops (attention, qk_norm_rope)."""
+    same model (the project's error rule), here measured with musefast's reference ops (attention, qk_norm_rope)."""
     folder, io_folder = TRANSFORMERS["meissonic"]
     io = load_file(io_folder / "transformer_io.safetensors")
     model = MeissonicTransformer.from_pretrained(folder, dtype=torch.bfloat16)

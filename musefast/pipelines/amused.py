@@ -564,7 +564,7 @@ class AmusedPipeline(DiffusersPipelineAPI):
         return self._output(tokens, output_type, return_dict)
 
     def inpaint(self, image, mask, prompt=None, **kwargs):
-        """musefast's inpainting rule (DESIGN §3): a token is repainted if any pixel of its patch
+        """musefast's inpainting rule: a token is repainted if any pixel of its patch
         is white (nonzero) in ``mask``; every other token of ``encode(image)`` is kept exactly.
         Other arguments as :meth:`__call__`."""
         if "mask_image" in kwargs:
@@ -691,7 +691,7 @@ def diffusers_token_mask(mask_image, height: int, width: int) -> torch.Tensor:
     return F.interpolate(torch.cat(parts).cpu(), size=(height, width))[:, 0] >= 0.5
 
 
-# -- helpers ------------------------------------------------------------------------------
+# -- argument and file functions ------------------------------------------------------
 
 
 def _check_sampler(sampler: str) -> str:

@@ -51,7 +51,7 @@ class DiffusersPipelineAPI(ProgressBarConfig):
         return self._num_timesteps
 
     def progress_bar(self, iterable=None, total=None):
-        """A tqdm bar with the options of :meth:`set_progress_bar_config` (diffusers' helper)."""
+        """A tqdm bar with the options of :meth:`set_progress_bar_config` (as diffusers' pipelines offer)."""
         from tqdm.auto import tqdm
 
         config = dict(self._progress_bar_config or {})

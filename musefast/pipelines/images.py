@@ -65,7 +65,7 @@ def to_tensor(image, *, name: str = "image") -> torch.Tensor:
 
 
 def to_mask(mask, *, name: str = "mask") -> torch.Tensor:
-    """Any image-like mask -> bool (B, H, W): True (white / nonzero) = repaint (DESIGN §3).
+    """Any image-like mask -> bool (B, H, W): True (white / nonzero) = repaint.
 
     PIL images (any mode), numpy (H, W) or (H, W, C), tensors (H, W), (B, H, W) or
     (B, C, H, W), of any dtype (0/1, 0/255 or floats); a pixel is repainted if any of its

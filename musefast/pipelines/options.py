@@ -1,7 +1,7 @@
 """Call conventions shared by the pipelines: seeds, devices, ``to()`` arguments, image sizes.
 
 musefast's names (``seed``, ``num_steps``, ``dtype``) and diffusers' (``generator``,
-``num_inference_steps``, ``torch_dtype``) are both accepted; these helpers reduce them to one.
+``num_inference_steps``, ``torch_dtype``) are both accepted; these functions reduce them to one.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Argument and file helpers every pipeline family shares (one copy, not one per pipeline)."""
+"""Argument and file functions every pipeline family shares (one copy, not one per pipeline)."""
 from __future__ import annotations
 
 import re
