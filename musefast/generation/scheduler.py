@@ -51,7 +51,7 @@ class Handle:
         self.stage: Stage | None = None
         self.steps_done = 0
         self._tokens: torch.Tensor | None = None
-        self._error: BaseException | None = None
+        self.error: BaseException | None = None  # why a FAILED request failed
 
     def done(self) -> bool:
         return self.state in (State.DONE, State.FAILED, State.CANCELLED)
@@ -63,7 +63,7 @@ class Handle:
         if self.state is State.CANCELLED:
             raise Cancelled("this request was cancelled")
         if self.state is State.FAILED:
-            raise self._error
+            raise self.error
         return self._tokens
 
     def image(self):
@@ -180,7 +180,7 @@ class Engine:
             try:
                 handle.stage = self.adapter.start(handle.request, None)
             except Exception as exc:  # noqa: BLE001 - a request that cannot start fails alone
-                handle.state, handle._error = State.FAILED, exc
+                handle.state, handle.error = State.FAILED, exc
                 continue
             handle.state = State.RUNNING
             self._live.append(handle)
@@ -251,7 +251,7 @@ class Engine:
         try:
             following = self.adapter.next_stage(handle.request, st, grid_tokens)
         except Exception as exc:  # noqa: BLE001
-            following, handle._error, handle.state = None, exc, State.FAILED
+            following, handle.error, handle.state = None, exc, State.FAILED
         if following is not None:
             handle.stage = following
             return
