@@ -90,6 +90,7 @@ def main() -> None:
 
     pipe = load_model(args.model)
     requests = make_requests(args.requests, [int(s) for s in args.steps.split(",")])
+    run(pipe, requests[:2], max_batch=2, threads=1, per_step=2)  # warm-up: backend self-checks, first calls
     reference, solo = run(pipe, requests, max_batch=1, threads=1, per_step=1)
     runs = [dict(solo, differ=0, role="reference (solo)")]
     for threads in (int(t) for t in args.threads.split(",")):

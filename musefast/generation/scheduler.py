@@ -133,6 +133,9 @@ class Engine:
     # -- requests ----------------------------------------------------------------------------
 
     def resolve(self, request: Request) -> Request:
+        """``request`` with the family's defaults filled in (what ``submit`` queues)."""
+        if not isinstance(request, Request):
+            raise TypeError(f"expected a musefast.generation.Request, got {type(request).__name__}")
         return self.adapter.resolve(request, self.model_name)
 
     def submit(self, request: Request) -> Handle:

@@ -78,8 +78,6 @@ class Adapter:
     def resolve(self, request: Request, model: str | None = None) -> Request:
         """``request`` with every setting filled (the family's defaults) and its family named;
         a request the family cannot run is a ValueError."""
-        if not isinstance(request, Request):
-            raise TypeError(f"expected a musefast.generation.Request, got {type(request).__name__}")
         if request.family not in (None, self.family):
             raise ValueError(f"request is for the {request.family!r} family, this model is {self.family!r}")
         filled = {k: v for k, v in self.defaults(request).items() if getattr(request, k) is None}
