@@ -27,6 +27,7 @@ class Job:
     num_steps: int | None = None  # for rows that do not set them (None: the family's default)
     guidance_scale: float | None = None
     negative_prompt: str | None = None
+    size: tuple | None = None  # (height, width) in pixels (None: the model's)
     format: str = "png"
     version: str = ""
 
@@ -52,13 +53,15 @@ def fixed_settings(adapter: Adapter) -> dict:
     return {"preset": "amused", "mask_schedule": pipe.masking_schedule}
 
 
-def make_job(pipe, model: str, *, num_steps=None, guidance_scale=None, negative_prompt=None, fmt="png") -> Job:
+def make_job(pipe, model: str, *, num_steps=None, guidance_scale=None, negative_prompt=None, size=None,
+             fmt="png") -> Job:
     from musefast import __version__
 
     adapter = adapter_for(pipe)
     return Job(model=str(model), weights=weights_hash(pipe), family=adapter.family, sampler=fixed_settings(adapter),
                num_steps=num_steps, guidance_scale=None if guidance_scale is None else float(guidance_scale),
-               negative_prompt=negative_prompt, format=fmt, version=__version__)
+               negative_prompt=negative_prompt, size=None if size is None else Request(prompt="-", size=size).size,
+               format=fmt, version=__version__)
 
 
 def make_request(row: Row, job: Job) -> Request:
@@ -67,7 +70,7 @@ def make_request(row: Row, job: Job) -> Request:
                    negative_prompt=row.negative_prompt if row.negative_prompt is not None else job.negative_prompt,
                    seed=row.seed, num_steps=row.num_steps if row.num_steps is not None else job.num_steps,
                    guidance_scale=row.guidance_scale if row.guidance_scale is not None else job.guidance_scale,
-                   model=job.model)
+                   size=job.size, model=job.model)
 
 
 def make_record(request: Request, row_id: str, job: Job) -> dict:

@@ -21,7 +21,7 @@ DEFAULT_BATCH_SIZE = {"cpu": 8, "cuda": 32}
 
 def batch_generate(prompts_or_path, out_dir, *, model="demo", batch_size: int | None = None, seed: int = 0,
                    num_steps: int | None = None, guidance_scale: float | None = None,
-                   negative_prompt: str | None = None, format: str = "png", shard_size: int = 1000,
+                   negative_prompt: str | None = None, size=None, format: str = "png", shard_size: int = 1000,
                    overwrite: bool = False, deterministic: bool = False, device=None, dtype=None,
                    backend: str | None = None, ray: bool = False, ray_address: str | None = None,
                    workers: int | None = None, cpus_per_worker: int = 2, progress: bool = True) -> dict:
@@ -30,7 +30,8 @@ def batch_generate(prompts_or_path, out_dir, *, model="demo", batch_size: int | 
     ``model``: a name or folder as for ``musefast.load``, or a loaded pipeline (in-process
     only). ``prompts_or_path``: a .txt/.jsonl/.csv/.parquet path or a list of prompts (or dicts with
     ``prompt`` and optional ``id``, ``seed``, ``negative_prompt``, ``num_steps``,
-    ``guidance_scale``). Rows already in ``out_dir/manifest.jsonl`` are skipped; a row whose
+    ``guidance_scale``). ``size``: (height, width) in pixels, or one int, for every row (None: the
+    model's; the Muse family has one size). Rows already in ``out_dir/manifest.jsonl`` are skipped; a row whose
     settings differ from its manifest line raises ValueError unless ``overwrite``. ``seed`` is
     the global seed from which rows without one get theirs. ``ray``/``ray_address`` run the job
     on Ray Data with ``workers`` actors, each holding one pipeline.
@@ -61,7 +62,7 @@ def batch_generate(prompts_or_path, out_dir, *, model="demo", batch_size: int | 
         else:
             pipe, model = model, type(model).__name__
         job = make_job(pipe, model, num_steps=num_steps, guidance_scale=guidance_scale,
-                       negative_prompt=negative_prompt, fmt=format)
+                       negative_prompt=negative_prompt, size=size, fmt=format)
         manifest = Manifest(out / "manifest.jsonl")
         size = batch_size or DEFAULT_BATCH_SIZE.get(pipe.device.type, 8)
         worker = Worker(pipe, job, deterministic=deterministic, backend=backend, max_batch=size)
