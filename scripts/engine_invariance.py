@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--steps", default="2,4,8,12", help="step counts the requests draw from")
     parser.add_argument("--max-batch", default="4,16", help="engine sizes compared with the solo runs")
     parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--solo-once", action="store_true", help="no solo run at the other thread counts")
     parser.add_argument("--out", default=None, help="JSON report path (default: print)")
     args = parser.parse_args()
     from musefast import __version__
@@ -99,7 +100,7 @@ def main() -> None:
             info["differ"] = sum(a != b for a, b in zip(hashes, reference))
             runs.append(info)
             print(json.dumps(info), file=sys.stderr)
-        if threads != 1:
+        if threads != 1 and not args.solo_once:
             hashes, info = run(pipe, requests, max_batch=1, threads=threads, per_step=1)
             info["differ"] = sum(a != b for a, b in zip(hashes, reference))
             runs.append(info)
