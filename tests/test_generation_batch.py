@@ -79,3 +79,10 @@ def test_output_naming_a_file_is_one_line(tmp_path, capsys):
         main(["batch", str(prompts), "-o", str(existing), "-q"])
     message = str(info.value.code)
     assert message.startswith("musefast batch: output") and "is a file" in message and "\n" not in message
+
+
+def test_a_size_the_model_cannot_make_fails_the_job(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    with pytest.raises(SystemExit, match="musefast batch: size .* this model works at"):
+        main(["batch", str(prompts), "-o", str(tmp_path / "out"), "--size", "32", "-q"])

@@ -58,9 +58,11 @@ def make_job(pipe, model: str, *, num_steps=None, guidance_scale=None, negative_
     from musefast import __version__
 
     adapter = adapter_for(pipe)
+    if size is not None:  # a size the model cannot make fails the job now, not every row
+        size = adapter.resolve(Request(prompt="-", size=size)).size
     return Job(model=str(model), weights=weights_hash(pipe), family=adapter.family, sampler=fixed_settings(adapter),
                num_steps=num_steps, guidance_scale=None if guidance_scale is None else float(guidance_scale),
-               negative_prompt=negative_prompt, size=None if size is None else Request(prompt="-", size=size).size,
+               negative_prompt=negative_prompt, size=size,
                format=fmt, version=__version__)
 
 
