@@ -86,3 +86,21 @@ def test_a_size_the_model_cannot_make_fails_the_job(tmp_path):
     prompts.write_text("a red circle\n")
     with pytest.raises(SystemExit, match="musefast batch: size .* this model works at"):
         main(["batch", str(prompts), "-o", str(tmp_path / "out"), "--size", "32", "-q"])
+
+
+def test_amused_edits_on_the_engine_equal_the_pipeline(amused_folder):
+    import torch
+
+    from musefast.generation import Engine, Request
+
+    pipe = musefast.load(amused_folder)
+    image = pipe("a red cat", seed=1, num_inference_steps=2, output_type="pt", progress=False)[0]
+    mask = torch.zeros(image.shape[-2:], dtype=torch.bool)
+    mask[:, : image.shape[-1] // 2] = True
+    img2img = Request(prompt="a blue dog", seed=2, num_steps=4, init_image=image, strength=0.5)
+    inpaint = Request(prompt="a green tree", seed=3, num_steps=4, init_image=image, mask=mask)
+    got = [h.result() for h in Engine(pipe, max_batch=2).run([img2img, inpaint])]
+    assert torch.equal(got[0], pipe("a blue dog", image=image, strength=0.5, seed=2, num_inference_steps=4,
+                                    output_type="tokens", progress=False)[0])
+    assert torch.equal(got[1], pipe.inpaint(image, mask, "a green tree", seed=3, num_inference_steps=4,
+                                            output_type="tokens", progress=False)[0])
