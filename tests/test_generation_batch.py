@@ -104,3 +104,20 @@ def test_amused_edits_on_the_engine_equal_the_pipeline(amused_folder):
                                     output_type="tokens", progress=False)[0])
     assert torch.equal(got[1], pipe.inpaint(image, mask, "a green tree", seed=3, num_inference_steps=4,
                                             output_type="tokens", progress=False)[0])
+
+
+def test_meissonic_rows_at_different_timesteps_share_a_forward():
+    import torch
+
+    from musefast.generation import Engine, Request
+
+    pipe = musefast.load(MEISSONIC)
+    requests = [Request(prompt=p, seed=20 + i, num_steps=[4, 3, 5][i % 3], guidance_scale=[9.0, 1.0, 3.0][i % 3],
+                        size=(128, 128)) for i, p in enumerate(_prompts(6))]
+    engine = Engine(pipe, max_batch=4)
+    got = [h.result() for h in engine.run(requests)]
+    assert engine.forwards < sum(r.num_steps for r in requests)
+    for r, tokens in zip(requests, got):
+        single = pipe(r.prompt, height=128, width=128, seed=r.seed, num_inference_steps=r.num_steps,
+                      guidance_scale=r.guidance_scale, output_type="tokens", progress=False)[0]
+        assert torch.equal(tokens, single)
