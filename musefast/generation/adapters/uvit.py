@@ -52,7 +52,9 @@ class UVitAdapter(Adapter):
         pipe = self.pipe
         use_cfg = uses_guidance(request.guidance_scale)
         embeds, negative = _pair(request.prompt_embeds), _pair(request.negative_prompt_embeds)
-        pooled, hidden, B = pipe.encode_prompt(
+        # AmusedPipeline's text encoding: ``encode_text`` where diffusers' ``encode_prompt`` took the name
+        encode = getattr(pipe, "encode_text", None) or pipe.encode_prompt
+        pooled, hidden, B = encode(
             request.prompt, request.negative_prompt, prompt_embeds=embeds[0], encoder_hidden_states=embeds[1],
             negative_prompt_embeds=negative[0], negative_encoder_hidden_states=negative[1], use_cfg=use_cfg)
         if B != 1:
