@@ -201,12 +201,13 @@ def _batch(args) -> int:
     try:
         summary = batch_generate(
             args.prompts, args.output, model=args.model, batch_size=args.batch_size, seed=args.seed,
-            num_steps=args.steps, guidance_scale=args.guidance, negative_prompt=args.negative, format=args.format,
+            num_steps=args.steps, guidance_scale=args.guidance, negative_prompt=args.negative, size=args.size,
+            format=args.format,
             shard_size=args.shard_size, overwrite=args.overwrite, deterministic=args.deterministic,
             device=args.device, dtype=getattr(torch, DTYPES[args.dtype]) if args.dtype else None, backend=args.backend,
             ray=args.ray, ray_address=args.ray_address, workers=args.workers,
             cpus_per_worker=args.cpus_per_worker, progress=not args.quiet)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError) as exc:
         raise SystemExit(f"musefast batch: {exc}") from None
     return 0 if summary["failed"] == 0 else 1
 
@@ -223,6 +224,7 @@ def _add_batch(sub) -> None:
                    help="guidance scale for rows without one (default: the model's setting)")
     b.add_argument("--negative", default=None, help="negative prompt for rows without one")
     b.add_argument("--seed", type=int, default=0, help="global seed: rows without a seed get hash(id, seed)")
+    b.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     b.add_argument("--batch-size", type=int, default=None, help="rows per forward pass (default: 8 CPU, 32 GPU)")
     b.add_argument("--format", default="png", choices=["png", "webdataset"],
                    help="png: images/<id>.png; webdataset: tar shards in shards/")

@@ -1,4 +1,4 @@
-"""Many images: rows -> batches of equal settings -> images + a durable manifest (DESIGN §11)."""
+"""Many images: rows -> requests on the generation engine -> images + a durable manifest."""
 from musefast.batch.runner import batch_generate
 
 __all__ = ["batch_generate"]

@@ -14,8 +14,11 @@ from pathlib import Path
 
 from musefast.batch.durable import write_atomic
 
-# A row's result is a function of these (DESIGN §11); "format" says where its image lives.
-IDENTITY = ("prompt", "negative_prompt", "seed", "num_steps", "guidance_scale", "sampler", "weights", "format")
+# A row's result is a function of these (its request's metadata, the model's fixed settings and
+# weights); "format" says where its image lives.
+IDENTITY = ("family", "prompt", "negative_prompt", "seed", "num_steps", "guidance_scale", "guidance_schedule",
+            "guidance_interval", "temperature", "choice_temperature", "size", "cache", "strength", "sampler",
+            "weights", "format")
 
 
 class ManifestError(ValueError):
@@ -52,11 +55,12 @@ class Manifest:
         return row_id in self.records
 
     def conflicts(self, record: dict) -> list[str]:
-        """Names of the identity fields where ``record`` differs from the line of its id."""
+        """Names of the identity fields where ``record`` differs from the line of its id (a line
+        written before a field existed is compared on the fields it has)."""
         old = self.records.get(record["id"])
         if old is None:
             return []
-        return [k for k in IDENTITY if old.get(k) != record.get(k)]
+        return [k for k in IDENTITY if k in old and old[k] != record.get(k)]
 
     def drop(self, ids: set[str]) -> None:
         """Forget ``ids`` (to regenerate them): the file is rewritten without their lines."""

@@ -8,7 +8,8 @@ from PIL.PngImagePlugin import PngInfo
 
 # The parameters written to every image, in this order; values are written as str().
 METADATA_KEYS = ("prompt", "negative_prompt", "seed", "num_steps", "guidance_scale", "sampler", "model",
-                 "musefast_version")
+                 "musefast_version", "family", "guidance_schedule", "guidance_interval", "temperature",
+                 "choice_temperature", "size", "cache")
 
 
 def encode_png(image: Image.Image, metadata: dict) -> bytes:

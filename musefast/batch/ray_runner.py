@@ -1,7 +1,7 @@
 """The same job on Ray Data: a pool of actors, each holding one pipeline.
 
-The driver plans (reads the rows, skips the manifest's, groups by settings) and hands Ray one
-item per batch; an actor generates it and, for PNG output, writes the images itself (durably;
+The driver plans (reads the rows, skips the manifest's, cuts them into batches) and hands Ray one
+item per batch; an actor generates it on its engine and, for PNG output, writes the images itself (durably;
 on a multi-node cluster DIR must be a shared filesystem) and returns their records; for
 webdataset it returns the PNG bytes and the driver writes the shards. Only the driver appends
 to the manifest, so a line is written once per id. Ray restarts a killed actor and retries its
@@ -21,7 +21,7 @@ from musefast.batch.rows import Row
 
 class _GenerateActor:
     def __init__(self, job: Job, out_dir: str, model: str, threads: int, deterministic: bool, device, dtype,
-                 backend, write_images: bool):
+                 backend, write_images: bool, max_batch: int):
         import torch
 
         from musefast import load
@@ -35,7 +35,7 @@ class _GenerateActor:
         pipe = load(model, device=device, dtype=dtype)
         if weights_hash(pipe) != job.weights:  # a node with another copy of the model would mix results
             raise RuntimeError(f"model {model!r} on {os.uname().nodename} has other weights than on the driver")
-        self.worker = Worker(pipe, job, deterministic=deterministic)
+        self.worker = Worker(pipe, job, deterministic=deterministic, max_batch=max_batch)
         self.sink = ImageSink(Path(out_dir)) if write_images else None
 
     def __call__(self, item: dict) -> dict:
@@ -71,7 +71,7 @@ def run_on_ray(batches: list[list[Row]], job: Job, out_dir: Path, *, model: str,
         _GenerateActor,
         fn_constructor_kwargs=dict(job=job, out_dir=str(out_dir), model=model, threads=cpus_per_worker,
                                    deterministic=deterministic, device=device, dtype=dtype, backend=backend,
-                                   write_images=write_images),
+                                   write_images=write_images, max_batch=max(len(b) for b in batches)),
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=0 if use_gpu else cpus_per_worker, num_gpus=1 if use_gpu else 0,
     )

@@ -1,5 +1,5 @@
-"""``batch_generate``: read rows, skip those in the manifest, generate the rest in batches of
-equal settings (in this process, or on Ray), write images durably, then their manifest lines."""
+"""``batch_generate``: read rows, skip those in the manifest, generate the rest on the generation
+engine (in this process, or on Ray), write images durably, then their manifest lines."""
 from __future__ import annotations
 
 import fcntl
@@ -10,18 +10,18 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from musefast.batch.job import Job, make_job, make_record
+from musefast.batch.job import make_job
 from musefast.batch.manifest import Manifest
 from musefast.batch.rows import Row, RowError, read_rows
 from musefast.batch.sinks import FORMATS, make_sink
-from musefast.batch.worker import Done, Worker, group_key
+from musefast.batch.worker import Done, Worker
 
 DEFAULT_BATCH_SIZE = {"cpu": 8, "cuda": 32}
 
 
 def batch_generate(prompts_or_path, out_dir, *, model="demo", batch_size: int | None = None, seed: int = 0,
                    num_steps: int | None = None, guidance_scale: float | None = None,
-                   negative_prompt: str | None = None, format: str = "png", shard_size: int = 1000,
+                   negative_prompt: str | None = None, size=None, format: str = "png", shard_size: int = 1000,
                    overwrite: bool = False, deterministic: bool = False, device=None, dtype=None,
                    backend: str | None = None, ray: bool = False, ray_address: str | None = None,
                    workers: int | None = None, cpus_per_worker: int = 2, progress: bool = True) -> dict:
@@ -30,7 +30,8 @@ def batch_generate(prompts_or_path, out_dir, *, model="demo", batch_size: int | 
     ``model``: a name or folder as for ``musefast.load``, or a loaded pipeline (in-process
     only). ``prompts_or_path``: a .txt/.jsonl/.csv/.parquet path or a list of prompts (or dicts with
     ``prompt`` and optional ``id``, ``seed``, ``negative_prompt``, ``num_steps``,
-    ``guidance_scale``). Rows already in ``out_dir/manifest.jsonl`` are skipped; a row whose
+    ``guidance_scale``). ``size``: (height, width) in pixels, or one int, for every row (None: the
+    model's; the Muse family has one size). Rows already in ``out_dir/manifest.jsonl`` are skipped; a row whose
     settings differ from its manifest line raises ValueError unless ``overwrite``. ``seed`` is
     the global seed from which rows without one get theirs. ``ray``/``ray_address`` run the job
     on Ray Data with ``workers`` actors, each holding one pipeline.
@@ -46,6 +47,8 @@ def batch_generate(prompts_or_path, out_dir, *, model="demo", batch_size: int | 
     if format == "webdataset" and overwrite:
         raise ValueError("--overwrite cannot replace rows inside existing webdataset shards; use a new folder")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} is a file, not a folder: name a folder for images/ and manifest.jsonl")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with _exclusive(out):
@@ -59,25 +62,25 @@ def batch_generate(prompts_or_path, out_dir, *, model="demo", batch_size: int | 
         else:
             pipe, model = model, type(model).__name__
         job = make_job(pipe, model, num_steps=num_steps, guidance_scale=guidance_scale,
-                       negative_prompt=negative_prompt, fmt=format)
+                       negative_prompt=negative_prompt, size=size, fmt=format)
         manifest = Manifest(out / "manifest.jsonl")
-        pending, errors, skipped = _plan(rows, job, manifest, overwrite=overwrite)
+        size = batch_size or DEFAULT_BATCH_SIZE.get(pipe.device.type, 8)
+        worker = Worker(pipe, job, deterministic=deterministic, backend=backend, max_batch=size)
+        pending, errors, skipped = _plan(rows, worker, manifest, overwrite=overwrite)
         errors_file = out / "errors.jsonl"
         errors_file.write_text("")  # describes the latest run only
         _log_errors(errors_file, errors)
         sink = make_sink(format, out, shard_size)
         sink.prepare({r["file"] for r in manifest.records.values()})
-        size = batch_size or DEFAULT_BATCH_SIZE.get(pipe.device.type, 8)
-        batches = _batches(pending, job, size)
         if ray or ray_address:
             from musefast.batch.ray_runner import run_on_ray
 
+            batches = [pending[i:i + size] for i in range(0, len(pending), size)]
             results = run_on_ray(batches, job, out, model=model, address=ray_address, workers=workers,
                                  cpus_per_worker=cpus_per_worker, deterministic=deterministic, device=device,
                                  dtype=dtype, backend=backend, write_images=format == "png")
-        else:
-            worker = Worker(pipe, job, deterministic=deterministic, backend=backend)
-            results = (worker.generate(batch) for batch in batches)
+        else:  # one engine for every row: a finished row's place goes to the next at once
+            results = worker.stream(pending)
         generating = time.perf_counter()
         done, failed = _consume(results, sink, manifest, errors_file, len(pending), progress)
     end = time.perf_counter()
@@ -104,7 +107,7 @@ def _exclusive(out: Path):
         yield
 
 
-def _plan(rows: list[Row | RowError], job: Job, manifest: Manifest, *, overwrite: bool):
+def _plan(rows: list[Row | RowError], worker: Worker, manifest: Manifest, *, overwrite: bool):
     """-> (rows to generate, row errors, number of rows skipped as done)."""
     first_line: dict[str, int] = {}
     for r in rows:
@@ -115,15 +118,22 @@ def _plan(rows: list[Row | RowError], job: Job, manifest: Manifest, *, overwrite
             first_line[r.id] = r.line
     errors = [r for r in rows if isinstance(r, RowError)]
     good = [r for r in rows if isinstance(r, Row)]
-    if job.format == "webdataset":
+    if worker.job.format == "webdataset":
         # webdataset splits a member name at its first dot into key and extension
         errors += [RowError(r.line, r.id, "an id with '.' cannot be a webdataset key") for r in good if "." in r.id]
         good = [r for r in good if "." not in r.id]
-    conflicts = {}
+    conflicts, runnable = {}, []
     for r in good:
-        fields = manifest.conflicts(make_record(r, job))
+        try:
+            record = worker.record(r)
+        except (ValueError, TypeError) as exc:  # a value the model cannot run: that row fails alone
+            errors.append(RowError(r.line, r.id, f"{type(exc).__name__}: {exc}"))
+            continue
+        runnable.append(r)
+        fields = manifest.conflicts(record)
         if fields:
             conflicts[r.id] = fields
+    good = runnable
     if conflicts and not overwrite:
         shown = "; ".join(f"{k}: {', '.join(v)}" for k, v in list(conflicts.items())[:3])
         raise ValueError(f"{len(conflicts)} row(s) differ from their manifest line ({shown}"
@@ -131,14 +141,6 @@ def _plan(rows: list[Row | RowError], job: Job, manifest: Manifest, *, overwrite
     manifest.drop(set(conflicts))
     pending = [r for r in good if r.id not in manifest]
     return pending, errors, len(good) - len(pending)
-
-
-def _batches(rows: list[Row], job: Job, size: int) -> list[list[Row]]:
-    """Rows grouped by settings (input order kept inside a group), cut into batches of ``size``."""
-    groups: dict[tuple, list[Row]] = {}
-    for r in rows:
-        groups.setdefault(group_key(make_record(r, job)), []).append(r)
-    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
 
 
 def _consume(results, sink, manifest: Manifest, errors_file: Path, total: int, progress: bool):
