@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 diffusers = pytest.importorskip("diffusers")
 
-from musefast.engine import cpu  # noqa: E402
+from musefast.cpu import linear as cpu  # noqa: E402
 
 SIZE = os.environ.get("MUSEFAST_CPU_BENCH", "reduced")
 ROUNDS = int(os.environ.get("MUSEFAST_CPU_BENCH_ROUNDS", "5" if SIZE == "reduced" else "3"))
@@ -397,7 +397,7 @@ def test_cpu_vq_decode(benchmark, grid):
     ``reduced``), batch 1: musefast's CPU path (channels-last activations) vs the plain NCHW path,
     and, for the record, the same decoder computing in bf16 (not used by musefast: the DESIGN
     contract decodes in fp32; its pixel error is recorded beside its time)."""
-    from musefast.engine import cpu_conv
+    from musefast.cpu import conv as cpu_conv
     from musefast.models.vqgan import VQGAN
 
     torch.manual_seed(0)

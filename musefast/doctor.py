@@ -57,7 +57,7 @@ def doctor() -> str:
     out = ["musefast doctor", "==============="]
     out += _versions()
     out += _build_lines(status)
-    from musefast.engine import cpu as cpu_engine, int8
+    from musefast.cpu import int8, linear as cpu_engine
 
     out += cpu_engine.describe()
     out += int8.describe()

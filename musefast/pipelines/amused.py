@@ -41,7 +41,7 @@ from musefast.compat.amused_scheduler import (
     choice_temperatures,
     seed_from_generator,
 )
-from musefast.engine import cpu as cpu_engine, int8
+from musefast.cpu import int8, linear as cpu_engine
 from musefast.models.text import CLIPTextEncoder, TextEmbeddings
 from musefast.models.uvit import UVit2D
 from musefast.models.vqgan import VQGAN
@@ -121,7 +121,7 @@ class AmusedPipeline(ProgressBarConfig):
             sampler: default sampler (``"fused"`` or ``"compat"``).
             backend: attention backend of the transformer (None = best available).
             quantize: ``"int8"``: the transformer's linears in int8 (CPU with VNNI; close to the
-                float logits, not equal: :mod:`musefast.engine.int8`); with ``dtype="auto"`` the rest
+                float logits, not equal: :mod:`musefast.cpu.int8`); with ``dtype="auto"`` the rest
                 of the transformer stays in the weights' dtype. A compat call on a quantized
                 pipeline runs on a float twin loaded once, so it keeps diffusers' tokens.
         """

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from musefast.engine import cpu_conv
+from musefast.cpu import conv as cpu_conv
 
 ENGINE_ATTR = "_musefast_cpu"  # per-module state: the packed-weight cache
 REPORT_ATTR = "_musefast_cpu_report"  # per-model: what apply() did
@@ -171,7 +171,7 @@ class _ReleasedWeight(torch.Tensor):
             return _ReleasedWeight(args[0]._engine_state, args[0])
         raise RuntimeError(
             f"musefast CPU engine: {func} read a linear weight whose plain copy was released after packing "
-            f"(it lives in oneDNN's layout only); call musefast.engine.cpu.restore_weights(model) first, "
+            f"(it lives in oneDNN's layout only); call musefast.cpu.linear.restore_weights(model) first, "
             f"or load with MUSEFAST_CPU_ENGINE_KEEP_WEIGHTS=1")
 
     def __repr__(self):
@@ -317,7 +317,7 @@ def _readable_weight(module: nn.Linear) -> torch.Tensor:
     if torch.compiler.is_compiling():
         raise RuntimeError("musefast CPU engine: this released weight can only run the packed path under "
                            "torch.compile (CPU, the weight's dtype, no autograd); call "
-                           "musefast.engine.cpu.restore_weights(model) before compiling")
+                           "musefast.cpu.linear.restore_weights(model) before compiling")
     if torch.is_grad_enabled() and weight.requires_grad:
         _restore(module)
         return module.weight
