@@ -40,8 +40,9 @@ _ZERO_POINT = 128  # int8 input integers shifted to oneDNN's uint8 input: exact,
 def unavailable_reasons() -> list[str]:
     """Why the int8 path cannot run in this process (empty: it can)."""
     reasons = []
-    if not cpu.cpu_isa()["int8"]:
-        reasons.append("this CPU has no int8 dot products (AVX512-VNNI, AVX-VNNI or AMX-INT8)")
+    if not cpu.cpu_isa()["int8"]:  # without VNNI oneDNN's u8·s8 pair sums saturate: wrong, not slow
+        reasons.append("no int8 dot products within oneDNN's reach (it needs VNNI: AVX512-VNNI, AVX-VNNI or "
+                       "AMX-INT8; ONEDNN_MAX_CPU_ISA may cap them off)")
     if not cpu.cpu_isa()["onednn"]:
         reasons.append("this torch has no oneDNN")
     elif not hasattr(torch.ops.onednn, "qlinear_pointwise"):
