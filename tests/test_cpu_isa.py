@@ -18,7 +18,7 @@ import torch
 from amused_tiny import make_tiny_amused
 from musefast.cpu import isa
 
-pytestmark = pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and isa.effective()["avx2"]),
+needs_avx2 = pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and isa.effective()["avx2"]),
                                 reason="needs oneDNN and an x86 CPU with AVX2 (the cap can only lower the ISA)")
 
 TESTS = Path(__file__).resolve().parent
@@ -32,7 +32,8 @@ from musefast.cpu import int8, isa, linear as cpu
 from musefast.pipelines.amused import AmusedPipeline
 
 cpu.AUTO_BF16_MIN_PARAMS = 0  # the tiny models count as large: "auto" then follows the ISA alone
-folder, out = sys.argv[1], {"path": isa.effective()["path"], "reason": isa.reason(), "doctor": cpu.describe()}
+folder, out = sys.argv[1], {"path": isa.effective()["path"], "reason": isa.reason()}
+alive = []  # pipelines doctor reports on at the end
 kw = dict(num_inference_steps=4, output_type="tokens", progress=False)
 prompts = ["a red house", "a blue circle on the left", "two green squares", "a cat"]
 
@@ -54,6 +55,7 @@ def check(name, load):
     out[f"{name}_auto"] = str(pipe.dtype)
     for dtype in (torch.bfloat16, torch.float16):
         pipe = load(dtype)
+        alive.append(pipe)
         got = tokens(pipe)
         with cpu.plain():
             want = tokens(pipe)
@@ -88,6 +90,7 @@ with torch.no_grad():
 rel = lambda a, b: ((a - b).norm() / b.norm()).item()
 out["logits"] = {"packed_vs_fp32": rel(packed, exact), "plain_vs_fp32": rel(plain, exact),
                  "packed_vs_plain": rel(packed, plain)}
+out["doctor"] = cpu.describe()
 print("RESULT " + json.dumps(out))
 """
 
@@ -110,16 +113,19 @@ def avx2(tmp_path_factory):
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
+@needs_avx2
 def test_the_cap_selects_the_avx2_path(avx2):
     assert avx2["path"] == "avx2"
     assert avx2["reason"].startswith("cpu path: avx2") and "ONEDNN_MAX_CPU_ISA" in avx2["reason"]
 
 
+@needs_avx2
 @pytest.mark.parametrize("name", ["demo", "amused"])
 def test_auto_picks_float32(avx2, name):
     assert avx2[f"{name}_auto"] == "torch.float32"
 
 
+@needs_avx2
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("name", ["demo", "amused"])
 def test_half_precision_loads_and_generates(avx2, name, dtype):
@@ -131,20 +137,66 @@ def test_half_precision_loads_and_generates(avx2, name, dtype):
         assert got["agreement"] >= 0.9, got
 
 
+@needs_avx2
 def test_converting_a_loaded_pipeline_to_bf16(avx2):
     assert avx2["amused_to_bf16"]["dtype"] == "torch.bfloat16"
 
 
+@needs_avx2
 def test_bf16_logits_within_the_engines_rule(avx2):
     err = avx2["logits"]
     assert err["packed_vs_fp32"] <= 2 * err["plain_vs_fp32"] + 1e-3, err
 
 
+@needs_avx2
 @pytest.mark.parametrize("name", ["demo", "amused"])
 def test_int8_is_refused_in_one_line_naming_vnni(avx2, name):
     message = avx2[f"{name}_int8"]
     assert message is not None and "\n" not in message and "VNNI" in message
 
 
+@needs_avx2
 def test_doctor_names_the_packing(avx2):
-    assert avx2["doctor"][0].startswith("cpu engine:") and "float32" in avx2["doctor"][0]
+    assert avx2["doctor"][0].startswith("cpu engine:") and "-> float32" in avx2["doctor"][0]
+    assert any("bfloat16 weights packed as float32" in line for line in avx2["doctor"][1:]), avx2["doctor"]
+
+
+SAPPHIRE = frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16",
+                      "avx_vnni", "amx_tile", "amx_bf16", "amx_int8"})
+ZEN4 = SAPPHIRE - {"amx_tile", "amx_bf16", "amx_int8"}
+ALDER = frozenset({"avx2", "fma", "avx_vnni"})
+
+
+@pytest.mark.parametrize("flags, cap, path, vnni", [
+    (ZEN4, None, "avx512-bf16", True),
+    (ZEN4, "AVX512_CORE_BF16", "avx512-bf16", True),
+    (ZEN4, "AVX512_CORE", "avx512", False),  # AVX512_CORE holds neither VNNI nor AVX-VNNI
+    (ZEN4, "avx2", "avx2", False),  # case-insensitive, as oneDNN
+    (ZEN4, "SSE41", "none", False),
+    (ZEN4, "NOT_AN_ISA", "avx512-bf16", True),  # oneDNN ignores an unknown name
+    (SAPPHIRE, None, "avx512-amx", True),
+    (SAPPHIRE, "AVX512_CORE_BF16", "avx512-bf16", True),
+    (ALDER, None, "avx2", True),
+    (ALDER, "AVX2", "avx2", False),
+    (ALDER, "AVX2_VNNI", "avx2", True),
+    (frozenset({"sse4_2"}), None, "none", False),
+])
+def test_the_path_is_the_cpu_flags_within_the_cap(monkeypatch, flags, cap, path, vnni):
+    monkeypatch.setattr(isa, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(isa, "_is_x86", lambda: True)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    got = isa.effective.__wrapped__()  # uncached: the process's own answer stays as it is
+    assert (got["path"], got["vnni"]) == (path, vnni) or not got["onednn"]
+
+
+def test_the_legacy_cap_name_and_a_non_x86_cpu(monkeypatch):
+    monkeypatch.setattr(isa, "cpu_flags", lambda: ZEN4)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")
+    assert isa.onednn_cap() == "AVX2"
+    monkeypatch.setattr(isa, "_is_x86", lambda: False)
+    assert isa.effective.__wrapped__()["path"] == "none"
