@@ -230,7 +230,8 @@ def test_cpu_forward(benchmark, size, dtype):
 
     dt = getattr(torch, dtype)
     if dt == torch.bfloat16 and not cpu.cpu_isa()["bf16"]:
-        pytest.skip("the CPU has no native bf16 (AVX512-BF16 / AMX): bf16 is emulated here")
+        pytest.skip("no native bf16 within oneDNN's reach (AVX512-BF16 / AMX, under ONEDNN_MAX_CPU_ISA): "
+                    "bf16 is emulated or widened here")
     theirs = _diffusers_uvit(size)
     cfg = UVit2DConfig(**{k: v for k, v in theirs.config.items() if k in UVit2DConfig.__dataclass_fields__})
     with torch.device("meta"):
@@ -398,7 +399,8 @@ def test_cpu_text_encode(benchmark, dtype):
     CPU engine's packed linears vs the plain path (``cpu.plain()``), in one process."""
     dt = getattr(torch, dtype)
     if dt == torch.bfloat16 and not cpu.cpu_isa()["bf16"]:
-        pytest.skip("the CPU has no native bf16 (AVX512-BF16 / AMX): bf16 is emulated here")
+        pytest.skip("no native bf16 within oneDNN's reach (AVX512-BF16 / AMX, under ONEDNN_MAX_CPU_ISA): "
+                    "bf16 is emulated or widened here")
     model, tokenizer = _clip(SIZE)
     model.to(dt)
     ids = tokenizer([PROMPT], return_tensors="pt", padding="max_length", max_length=77).input_ids
