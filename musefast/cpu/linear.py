@@ -26,6 +26,11 @@ What it changes is *how* a model runs on a CPU, never what it computes or what i
   weight changes — new storage, new dtype, or an in-place write, which bumps the tensor's
   version counter).
 
+What oneDNN holds a weight in follows the instruction set it may use (:mod:`musefast.cpu.isa`):
+fp32 as fp32; bf16 as bf16 from AVX-512 up, and as float32 (the values widened exactly, inputs and
+outputs converted per call) on AVX2, where oneDNN has no bf16 kernels; fp16 always as float32.
+Below AVX2 (or without oneDNN) nothing is packed and the plain PyTorch path runs.
+
 Off the CPU, with autograd recording, or for an input dtype other than the weight's, the
 ordinary ``F.linear`` runs: the engine can stay installed when a model moves to CUDA.
 :func:`apply` installs it; :func:`remove` restores the plain forwards and weights; ``musefast doctor``
