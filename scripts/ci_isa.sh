@@ -33,7 +33,9 @@ run_tests() { (cd tests && python -m pytest -q -p no:cacheprovider "${@/#tests\/
 
 echo "== ci_isa: $(grep -m1 '^model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | xargs)"
 echo "== tests/test_cpu_isa.py (its children capped at AVX2)"
-if has avx2; then run_tests tests/test_cpu_isa.py; else echo "skipped: no AVX2"; fi
+t0=$(date +%s)
+if has avx2; then run_tests tests/test_cpu_isa.py; ran+=("test_cpu_isa.py ($(( $(date +%s) - t0 ))s)")
+else skipped+=("tests/test_cpu_isa.py (no AVX2)"); fi
 
 for cap in "${caps[@]}"; do
   t0=$(date +%s)
