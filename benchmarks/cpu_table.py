@@ -59,10 +59,27 @@ def _stages(info: dict) -> list[str]:
     return out
 
 
+def isa_line(info: dict) -> str:
+    """On which CPU a result was measured: model, the flags that matter, the caps in effect and
+    musefast's CPU path, and the machine's 1-minute load before and after (results of older runs
+    recorded none: "ISA not recorded")."""
+    isa = info.get("isa")
+    if not isa:
+        return "ISA not recorded"
+    caps = ", ".join(f"{k}={isa[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if isa.get(k))
+    load = ""
+    if info.get("load_before") and info.get("load_after"):
+        load = f"; load {info['load_before'][0]:.1f} -> {info['load_after'][0]:.1f}"
+    return (f"{isa.get('cpu_model')} ({' '.join(isa.get('flags', []))}); {caps or 'no ISA cap'}, "
+            f"ATen {isa.get('ATEN_CPU_CAPABILITY')}; musefast CPU path {isa.get('musefast_cpu_path')}{load}")
+
+
 def tables(data: dict) -> list[str]:
     meta = data.get("musefast", {})
     out = [f"device: {meta.get('device')}, torch {meta.get('torch')}, commit {str(meta.get('commit'))[:10]}, "
            f"{meta.get('date')}"]
+    out += [f"measured on: {line}" for line in
+            dict.fromkeys(isa_line(b["extra_info"]).split("; load")[0] for b in data["benchmarks"])]
     groups: dict[str, list[dict]] = {}
     for b in data["benchmarks"]:
         groups.setdefault(b["name"].split("[")[0], []).append(b["extra_info"])
@@ -71,6 +88,8 @@ def tables(data: dict) -> list[str]:
               "test_cpu_vq_decode": ("VQ decode", lambda i: f"{i.get('size')} {i.get('grid')}×{i.get('grid')}")}
     for test, runs in groups.items():
         out.append("")
+        loads = [isa_line(i).split("; load ")[1] for i in runs if "; load " in isa_line(i)]
+        out += [f"{test}: load (1 min) " + ", ".join(loads)] if loads else []
         if test == "test_cpu_end_to_end":
             for info in runs:
                 out += _stages(info)

@@ -16,6 +16,15 @@ median, min and max are recorded: the machine may be shared. Size by ``MUSEFAST_
 one forward of each is minutes on 2 cores). Threads: torch's (``OMP_NUM_THREADS``), the same
 count given to OpenVINO.
 
+Every result records the ISA it ran on (``isa``: CPU model, the flags that matter, the caps in
+effect, musefast's CPU path) and the load average before and after it (the machine may be shared).
+To measure an AVX2-only CPU on a newer one, cap every library that dispatches by ISA before the
+process starts: ``ONEDNN_MAX_CPU_ISA=AVX2`` (oneDNN: musefast's engine, PyTorch's mkldnn ops),
+``MKL_ENABLE_INSTRUCTIONS=AVX2`` (MKL: PyTorch's fp32 ``F.linear``, diffusers), and
+``ATEN_CPU_CAPABILITY=avx2`` (PyTorch's own vector kernels). OpenVINO's kernels are recorded per
+compiled model (``openvino_kernels``: its primitive types, which name the ISA they were built for).
+musefast's C++ kernels are compiled for the host (-march=native) and are not capped.
+
     MUSEFAST_CPU_BENCH=amused-256 pytest benchmarks/test_bench_cpu_peers.py \\
         --benchmark-json benchmarks/results/cpu-<date>.json
 """
@@ -37,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 diffusers = pytest.importorskip("diffusers")
 
-from musefast.engine import cpu  # noqa: E402
+from musefast.cpu import isa, linear as cpu  # noqa: E402
 
 SIZE = os.environ.get("MUSEFAST_CPU_BENCH", "reduced")
 ROUNDS = int(os.environ.get("MUSEFAST_CPU_BENCH_ROUNDS", "5" if SIZE == "reduced" else "3"))
@@ -55,6 +64,27 @@ _VQ = {
     "full": dict(block_out_channels=(128, 256, 256, 512, 768), layers_per_block=2),
     "reduced": dict(block_out_channels=(32, 32, 64, 64, 64), layers_per_block=1),
 }
+
+
+@pytest.fixture(autouse=True)
+def _isa_and_load(benchmark):
+    """The ISA and the machine's load (1/5/15-minute averages) beside every result."""
+    benchmark.extra_info["isa"] = isa.record()
+    benchmark.extra_info["load_before"] = list(os.getloadavg())
+    yield
+    benchmark.extra_info["load_after"] = list(os.getloadavg())
+
+
+def _ov_kernels(compiled) -> dict:
+    """How many nodes of a compiled OpenVINO model run each primitive type (``jit_avx2_FP32``,
+    ``brgemm_avx512_BF16``...): which ISA OpenVINO really used."""
+    counts: dict[str, int] = {}
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        kind = info["primitiveType"] if "primitiveType" in info else "?"
+        kind = str(getattr(kind, "value", kind))  # an OVAny
+        counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def _rss_gib() -> float:
@@ -200,7 +230,8 @@ def test_cpu_forward(benchmark, size, dtype):
 
     dt = getattr(torch, dtype)
     if dt == torch.bfloat16 and not cpu.cpu_isa()["bf16"]:
-        pytest.skip("the CPU has no native bf16 (AVX512-BF16 / AMX): bf16 is emulated here")
+        pytest.skip("no native bf16 within oneDNN's reach (AVX512-BF16 / AMX, under ONEDNN_MAX_CPU_ISA): "
+                    "bf16 is emulated or widened here")
     theirs = _diffusers_uvit(size)
     cfg = UVit2DConfig(**{k: v for k, v in theirs.config.items() if k in UVit2DConfig.__dataclass_fields__})
     with torch.device("meta"):
@@ -236,6 +267,7 @@ def test_cpu_forward(benchmark, size, dtype):
             converted = ov.convert_model(_UVitForOpenVINO(theirs), example_input=ex)
             info["openvino_convert_s"] = time.perf_counter() - t0
             compiled = _compile(ov, converted, ex, "f32" if dt == torch.float32 else "bf16")
+            info["openvino_kernels"] = _ov_kernels(compiled)
             del converted
             gc.collect()
             fns["openvino"] = lambda: compiled(ex)
@@ -298,7 +330,7 @@ class _VQDecodeForOpenVINO(torch.nn.Module):
         return self.vq.decode(latents, force_not_quantize=True, shape=self.shape).sample
 
 
-def _openvino_pipeline(ov, pipe, size, hint, converted):
+def _openvino_pipeline(ov, pipe, size, hint, converted, kernels: dict):
     """diffusers' AmusedPipeline whose transformer, text encoder and VQ decoder call compiled
     OpenVINO models (what OpenVINO's aMUSEd notebook does)."""
     from collections import namedtuple
@@ -308,6 +340,7 @@ def _openvino_pipeline(ov, pipe, size, hint, converted):
     text = _compile(ov, converted["text"], None, hint)
     uvit = _compile(ov, converted["uvit"], None, hint)
     vq = _compile(ov, converted["vq"], None, "f32")  # the VQ decodes in fp32, as diffusers' force_upcast
+    kernels[hint] = {"text": _ov_kernels(text), "uvit": _ov_kernels(uvit), "vq": _ov_kernels(vq)}
     Out = namedtuple("Out", "text_embeds hidden_states")
 
     class Anchored(torch.nn.Module):
@@ -366,7 +399,8 @@ def test_cpu_text_encode(benchmark, dtype):
     CPU engine's packed linears vs the plain path (``cpu.plain()``), in one process."""
     dt = getattr(torch, dtype)
     if dt == torch.bfloat16 and not cpu.cpu_isa()["bf16"]:
-        pytest.skip("the CPU has no native bf16 (AVX512-BF16 / AMX): bf16 is emulated here")
+        pytest.skip("no native bf16 within oneDNN's reach (AVX512-BF16 / AMX, under ONEDNN_MAX_CPU_ISA): "
+                    "bf16 is emulated or widened here")
     model, tokenizer = _clip(SIZE)
     model.to(dt)
     ids = tokenizer([PROMPT], return_tensors="pt", padding="max_length", max_length=77).input_ids
@@ -397,7 +431,7 @@ def test_cpu_vq_decode(benchmark, grid):
     ``reduced``), batch 1: musefast's CPU path (channels-last activations) vs the plain NCHW path,
     and, for the record, the same decoder computing in bf16 (not used by musefast: the DESIGN
     contract decodes in fp32; its pixel error is recorded beside its time)."""
-    from musefast.engine import cpu_conv
+    from musefast.cpu import conv as cpu_conv
     from musefast.models.vqgan import VQGAN
 
     torch.manual_seed(0)
@@ -505,8 +539,9 @@ def test_cpu_end_to_end(benchmark, tmp_path):
             "vq": ov.convert_model(vq_decode, example_input=(torch.randint(0, 8192, (1, side, side)),)),
         }
         info["openvino_convert_s"] = time.perf_counter() - t0
+        info["openvino_kernels"] = {}
         for hint in ("f32", "bf16") if cpu.cpu_isa()["bf16"] else ("f32",):
-            ovp = _openvino_pipeline(ov, theirs, size, hint, converted)
+            ovp = _openvino_pipeline(ov, theirs, size, hint, converted, info["openvino_kernels"])
             pipes[f"openvino_{hint}"] = (lambda p=ovp: p(PROMPT, generator=gen(), num_inference_steps=STEPS,
                                                          output_type="pt"), diffusers_stages(ovp))
         del converted

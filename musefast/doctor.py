@@ -54,8 +54,9 @@ def doctor() -> str:
     out = ["musefast doctor", "==============="]
     out += _versions()
     out += _build_lines(status)
-    from musefast.engine import cpu as cpu_engine, int8
+    from musefast.cpu import int8, isa as cpu_isa, linear as cpu_engine
 
+    out.append(cpu_isa.reason())
     out += cpu_engine.describe()
     out += int8.describe()
     out.append(auto_order_table())

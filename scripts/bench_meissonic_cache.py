@@ -20,7 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from musefast import StepCache
-from musefast.engine import cpu as cpu_engine
+from musefast.cpu import linear as cpu_engine
 from musefast.models.meissonic import MeissonicConfig, MeissonicTransformer
 from musefast.models.uvit import UVit2D
 from musefast.models.vqgan import VQGAN, VQGANConfig

@@ -4,7 +4,7 @@
 1. ``op_candidates``: the int8 ops torch offers, on aMUSEd-256's linear shapes at M = 512 rows
    (B = 2 · 16²), against oneDNN's packed fp32/bf16 linears, interleaved: (a) fbgemm's
    ``quantized.linear_dynamic`` (per-tensor dynamic input quantization), (b) oneDNN's
-   ``qlinear_pointwise`` as musefast runs it (per-token inputs, :func:`musefast.engine.int8.linear`),
+   ``qlinear_pointwise`` as musefast runs it (per-token inputs, :func:`musefast.cpu.int8.linear`),
    (c) weight-only int8 with bf16 inputs (``aten._weight_int8pack_mm``).
 2. ``amused-256``: the real architecture with random weights, B = 2: logit error of int8 vs fp32
    (max abs, relative RMS) and forward ms of fp32 / bf16 (CPU engine) / int8 (with the rest of
@@ -74,7 +74,7 @@ def amused_linear_shapes(largest: int) -> dict:
 
 def op_candidates(shapes: dict, rounds: int) -> dict:
     """shapes: (K, N) -> how many linears of the model have it. Returns per-shape medians."""
-    from musefast.engine import int8
+    from musefast.cpu import int8
 
     out = {}
     rows = 512
@@ -111,7 +111,7 @@ def amused(rounds: int) -> dict:
     bf16 in place between them): fp32 engine vs int8 with the rest in fp32, interleaved; then
     bf16 engine vs int8 with the rest in bf16, interleaved. Logit errors are against the fp32
     plain forward."""
-    from musefast.engine import cpu, int8
+    from musefast.cpu import int8, linear as cpu
     from musefast.models.uvit import UVit2D, UVit2DConfig
 
     torch.manual_seed(0)
@@ -189,7 +189,7 @@ def demo(count: int, seed: int, rounds: int, batch_size: int) -> dict:
 
 
 def machine() -> dict:
-    from musefast.engine import cpu
+    from musefast.cpu import linear as cpu
 
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                  "?")
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     parts = set(args.parts.split(","))
     if parts - {"ops", "amused", "demo"}:
         p.error(f"unknown parts {sorted(parts - {'ops', 'amused', 'demo'})}")
-    from musefast.engine import int8
+    from musefast.cpu import int8
 
     int8.check("int8")
     out = Path(args.output or ROOT / "benchmarks" / "results" / f"cpu-int8-{datetime.date.today()}.json")

@@ -73,7 +73,7 @@ def child(folder: str, dtype: str) -> dict:
     import torch
 
     import musefast
-    from musefast.engine import cpu
+    from musefast.cpu import linear as cpu
 
     base = _vm("VmHWM")
     pipe = musefast.load(folder, dtype=None if dtype == "float32" else dtype)

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     from test_bench_cpu_peers import _UVIT  # one place for the architectures
 
-    from musefast.engine import cpu
+    from musefast.cpu import linear as cpu
     from musefast.models.uvit import UVit2D, UVit2DConfig
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Channels-last VQ decoding on the CPU (musefast.engine.cpu_conv) gives the plain NCHW path's
+"""Channels-last VQ decoding on the CPU (musefast.cpu.conv) gives the plain NCHW path's
 images as NCHW contiguous fp32, leaves encoding (tokens) bit-identical and the weights untouched.
 
 Tolerance: channels-last oneDNN convolutions sum in another order than NCHW ones, so fp32 pixels
@@ -8,7 +8,7 @@ by O(1)."""
 import pytest
 import torch
 
-from musefast.engine import cpu, cpu_conv
+from musefast.cpu import conv as cpu_conv, linear as cpu
 from musefast.models.serialization import load_component, save_component
 from musefast.models.vqgan import VQGAN, VQGANConfig
 

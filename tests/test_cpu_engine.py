@@ -1,11 +1,11 @@
-"""The CPU engine (musefast.engine.cpu): packed oneDNN linears and fused epilogues give the plain
+"""The CPU engine (musefast.cpu.linear): packed oneDNN linears and fused epilogues give the plain
 path's logits, leave the weights ordinary, and ``dtype="auto"`` falls back to fp32 without the ISA."""
 import copy
 
 import pytest
 import torch
 
-from musefast.engine import cpu
+from musefast.cpu import linear as cpu
 from musefast.models.serialization import load_component, save_component
 from musefast.models.transformer import MuseTransformer, MuseTransformerConfig
 from musefast.models.uvit import UVit2D, UVit2DConfig
@@ -289,7 +289,7 @@ def test_autograd_restores_a_released_weight_for_good():
 _RSS_CHILD = r"""
 import json, sys
 import torch
-from musefast.engine import cpu
+from musefast.cpu import linear as cpu
 from musefast.models.transformer import MuseTransformer, MuseTransformerConfig
 
 def hwm():
@@ -344,3 +344,21 @@ def test_a_weight_tied_to_another_module_is_kept():
     with cpu.plain():
         want = model["head"](model["embed"](ids))
     assert _rel(model["head"](model["embed"](ids)), want) < 1e-6
+
+
+def test_old_engine_name_warns_and_resolves_to_musefast_cpu(monkeypatch):
+    """``musefast.engine`` (the CPU paths' former, documented name) still imports, with a
+    DeprecationWarning, and every old module name is the new module."""
+    import importlib
+    import sys
+
+    import musefast.cpu.conv
+    import musefast.cpu.int8
+    import musefast.cpu.linear
+
+    for name in [n for n in sys.modules if n == "musefast.engine" or n.startswith("musefast.engine.")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.warns(DeprecationWarning, match="musefast.cpu"):
+        engine = importlib.import_module("musefast.engine")
+    assert engine.cpu is musefast.cpu.linear and engine.int8 is musefast.cpu.int8
+    assert importlib.import_module("musefast.engine.cpu_conv") is musefast.cpu.conv

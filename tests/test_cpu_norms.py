@@ -1,11 +1,11 @@
-"""The one-pass RMSNorm + modulation kernel (csrc/rms_norm.cpp via musefast.engine.cpu_norms)
+"""The one-pass RMSNorm + modulation kernel (csrc/rms_norm.cpp via musefast.cpu.norms)
 against its reference twin: fp32 within 1e-5 relative, bf16 within twice the error of the
 reference computed in bf16 (both against a float64 reference)."""
 import pytest
 import torch
 
 from musefast import _build
-from musefast.engine import cpu, cpu_norms
+from musefast.cpu import linear as cpu, norms as cpu_norms
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,11 +1,11 @@
-"""The opt-in int8 path (musefast.engine.int8) against its fake-quant reference twin
+"""The opt-in int8 path (musefast.cpu.int8) against its fake-quant reference twin
 (musefast.reference.int8_linear), and its API: loading with quantize="int8", ordinary weights,
 and the one-line errors where it cannot run."""
 import pytest
 import torch
 from torch import nn
 
-from musefast.engine import cpu, int8
+from musefast.cpu import int8, linear as cpu
 from musefast.models.uvit import UVit2D, UVit2DConfig
 from musefast.reference.int8_linear import int8_linear, quantize_rows
 
@@ -147,7 +147,7 @@ def test_without_vnni_a_one_line_error_names_the_fix(monkeypatch):
     with pytest.raises(ValueError, match="no int8 dot products.*Load without quantize") as err:
         int8.apply(nn.Linear(4, 4))
     assert "\n" not in str(err.value)
-    assert "unavailable: this CPU has no int8" in int8.describe()[0]
+    assert "unavailable: no int8 dot products" in int8.describe()[0] and "VNNI" in int8.describe()[0]
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 transformer runs in int8, the text encoder and VQ stay float."""
 import pytest
 
-from musefast.engine import int8
+from musefast.cpu import int8
 
 pytestmark = pytest.mark.skipif(bool(int8.unavailable_reasons()), reason="; ".join(int8.unavailable_reasons()))
 

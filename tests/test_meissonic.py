@@ -246,7 +246,7 @@ def test_image_to_image_and_inpainting(pipe):
 
 
 def _int8_case():
-    from musefast.engine import int8
+    from musefast.cpu import int8
 
     reasons = int8.unavailable_reasons()
     return pytest.param(["--quantize", "int8"], id="int8", marks=pytest.mark.skipif(bool(reasons), reason="; ".join(reasons)))

@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import musefast
 from musefast import StepCache
-from musefast.engine import cpu as cpu_engine
+from musefast.cpu import linear as cpu_engine
 from musefast.models.meissonic import MeissonicTransformer
 from musefast.nn.row_cache import KVStore, rows_from_mask
 

@@ -6,7 +6,7 @@ GELU/ReLU) as separate calls: the engine packs the linears only, so the activati
 import pytest
 import torch
 
-from musefast.engine import cpu
+from musefast.cpu import linear as cpu
 from musefast.models import CLIPTextEncoder, T5TextEncoder, load_text_encoder
 from tiny_text import make_tiny_clip, make_tiny_t5
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from musefast import ops
-from musefast.engine import cpu_conv
+from musefast.cpu import conv as cpu_conv
 from musefast.models import VQGAN, VQGANConfig
 from musefast.models.serialization import CONFIG_NAME
 

@@ -188,12 +188,12 @@ def load_converted(build: Callable[[], nn.Module], folder: str | os.PathLike,
                    dtype: torch.dtype | None = None) -> nn.Module:
     """``build()`` a module (on the meta device: no time spent on a random init) and fill it
     with a diffusers folder's weights, strictly. It keeps the file's dtype unless ``dtype`` is
-    given (``"auto"``: see :func:`musefast.engine.cpu.resolve_dtype`); returned in eval mode on
+    given (``"auto"``: see :func:`musefast.cpu.linear.resolve_dtype`); returned in eval mode on
     ``device`` (default CPU), with the CPU engine applied there."""
     files = weights_files(folder, variant)
     source = str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} shards)"
-    if dtype == "auto":  # bf16 on a CPU that computes it natively (musefast.engine.cpu)
-        from musefast.engine.cpu import resolve_dtype
+    if dtype == "auto":  # bf16 on a CPU that computes it natively (musefast.cpu.linear)
+        from musefast.cpu.linear import resolve_dtype
 
         dtype = resolve_dtype(dtype, device, *stored_dtype_and_count(files))
     # cast as read, so the stored dtype is never held whole (fp32 files run in bf16: half the peak)
@@ -215,6 +215,6 @@ def fill_converted(build: Callable[[], nn.Module], state: Mapping[str, torch.Ten
     del converted  # the module holds the only references: .to() and packing free as they go
     if device is not None or dtype is not None:
         module.to(device=device, dtype=dtype)
-    from musefast.engine.cpu import apply_default  # the CPU path (packed oneDNN linears) by default
+    from musefast.cpu.linear import apply_default  # the CPU path (packed oneDNN linears) by default
 
     return apply_default(module.eval())

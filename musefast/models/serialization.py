@@ -233,7 +233,7 @@ def load_component(
             default: every class registered with :func:`register_component`.
         device, dtype: where and in which floating dtype to put the module (default: CPU,
             float32 as constructed; the file's values are cast into it; ``"auto"``: see
-            :func:`musefast.engine.cpu.resolve_dtype`). On a CPU the CPU engine is applied.
+            :func:`musefast.cpu.linear.resolve_dtype`). On a CPU the CPU engine is applied.
 
     Returns:
         the module in eval mode.
@@ -252,12 +252,12 @@ def load_component(
     module = cls(config)
     weights = folder / WEIGHTS_NAME
     load_file_in_pieces(module, weights)
-    if dtype == "auto":  # bf16 on a CPU that computes it natively (musefast.engine.cpu)
-        from musefast.engine.cpu import resolve_dtype
+    if dtype == "auto":  # bf16 on a CPU that computes it natively (musefast.cpu.linear)
+        from musefast.cpu.linear import resolve_dtype
 
         dtype = resolve_dtype(dtype, device, torch.float32, sum(p.numel() for p in module.parameters()))
     if device is not None or dtype is not None:
         module.to(device=device, dtype=dtype)
-    from musefast.engine.cpu import apply_default  # the CPU path (packed oneDNN linears) by default
+    from musefast.cpu.linear import apply_default  # the CPU path (packed oneDNN linears) by default
 
     return apply_default(module.eval())

@@ -415,7 +415,7 @@ class TextEncoder(nn.Module):
         if saved_class != cls.__name__:
             raise ValueError(f"{path} holds a {saved_class}, not a {cls.__name__}: use load_text_encoder "
                              f"or {saved_class}.from_pretrained")
-        auto = dtype == "auto"  # ours (musefast.engine.cpu), not transformers' "the file's dtype"
+        auto = dtype == "auto"  # ours (musefast.cpu.linear), not transformers' "the file's dtype"
         model_kw = {"dtype": dtype} if dtype is not None and not auto else {}
         with _no_transformers_bars():
             model = getattr(transformers, cls.model_class).from_pretrained(
@@ -424,12 +424,12 @@ class TextEncoder(nn.Module):
             tok_src, subfolder=tokenizer_subfolder or "", local_files_only=tok_local or local_files_only)
         encoder = cls(model, tokenizer, **{**saved, **settings})
         if auto:
-            from musefast.engine.cpu import resolve_dtype
+            from musefast.cpu.linear import resolve_dtype
 
             dtype = resolve_dtype("auto", device, encoder.dtype, sum(p.numel() for p in model.parameters()))
         if device is not None or (auto and dtype != encoder.dtype):
             encoder.to(device=device, dtype=dtype if auto else None)
-        from musefast.engine.cpu import apply_default  # the CPU path (packed oneDNN linears) by default
+        from musefast.cpu.linear import apply_default  # the CPU path (packed oneDNN linears) by default
 
         apply_default(encoder.model)
         return encoder
@@ -570,7 +570,7 @@ def load_text_encoder(path: str | os.PathLike, tokenizer_path: str | os.PathLike
             encoder = cls(*plain, **{**saved, **kwargs})
             if device is not None:
                 encoder.to(device)
-            from musefast.engine.cpu import apply_default  # packed oneDNN linears on a CPU, as from_pretrained
+            from musefast.cpu.linear import apply_default  # packed oneDNN linears on a CPU, as from_pretrained
 
             apply_default(encoder.model)
             return encoder

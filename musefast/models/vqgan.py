@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from musefast.engine.cpu_conv import to_format
+from musefast.cpu.conv import to_format
 from musefast.models.serialization import load_component, register_component, save_component
 from musefast.nn import VectorQuantizer
 
@@ -263,7 +263,7 @@ class VQGAN(nn.Module):
     """
 
     config_class = VQGANConfig
-    conv_memory_format = torch.contiguous_format  # of the decoder's CPU activations (engine/cpu_conv)
+    conv_memory_format = torch.contiguous_format  # of the decoder's CPU activations (cpu/conv)
 
     def __init__(self, config: VQGANConfig | None = None, *, vq_backend: str | None = None):
         super().__init__()
@@ -354,7 +354,7 @@ class VQGAN(nn.Module):
     def decode_features(self, z_q: torch.Tensor) -> torch.Tensor:
         """Quantized vectors (B, embed_dim, h, w) -> unclamped images (B, C, h*f, w*f) in
         [0, 1] nominal range, in the module dtype (computed in float32 under force_upcast)."""
-        # Only the decoder runs channels-last (musefast.engine.cpu_conv): encode's outputs are
+        # Only the decoder runs channels-last (musefast.cpu.conv): encode's outputs are
         # tokens, and a rounding-level change of the features flips argmin near-ties, which the
         # compat samplers' promise of the peer's tokens (img2img, inpainting) cannot allow.
         z_q = to_format(z_q, self.conv_memory_format)

@@ -5,7 +5,7 @@ installed), ``sdpa`` (torch's scaled_dot_product_attention), ``triton``
 (musefast.kernels.attention; ahead of the libraries only once a committed GPU benchmark shows
 it faster — none does yet; on CPU only when asked for under ``TRITON_INTERPRET=1``),
 ``reference`` (musefast.reference.attention). On CPU tensors: ``bmm`` (batched matrix products
-around a softmax, musefast.engine.cpu_attention: faster than SDPA's CPU kernel at aMUSEd's sizes),
+around a softmax, musefast.cpu.attention: faster than SDPA's CPU kernel at aMUSEd's sizes),
 sdpa, then reference.
 """
 from __future__ import annotations
@@ -99,13 +99,13 @@ def _sdpa(q, k, v, key_padding_mask, scale):
 
 
 def _bmm(q, k, v, key_padding_mask, scale):
-    from musefast.engine.cpu_attention import bmm_attention
+    from musefast.cpu.attention import bmm_attention
 
     return bmm_attention(q, k, v, key_padding_mask, scale)
 
 
 def _bmm_reasons(q, k, v, key_padding_mask, scale):
-    from musefast.engine.cpu_attention import reasons
+    from musefast.cpu.attention import reasons
 
     return reasons(q, k, v, key_padding_mask, scale)
 
@@ -165,7 +165,7 @@ ATTENTION = op("attention")
 # (benchmarks/results/) shows it faster. None exists yet, so on CUDA tensors the libraries come
 # first and Triton runs when asked for (backend="triton") or where they cannot.
 ATTENTION.register("flash_attn", _flash_attn, _flash_attn_reasons, auto_devices=("cuda",))
-ATTENTION.register("bmm", _bmm, _bmm_reasons, auto_devices=("cpu",))  # ahead of SDPA on CPU: see engine/cpu_attention.py
+ATTENTION.register("bmm", _bmm, _bmm_reasons, auto_devices=("cpu",))  # ahead of SDPA on CPU: see cpu/attention.py
 ATTENTION.register("sdpa", _sdpa, lambda *args: [])
 ATTENTION.register("triton", _triton, _triton_reasons, auto_devices=("cuda",), compiled=True)
 ATTENTION.register("reference", _reference, lambda *args: [])

@@ -38,7 +38,7 @@ from musefast.compat.amused_scheduler import (
     AmusedCompatSampler,
     choice_temperatures,
 )
-from musefast.engine import cpu as cpu_engine, int8
+from musefast.cpu import int8, linear as cpu_engine
 from musefast.models.text import CLIPTextEncoder, TextEmbeddings
 from musefast.models.uvit import UVit2D
 from musefast.models.vqgan import VQGAN
@@ -191,7 +191,7 @@ class AmusedPipeline(DiffusersPipelineAPI):
                 (``{"transformer": torch.bfloat16, "default": torch.float16}``) — only there may
                 the VQ get a half dtype (it still decodes in float32).
             quantize: ``"int8"``: the transformer's linears in int8 (CPU with VNNI; close to the
-                float logits, not equal: :mod:`musefast.engine.int8`); with ``dtype="auto"`` the rest
+                float logits, not equal: :mod:`musefast.cpu.int8`); with ``dtype="auto"`` the rest
                 of the transformer stays in the weights' dtype. A compat call on a quantized
                 pipeline runs on a float twin loaded once, so it keeps diffusers' tokens.
         """

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from musefast.compat.meissonic import is_meissonic_pipeline
-from musefast.engine import int8
+from musefast.cpu import int8
 from musefast.models.serialization import read_json
 from musefast.pipelines.amused import AMUSED_CLASSES, AmusedPipeline
 from musefast.pipelines.meissonic import MeissonicPipeline
@@ -39,7 +39,7 @@ def load(name_or_path: str | os.PathLike = "demo", *, device: str | torch.device
     (packed oneDNN linears; ``musefast doctor``).
 
     ``quantize``: ``"int8"`` runs the transformer(s)' linears in int8 on a CPU with VNNI
-    (opt-in: close to the float logits, not equal; see :mod:`musefast.engine.int8`); None: off.
+    (opt-in: close to the float logits, not equal; see :mod:`musefast.cpu.int8`); None: off.
     """
     from musefast.pipelines.options import check_device, diffusers_dtype
 

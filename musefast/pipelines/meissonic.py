@@ -23,7 +23,7 @@ import os
 import torch
 
 from musefast.compat.meissonic import is_meissonic_transformer
-from musefast.engine import cpu as cpu_engine, int8
+from musefast.cpu import int8, linear as cpu_engine
 from musefast.models.meissonic import MeissonicTransformer
 from musefast.models.text import CLIPTextEncoder
 from musefast.models.vqgan import VQGAN
@@ -123,7 +123,7 @@ class MeissonicPipeline(AmusedPipeline):
                 it with ``max_length=77`` to pad prompts as the peer does.
             sampler: default sampler, ``"fused"`` or ``"compat"``; backend: attention backend.
             quantize: ``"int8"``: the transformer's linears in int8 (CPU with VNNI;
-                :mod:`musefast.engine.int8`); with ``dtype="auto"`` the rest stays in the files'
+                :mod:`musefast.cpu.int8`); with ``dtype="auto"`` the rest stays in the files'
                 dtype, and a compat call runs on a float twin loaded once (the peer's tokens).
         """
         int8.check(quantize, device)

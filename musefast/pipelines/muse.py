@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from musefast.engine import int8
+from musefast.cpu import int8
 from musefast.models.serialization import load_component, read_json, save_component
 from musefast.ops.registry import use_backend
 from musefast.models.text import TextEmbeddings, as_text_embeddings, load_text_encoder
@@ -513,9 +513,9 @@ class MusePipeline(ProgressBarConfig):
                         torch_dtype=None, quantize: str | None = None) -> "MusePipeline":
         """Load a folder written by :meth:`save_pretrained`. ``dtype`` of the transformers:
         ``"auto"`` (default) = bfloat16 on a CPU with native bf16, else float32 (see
-        :func:`musefast.engine.cpu.resolve_dtype`); None = float32. The VQGANs stay float32.
+        :func:`musefast.cpu.linear.resolve_dtype`); None = float32. The VQGANs stay float32.
         ``torch_dtype`` is diffusers' name for ``dtype``. ``quantize="int8"``: the transformers'
-        linears in int8 (CPU with VNNI; :mod:`musefast.engine.int8`), the rest in the weights' dtype
+        linears in int8 (CPU with VNNI; :mod:`musefast.cpu.int8`), the rest in the weights' dtype
         under ``"auto"``."""
         dtype = diffusers_dtype(dtype, torch_dtype)
         int8.check(quantize, device)

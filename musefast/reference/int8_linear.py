@@ -10,7 +10,7 @@ an all-zero row gets scale 1 (its integers are all 0). The product is the dequan
 
     y = (round(x / s_x) · s_x) @ (round(W / s_w) · s_w)ᵀ + b
 
-The fast path (:mod:`musefast.engine.int8`) multiplies the integers exactly (int32 sums in
+The fast path (:mod:`musefast.cpu.int8`) multiplies the integers exactly (int32 sums in
 oneDNN) and scales afterwards, so it differs from this only by float32 rounding.
 """
 from __future__ import annotations

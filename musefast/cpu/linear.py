@@ -26,6 +26,11 @@ What it changes is *how* a model runs on a CPU, never what it computes or what i
   weight changes — new storage, new dtype, or an in-place write, which bumps the tensor's
   version counter).
 
+What oneDNN holds a weight in follows the instruction set it may use (:mod:`musefast.cpu.isa`):
+fp32 as fp32; bf16 as bf16 from AVX-512 up, and as float32 (the values widened exactly, inputs and
+outputs converted per call) on AVX2, where oneDNN has no bf16 kernels; fp16 always as float32.
+Below AVX2 (or without oneDNN) nothing is packed and the plain PyTorch path runs.
+
 Off the CPU, with autograd recording, or for an input dtype other than the weight's, the
 ordinary ``F.linear`` runs: the engine can stay installed when a model moves to CUDA.
 :func:`apply` installs it; :func:`remove` restores the plain forwards and weights; ``musefast doctor``
@@ -46,44 +51,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from musefast.engine import cpu_conv
+from musefast.cpu import conv as cpu_conv, isa
 
 ENGINE_ATTR = "_musefast_cpu"  # per-module state: the packed-weight cache
 REPORT_ATTR = "_musefast_cpu_report"  # per-model: what apply() did
-_PACKABLE = (torch.float32, torch.bfloat16)
+_PACKABLE = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _packed_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype oneDNN holds a ``dtype`` weight in: bf16 as itself where oneDNN has bf16 kernels
+    (AVX-512 and up), else — and always for fp16, which it only has on AVX512-FP16/AMX — float32,
+    the values widened exactly (a product of two bf16 or fp16 numbers is exact in float32, so only
+    the summation order differs from PyTorch's plain bf16/fp16 kernels, which also sum in float32)."""
+    if dtype == torch.bfloat16 and isa.effective()["bf16_packs"]:
+        return dtype
+    return torch.float32
 
 
 # -- the ISA probe and dtype="auto" ------------------------------------------------------------
 
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+cpu_flags = isa.cpu_flags
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_isa() -> dict[str, bool]:
-    """What the CPU offers the engine: native bf16 dot products (AVX512-BF16 or AMX) and int8
-    ones (AVX512-VNNI / AVX-VNNI / AMX-INT8)."""
-    flags = cpu_flags()
-    return {
-        "bf16": bool({"avx512_bf16", "amx_bf16"} & flags),
-        "int8": bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags),
-        "onednn": torch.backends.mkldnn.is_available(),
-    }
+    """What oneDNN may use here (the CPU's flags within ``ONEDNN_MAX_CPU_ISA``: see
+    :mod:`musefast.cpu.isa`): native bf16 dot products (AVX512-BF16 or AMX) and int8 ones (VNNI)."""
+    eff = isa.effective()
+    return {"bf16": eff["bf16"], "int8": eff["vnni"], "onednn": eff["onednn"]}
 
 
 def auto_dtype() -> torch.dtype:
     """``dtype="auto"`` on a CPU: bfloat16 where the CPU computes it natively, else float32
     (emulated bf16 is slower than fp32)."""
-    isa = cpu_isa()
-    return torch.bfloat16 if isa["bf16"] and isa["onednn"] else torch.float32
+    isa_ = cpu_isa()
+    return torch.bfloat16 if isa_["bf16"] and isa_["onednn"] else torch.float32
 
 
 def auto_dtype_reason() -> str:
@@ -91,8 +92,9 @@ def auto_dtype_reason() -> str:
     if not cpu_isa()["onednn"]:
         return "float32 (this torch has no oneDNN)"
     if cpu_isa()["bf16"]:
-        return "bfloat16 (the CPU has AVX512-BF16 or AMX)"
-    return "float32 (the CPU has neither AVX512-BF16 nor AMX: bf16 would be emulated, slower than fp32)"
+        return "bfloat16 (oneDNN may use AVX512-BF16 or AMX here)"
+    return ("float32 (neither AVX512-BF16 nor AMX within oneDNN's reach here: bf16 would be emulated, "
+            "slower than fp32)")
 
 
 AUTO_BF16_MIN_PARAMS = 20_000_000
@@ -171,7 +173,7 @@ class _ReleasedWeight(torch.Tensor):
             return _ReleasedWeight(args[0]._engine_state, args[0])
         raise RuntimeError(
             f"musefast CPU engine: {func} read a linear weight whose plain copy was released after packing "
-            f"(it lives in oneDNN's layout only); call musefast.engine.cpu.restore_weights(model) first, "
+            f"(it lives in oneDNN's layout only); call musefast.cpu.linear.restore_weights(model) first, "
             f"or load with MUSEFAST_CPU_ENGINE_KEEP_WEIGHTS=1")
 
     def __repr__(self):
@@ -210,7 +212,7 @@ def _key(weight: torch.Tensor) -> tuple:
 
 
 def _pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(_packed_dtype(weight.dtype)), rows)
 
 
 def _rows(module: nn.Linear, part: str) -> slice:
@@ -262,15 +264,15 @@ class _LinearState:
     def plain_weight(self) -> torch.Tensor:
         """The plain weight rebuilt from the packed one: oneDNN's reorder back to the plain
         layout moves values, never computes, so it is exact."""
-        return torch.cat([self.packed[p].weight.to_dense() for p in self.parts])
+        return torch.cat([self.packed[p].weight.to_dense().to(self.packed[p].key[2]) for p in self.parts])
 
 
 def _state(module: nn.Module) -> _LinearState:
     return module.__dict__[ENGINE_ATTR]
 
 
-def _bias(module: nn.Linear, part: str) -> torch.Tensor | None:
-    return None if module.bias is None else module.bias.detach()[_rows(module, part)]
+def _bias(module: nn.Linear, part: str, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if module.bias is None else module.bias.detach()[_rows(module, part)].to(dtype)
 
 
 def linear(module: nn.Linear, x: torch.Tensor, attr: str = "none", *, part: str = "w") -> torch.Tensor:
@@ -278,24 +280,24 @@ def linear(module: nn.Linear, x: torch.Tensor, attr: str = "none", *, part: str 
     epilogue ``attr`` (``"none"``, ``"gelu"``, ...) applied inside the kernel. ``part``: the
     whole weight (``"w"``) or one of GEGLU's halves (``"value"``, ``"gate"``)."""
     packed = _state(module).get(part, module)
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
+    shape, dtype = x.shape, packed.weight.dtype
+    x2 = x.reshape(-1, shape[-1]).to(dtype)  # widened where the weight was (see _packed_dtype)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     # oneDNN's GELU: exact (erf) unless asked for "tanh"
     algorithm = "none" if attr == "gelu" else ""
-    out = torch.ops.mkldnn._linear_pointwise(x2, packed.weight, _bias(module, part), attr, [], algorithm)
-    return out.view(*shape[:-1], out.shape[-1])
+    out = torch.ops.mkldnn._linear_pointwise(x2, packed.weight, _bias(module, part, dtype), attr, [], algorithm)
+    return out.to(x.dtype).view(*shape[:-1], out.shape[-1])
 
 
 def linear_mul(module: nn.Linear, x: torch.Tensor, other: torch.Tensor, *, part: str) -> torch.Tensor:
     """(x @ weight[part]ᵀ + bias[part]) · other, the product applied in oneDNN's epilogue."""
     packed = _state(module).get(part, module)
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1]).contiguous()
-    o2 = other.reshape(x2.shape[0], -1).contiguous()
-    out = torch.ops.mkldnn._linear_pointwise.binary(x2, o2, packed.weight, _bias(module, part), "mul")
-    return out.view(*shape[:-1], out.shape[-1])
+    shape, dtype = x.shape, packed.weight.dtype
+    x2 = x.reshape(-1, shape[-1]).to(dtype).contiguous()
+    o2 = other.reshape(x2.shape[0], -1).to(dtype).contiguous()
+    out = torch.ops.mkldnn._linear_pointwise.binary(x2, o2, packed.weight, _bias(module, part, dtype), "mul")
+    return out.to(x.dtype).view(*shape[:-1], out.shape[-1])
 
 
 def _runs_packed(module: nn.Linear, x: torch.Tensor) -> bool:
@@ -317,7 +319,7 @@ def _readable_weight(module: nn.Linear) -> torch.Tensor:
     if torch.compiler.is_compiling():
         raise RuntimeError("musefast CPU engine: this released weight can only run the packed path under "
                            "torch.compile (CPU, the weight's dtype, no autograd); call "
-                           "musefast.engine.cpu.restore_weights(model) before compiling")
+                           "musefast.cpu.linear.restore_weights(model) before compiling")
     if torch.is_grad_enabled() and weight.requires_grad:
         _restore(module)
         return module.weight
@@ -488,8 +490,9 @@ _MODELS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # models the engine w
 
 
 def enabled_by_default() -> bool:
-    """The engine applies at load on a CPU unless ``MUSEFAST_CPU_ENGINE=0`` or torch lacks oneDNN."""
-    return os.environ.get("MUSEFAST_CPU_ENGINE", "1") != "0" and cpu_isa()["onednn"]
+    """The engine applies at load on a CPU unless ``MUSEFAST_CPU_ENGINE=0``, torch lacks oneDNN, or
+    oneDNN may not use AVX2 here (the ``none`` path of :mod:`musefast.cpu.isa`: plain PyTorch)."""
+    return os.environ.get("MUSEFAST_CPU_ENGINE", "1") != "0" and isa.effective()["path"] != "none"
 
 
 def release_by_default() -> bool:
@@ -519,6 +522,9 @@ def apply(model: nn.Module, *, batch_hint: int = 512, pack_now: bool = True,
     report = EngineReport(type(model).__name__)
     if not cpu_isa()["onednn"]:
         report.notes.append("not applied: this torch has no oneDNN")
+        return report
+    if isa.effective()["path"] == "none":
+        report.notes.append("not applied: no AVX2 within oneDNN's reach here (the plain PyTorch path runs)")
         return report
     release = release_by_default() if release is None else release
     fused = _fused_forwards()
@@ -554,6 +560,9 @@ def apply(model: nn.Module, *, batch_hint: int = 512, pack_now: bool = True,
                 if state.release:
                     _release(module)
                 report.dtype = str(w.dtype).removeprefix("torch.")
+                if _packed_dtype(w.dtype) != w.dtype and not report.notes:
+                    report.notes.append(f"{report.dtype} weights packed as float32 (no oneDNN {report.dtype} "
+                                        f"kernels on this ISA: {isa.effective()['path']})")
             if is_released(module.weight):
                 report.released_bytes += w.numel() * w.element_size()
     report.packed_bytes = sum(_packed_bytes(m) for m in model.modules())
@@ -598,11 +607,11 @@ def is_applied(model: nn.Module) -> bool:
 
 def describe() -> list[str]:
     """``doctor`` lines: what dtype="auto" picks, and what each loaded model packed."""
-    isa = cpu_isa()
-    lines = [f"cpu engine: oneDNN {'yes' if isa['onednn'] else 'no'}, native bf16 {'yes' if isa['bf16'] else 'no'}, "
-             f"int8 dot products {'yes' if isa['int8'] else 'no'}; dtype='auto' on CPU -> {auto_dtype_reason()}"]
+    have = cpu_isa()
+    lines = [f"cpu engine: oneDNN {'yes' if have['onednn'] else 'no'}, native bf16 {'yes' if have['bf16'] else 'no'}, "
+             f"int8 dot products {'yes' if have['int8'] else 'no'}; dtype='auto' on CPU -> {auto_dtype_reason()}"]
     if not enabled_by_default():
-        lines.append("  not applied at load (MUSEFAST_CPU_ENGINE=0 or no oneDNN)")
+        lines.append("  not applied at load (MUSEFAST_CPU_ENGINE=0, no oneDNN, or no AVX2 within its reach)")
     reports = [m.__dict__.get(REPORT_ATTR) for m in list(_MODELS)]
     lines += [f"  {r.line()}" for r in reports if r is not None and r.linears]
     return lines

@@ -7,7 +7,7 @@ weight), and the modulation adds one more; ``torch.ops.musefast.rms_norm_modulat
 (csrc/rms_norm.cpp) reads each row twice and writes it once, in float32 with one rounding.
 
 The kernel runs for float32/bfloat16 CPU tensors of shape (B, N, C) outside autograd and
-``torch.compile``, when musefast._C builds (just in time, cached, like every compiled op), and not inside :func:`musefast.engine.cpu.plain`;
+``torch.compile``, when musefast._C builds (just in time, cached, like every compiled op), and not inside :func:`musefast.cpu.linear.plain`;
 everything else takes :func:`reference` (the definition: torch's rms_norm, then the modulation).
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ def reference(x: torch.Tensor, eps: float, scale: torch.Tensor | None, shift: to
 
 def _kernel_usable(x: torch.Tensor) -> bool:
     from musefast import _build
-    from musefast.engine import cpu
+    from musefast.cpu import linear as cpu
 
     if torch.compiler.is_compiling() or cpu.plain_active():
         return False

@@ -11,7 +11,7 @@ than bf16 here. oneDNN takes one input scale per call, so the per-token scale is
 the integers shifted to uint8 (zero point 128, exact) and applied to the output rows afterwards —
 which is also why GELU/GEGLU are not fused into the epilogue here: they must follow that scaling.
 
-The int8 weight is a cache beside the module's ordinary weight, as in :mod:`musefast.engine.cpu`:
+The int8 weight is a cache beside the module's ordinary weight, as in :mod:`musefast.cpu.linear`:
 ``state_dict``/``save_pretrained`` still see (and save) the float weights, and the cache is
 rebuilt when the weight changes. A model saved after quantizing saves float weights; quantize
 again after loading. The CPU engine's packed float linears are removed from a model this path
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from musefast.engine import cpu
+from musefast.cpu import linear as cpu
 from musefast.reference.int8_linear import QMAX, int8_linear, quantize_rows
 
 QUANTIZE_CHOICES = ("int8",)
@@ -40,8 +40,9 @@ _ZERO_POINT = 128  # int8 input integers shifted to oneDNN's uint8 input: exact,
 def unavailable_reasons() -> list[str]:
     """Why the int8 path cannot run in this process (empty: it can)."""
     reasons = []
-    if not cpu.cpu_isa()["int8"]:
-        reasons.append("this CPU has no int8 dot products (AVX512-VNNI, AVX-VNNI or AMX-INT8)")
+    if not cpu.cpu_isa()["int8"]:  # without VNNI oneDNN's u8·s8 pair sums saturate: wrong, not slow
+        reasons.append("no int8 dot products within oneDNN's reach (it needs VNNI: AVX512-VNNI, AVX-VNNI or "
+                       "AMX-INT8; ONEDNN_MAX_CPU_ISA may cap them off)")
     if not cpu.cpu_isa()["onednn"]:
         reasons.append("this torch has no oneDNN")
     elif not hasattr(torch.ops.onednn, "qlinear_pointwise"):
@@ -130,11 +131,11 @@ def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 def _forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu" or module.weight.device.type != "cpu":
-        raise RuntimeError("int8 linears run on the CPU only: call musefast.engine.int8.remove(model) "
+        raise RuntimeError("int8 linears run on the CPU only: call musefast.cpu.int8.remove(model) "
                            "before moving the model to another device")
     if torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad):
         raise RuntimeError("int8 linears are for inference: run the model under torch.no_grad() or "
-                           "torch.inference_mode(), or call musefast.engine.int8.remove(model) to train")
+                           "torch.inference_mode(), or call musefast.cpu.int8.remove(model) to train")
     if torch.compiler.is_compiling():  # the cache is Python state keyed by data pointers: trace the definition
         return int8_linear(x, module.weight, module.bias)
     return linear(module, x)
