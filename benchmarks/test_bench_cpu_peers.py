@@ -429,8 +429,8 @@ def test_cpu_text_encode(benchmark, dtype):
 def test_cpu_vq_decode(benchmark, grid):
     """VQ decode of a grid x grid token map at aMUSEd's VQ architecture (reduced widths under
     ``reduced``), batch 1: musefast's CPU path (channels-last activations) vs the plain NCHW path,
-    and, for the record, the same decoder computing in bf16 (not used by musefast: the DESIGN
-    contract decodes in fp32; its pixel error is recorded beside its time)."""
+    and, for the record, the same decoder computing in bf16 (not used by musefast: the VQ
+    decoder runs in fp32 by contract; its pixel error is recorded beside its time)."""
     from musefast.cpu import conv as cpu_conv
     from musefast.models.vqgan import VQGAN
 

@@ -38,7 +38,7 @@ def _load(name: str):
     sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests")]
     from amused_random import random_amused
 
-    from musefast.engine import cpu as cpu_engine
+    from musefast.cpu import linear as cpu_engine
 
     size = "amused-256" if name == "amused-256" else "tiny"
     dtype = cpu_engine.resolve_dtype("auto", None, torch.float32, 600_000_000 if size != "tiny" else 0) or torch.float32

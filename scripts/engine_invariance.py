@@ -33,7 +33,7 @@ def load_model(name: str):
     sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests")]
     from amused_random import random_amused
 
-    from musefast.engine import cpu as cpu_engine
+    from musefast.cpu import linear as cpu_engine
 
     dtype = cpu_engine.resolve_dtype("auto", None, torch.float32, 600_000_000) or torch.float32
     pipe = random_amused(name, "cpu", dtype)
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON report path (default: print)")
     args = parser.parse_args()
     from musefast import __version__
-    from musefast.engine.cpu import cpu_isa
+    from musefast.cpu.linear import cpu_isa
 
     pipe = load_model(args.model)
     requests = make_requests(args.requests, [int(s) for s in args.steps.split(",")])

@@ -31,7 +31,7 @@ def main() -> None:
     sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests")]
     from amused_random import random_amused
 
-    from musefast.engine import cpu as cpu_engine
+    from musefast.cpu import linear as cpu_engine
     from musefast.sampling.cache import batch_slice
 
     torch.set_num_threads(args.threads)

@@ -45,7 +45,7 @@ def test_channels_last_equals_plain(name):
     plain = vq.decode(tokens), vq.encode_features(image)
     assert cpu_conv.apply(vq) == 1 and cpu_conv.is_applied(vq)
     decoded = vq.decode(tokens)
-    assert decoded.is_contiguous() and decoded.dtype == torch.float32  # the DESIGN contract: NCHW fp32
+    assert decoded.is_contiguous() and decoded.dtype == torch.float32  # the decoder contract: NCHW fp32
     assert 0 < (decoded - plain[0]).abs().max().item() < 2e-5  # > 0: the channels-last path did run
     assert torch.equal(vq.encode_features(image), plain[1])  # encoding (tokens) is never changed
     cpu_conv.remove(vq)

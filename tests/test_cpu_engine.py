@@ -197,7 +197,7 @@ def test_auto_dtype_pipeline_and_the_compat_promise(tiny_amused, monkeypatch):
     assert musefast.load(tiny_amused).dtype == torch.float32  # no native bf16: fp32
 
 
-# -- releasing the plain weights (issue 14: memory ≤ 1.3× the weights) ---------------------------
+# -- releasing the plain weights (target: memory ≤ 1.3× the weights) ---------------------------
 
 def _linears(model):
     return [m for m in model.modules() if isinstance(m, torch.nn.Linear)]

@@ -25,7 +25,7 @@ def batch_generate(prompts_or_path, out_dir, *, model="demo", batch_size: int | 
                    overwrite: bool = False, deterministic: bool = False, device=None, dtype=None,
                    backend: str | None = None, ray: bool = False, ray_address: str | None = None,
                    workers: int | None = None, cpus_per_worker: int = 2, progress: bool = True) -> dict:
-    """Generate one image per row of ``prompts_or_path`` into ``out_dir`` (DESIGN §11).
+    """Generate one image per row of ``prompts_or_path`` into ``out_dir`` (one manifest line per durably written PNG; resumable).
 
     ``model``: a name or folder as for ``musefast.load``, or a loaded pipeline (in-process
     only). ``prompts_or_path``: a .txt/.jsonl/.csv/.parquet path or a list of prompts (or dicts with

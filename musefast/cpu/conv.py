@@ -1,5 +1,5 @@
-"""Channels-last convolutions for the VQ decoders on a CPU (DESIGN §10: "Decode: VQ decoder in
-fp32, channels-last convolutions").
+"""Channels-last convolutions for the VQ decoders on a CPU (the decoder runs in fp32, on
+channels-last activations).
 
 torch runs a CPU convolution through oneDNN either way; with an NCHW activation it reorders the
 input into oneDNN's channels-inner layout and the output back on every call, with an NHWC
