@@ -29,7 +29,8 @@ def _with_assertions(code: str) -> str:
 
 
 def test_the_readme_has_demo_examples():
-    assert len(DEMO_PY) == 1 and DEMO_PY[0].count("# True") >= 6 and len(DEMO_CLI) == 1
+    # the Python tour, then the generation engine's example
+    assert len(DEMO_PY) == 2 and DEMO_PY[0].count("# True") >= 6 and "Engine(" in DEMO_PY[1] and len(DEMO_CLI) == 1
 
 
 @pytest.mark.parametrize("code", DEMO_PY)
