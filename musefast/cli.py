@@ -99,8 +99,12 @@ def _load(args):
 def _settings_of(pipe) -> dict:
     """The decoding defaults the run falls back to (for the PNG metadata)."""
     s = getattr(pipe, "settings", None)
-    if s is None:  # AmusedPipeline: diffusers' defaults
-        return {"steps": 12, "guidance_scale": 10.0, "sampler": f"amused-{pipe.sampler}"}
+    if s is None:  # aMUSEd, Meissonic: their family's defaults, as the generation engine's adapter knows them
+        from musefast.generation.adapters import adapter_for
+
+        adapter = adapter_for(pipe)
+        steps, guidance = adapter.text_to_image
+        return {"steps": steps, "guidance_scale": guidance, "sampler": f"{adapter.family}-{pipe.sampler}"}
     return {"steps": s.num_steps, "guidance_scale": s.guidance_scale, "sampler": s.preset,
             "edit_iterations": s.edit_iterations, "edit_fraction": s.edit_fraction,
             "edit_guidance_scale": s.edit_guidance_scale}
@@ -138,7 +142,7 @@ def _params(args, pipe, command: str, **extra) -> dict:
     params = {"command": command, "prompt": args.prompt, "negative_prompt": args.negative, "seed": args.seed,
               "steps": args.steps if getattr(args, "steps", None) is not None else s["steps"],
               "guidance_scale": args.guidance if args.guidance is not None else s["guidance_scale"],
-              "sampler": s["sampler"], "model": args.model}
+              "sampler": s["sampler"], "model": args.model, "cache": getattr(args, "cache", None)}
     return {**params, **extra}
 
 
@@ -272,7 +276,7 @@ def _from_png(args) -> None:
         raise UsageError(f"--from-png {args.from_png}: made by 'musefast {params['command']}'; "
                          "--from-png regenerates images of 'musefast generate'")
     for name, key in (("prompt", "prompt"), ("negative", "negative_prompt"), ("seed", "seed"), ("steps", "steps"),
-                      ("guidance", "guidance_scale")):
+                      ("guidance", "guidance_scale"), ("cache", "cache")):
         if getattr(args, name) is None:
             setattr(args, name, params.get(key))
     if args.model_given is None and params.get("model"):
@@ -293,6 +297,9 @@ def _check(args, parser) -> None:
             raise UsageError("give a PROMPT, or --from-png IMAGE to regenerate an image")
         if args.num_images_given is not None:
             args.num_images = args.num_images_given
+    prompt = getattr(args, "prompt", None)
+    if isinstance(prompt, str) and not prompt.strip():  # the rule of the generation engine's Request and of batch rows
+        raise UsageError(f"PROMPT must be a non-empty caption, got {prompt!r}")
     if args.func is _edit and args.steps is not None:
         raise UsageError("--steps does not apply to edit (each iteration is one step); use --iterations")
     if args.func is _outpaint and args.left + args.right + args.top + args.bottom == 0:

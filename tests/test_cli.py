@@ -60,6 +60,8 @@ def test_clear_errors(model_dir, image_and_mask, tmp_path, capsys):
          "cannot run these inputs"),
         (["generate", "x", "--model", str(tmp_path / "missing"), "-o", str(tmp_path / "m.png")], 1,
          "model folder not found"),
+        (["generate", "", "--model", model_dir, "-q"], 2, "PROMPT must be a non-empty caption"),
+        (["edit", str(img), "  ", "--model", model_dir, "-q"], 2, "PROMPT must be a non-empty caption"),
     ]
     for argv, code, message in cases:
         assert main(argv) == code, argv

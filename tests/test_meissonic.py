@@ -264,6 +264,25 @@ def test_cli_generates_from_a_meissonic_folder(tmp_path, extra):
     assert Image.open(out).size == (1024, 1024)
 
 
+def test_cli_from_png_reproduces_a_meissonic_image(tmp_path):
+    """The PNG carries Meissonic's own defaults (guidance 9, not aMUSEd's 10) and the step cache,
+    so --from-png makes the same image."""
+    import numpy as np
+    from PIL import Image
+
+    from musefast.cli import main
+    from musefast.image_metadata import read_params
+
+    first, again = tmp_path / "m.png", tmp_path / "again.png"
+    assert main(["generate", "a red cat", "--model", str(PIPELINE), "--steps", "4", "--seed", "3", "--cache", "fast",
+                 "-q", "-o", str(first)]) == 0
+    params = read_params(first)
+    assert (params["steps"], params["guidance_scale"], params["cache"]) == (4, 9.0, "fast")
+    assert params["sampler"].startswith("meissonic-")
+    assert main(["generate", "--from-png", str(first), "-q", "-o", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(first)))
+
+
 def test_pipeline_errors(pipe):
     with pytest.raises(ValueError, match="output_type"):
         pipe("a", output_type="bogus")
