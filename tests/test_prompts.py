@@ -53,3 +53,14 @@ def test_cli_warns_on_stderr_and_still_succeeds(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("musefast: warning: this text encoder does not know the word(s) 'cowboy'")
     assert err.count("\n") == 1
+
+
+def test_captions_outside_the_demo_grammar_are_named(demo):
+    """Known words in a shape the demo never saw (three shapes) warn once, naming the caption;
+    a caption of the grammar gives no warning."""
+    three = "a red circle above a blue square below a green ring"
+    messages, _ = _warnings(lambda: demo([three, three], num_steps=1, seed=0))
+    grammar = [m for m in messages if "one- and two-shape captions" in m]
+    assert len(grammar) == 1 and three in grammar[0], messages
+    messages, _ = _warnings(lambda: demo("a red circle above a blue square", num_steps=1, seed=0))
+    assert not [m for m in messages if "one- and two-shape captions" in m], messages

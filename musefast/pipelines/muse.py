@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -92,6 +93,9 @@ class MusePipeline(ProgressBarConfig):
         self.vqgan, self.transformer, self.text_encoder = vqgan, transformer, text_encoder
         self.super_res, self.vqgan_high = super_res, vqgan_high
         self.settings = settings or MuseSettings()
+        # A model trained on a closed caption grammar (the demo) checks each prompt against it and
+        # warns: off-grammar text gives an image that shows none of it.
+        self.prompt_check: Callable[[str], None] | None = None
         self._offload_device: torch.device | None = None
         for module in self._modules().values():
             module.eval()
@@ -170,6 +174,9 @@ class MusePipeline(ProgressBarConfig):
                                       name="prompt_embeds")
         else:
             prompts = as_list(prompt, "prompt")
+            if self.prompt_check is not None:
+                for text in dict.fromkeys(prompts):
+                    self.prompt_check(text)
             cond = self._text_encoder().encode(prompts)
         n = cond.batch_size
         if negative_prompt_embeds is not None:
