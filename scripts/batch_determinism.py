@@ -4,6 +4,10 @@ Generates N demo captions with batch sizes 1, 8 and 64 and in shuffled order (ba
 counts rows whose tokens differ from the batch-size-1 run. Prints a JSON report.
 
     python scripts/batch_determinism.py --rows 512
+    OMP_NUM_THREADS=2 python scripts/batch_determinism.py --rows 512 --compare tokens-1thread.json
+
+``--tokens FILE`` writes the batch-size-1 run's token hashes; ``--compare FILE`` counts the rows
+whose tokens differ from such a file (another thread count, another ISA cap).
 """
 from __future__ import annotations
 
@@ -37,6 +41,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=512)
     parser.add_argument("--sizes", default="1,8,64")
+    parser.add_argument("--tokens", default=None, help="write the first run's token hashes here (JSON)")
+    parser.add_argument("--compare", default=None, help="count rows differing from this --tokens file")
     args = parser.parse_args()
     import musefast
     from musefast.batch.job import make_job
@@ -59,6 +65,18 @@ def main() -> None:
     base = runs[sizes[0]]
     for name, run in runs.items():
         report[f"differ_{name}_vs_{sizes[0]}"] = sum(run[k] != base[k] for k in base)
+    if args.tokens:
+        with open(args.tokens, "w") as f:
+            json.dump(base, f)
+    if args.compare:
+        with open(args.compare) as f:
+            other = json.load(f)
+        report[f"differ_vs_{args.compare}"] = sum(base[k] != other[str(k)] for k in base)
+    import torch
+
+    from musefast.cpu import isa
+
+    report.update(threads=torch.get_num_threads(), isa=isa.record())
     print(json.dumps(report))
 
 
