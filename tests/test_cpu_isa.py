@@ -6,6 +6,7 @@ tokens equal the plain path's (``cpu.plain()``), bf16 logits keep the engine's r
 plain bf16 path (within twice its error against float32: the rule of test_cpu_engine.py, under
 which bf16 tokens near a tie may differ, on AVX-512 too), and ``quantize="int8"`` is refused in one line
 naming VNNI (without it oneDNN's int8 products saturate)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -66,6 +67,10 @@ def check(name, load):
 
 
 check("demo", lambda dtype, **k: musefast.load("demo", dtype=dtype, **k))
+if not folder:  # no diffusers to build the tiny aMUSEd folder: the demo's results only
+    out["doctor"] = cpu.describe()
+    print("RESULT " + json.dumps(out))
+    sys.exit(0)
 check("amused", lambda dtype, **k: AmusedPipeline.from_pretrained(folder, dtype=dtype, **k))
 
 pipe = AmusedPipeline.from_pretrained(folder, dtype=torch.float32)
@@ -105,12 +110,19 @@ def run_capped(code: str, *args: str, cap: str = "AVX2", timeout: float = 900) -
 
 @pytest.fixture(scope="module")
 def avx2(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("amused")
-    make_tiny_amused(folder)
+    folder = ""
+    if importlib.util.find_spec("diffusers") is not None:  # the tiny aMUSEd folder is written by diffusers
+        folder = tmp_path_factory.mktemp("amused")
+        make_tiny_amused(folder)
     proc = run_capped(_CHILD, str(folder), str(TESTS))
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def _needs(results: dict, name: str) -> None:
+    if not any(key.startswith(name) for key in results):
+        pytest.skip(f"no {name} results: the tiny aMUSEd folder needs diffusers (the peers extra)")
 
 
 @needs_avx2
@@ -122,6 +134,7 @@ def test_the_cap_selects_the_avx2_path(avx2):
 @needs_avx2
 @pytest.mark.parametrize("name", ["demo", "amused"])
 def test_auto_picks_float32(avx2, name):
+    _needs(avx2, name)
     assert avx2[f"{name}_auto"] == "torch.float32"
 
 
@@ -129,6 +142,7 @@ def test_auto_picks_float32(avx2, name):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("name", ["demo", "amused"])
 def test_half_precision_loads_and_generates(avx2, name, dtype):
+    _needs(avx2, name)
     got = avx2[f"{name}_{dtype}"]
     assert got["dtype"] == f"torch.{dtype}" and got["shape"][0] == 4
     if dtype == "float16":  # fp16 products are exact in fp32 and both paths sum in fp32: the same tokens
@@ -139,11 +153,13 @@ def test_half_precision_loads_and_generates(avx2, name, dtype):
 
 @needs_avx2
 def test_converting_a_loaded_pipeline_to_bf16(avx2):
+    _needs(avx2, "amused")
     assert avx2["amused_to_bf16"]["dtype"] == "torch.bfloat16"
 
 
 @needs_avx2
 def test_bf16_logits_within_the_engines_rule(avx2):
+    _needs(avx2, "amused")
     err = avx2["logits"]
     assert err["packed_vs_fp32"] <= 2 * err["plain_vs_fp32"] + 1e-3, err
 
@@ -151,6 +167,7 @@ def test_bf16_logits_within_the_engines_rule(avx2):
 @needs_avx2
 @pytest.mark.parametrize("name", ["demo", "amused"])
 def test_int8_is_refused_in_one_line_naming_vnni(avx2, name):
+    _needs(avx2, name)
     message = avx2[f"{name}_int8"]
     assert message is not None and "\n" not in message and "VNNI" in message
 
