@@ -26,10 +26,10 @@ _TIMEOUT = 600  # importing diffusers (torch, transformers) takes tens of second
 
 # Run in the repository root: what `import kernels` gives, and whether diffusers' aMUSEd imports.
 _PROBE = r"""
-import json, sys
+import importlib, json, sys
 out = {}
 try:
-    import kernels
+    kernels = importlib.import_module("kernels")  # Hugging Face's package, which the repo root must not hide
     out["kernels_file"] = getattr(kernels, "__file__", None)
     out["kernels_path"] = [str(p) for p in getattr(kernels, "__path__", [])]
 except ImportError as e:
