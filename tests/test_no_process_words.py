@@ -64,7 +64,7 @@ def test_no_process_words_in_tracked_files():
 
 
 def test_the_pattern_finds_what_it_is_for(tmp_path):
-    for text in ("see issue 14", "Issue #5", "lent" " GPU", "in " "session 3", "(DESIGN" " §4)", "../shared/" "DESIGN.md",
+    for text in ("see issue 14", "Issue #5", "lent" " GPU", "in session" " 3", "(DESIGN" " §4)", "../shared/" "DESIGN.md",
                  "fixed in #17", "The issue's target", "a test helper"):
         assert WORDS.search(text), text
     for text in ("def pytest_sessionstart(session):", "session.config.pluginmanager"):
