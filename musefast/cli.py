@@ -100,11 +100,12 @@ def _settings_of(pipe) -> dict:
     """The decoding defaults the run falls back to (for the PNG metadata)."""
     s = getattr(pipe, "settings", None)
     if s is None:  # aMUSEd, Meissonic: their family's defaults, as the generation engine's adapter knows them
-        from musefast.generation.adapters import adapter_for
+        from musefast.generation import Request, adapter_for
 
         adapter = adapter_for(pipe)
-        steps, guidance = adapter.text_to_image
-        return {"steps": steps, "guidance_scale": guidance, "sampler": f"{adapter.family}-{pipe.sampler}"}
+        family = adapter.defaults(Request(prompt="the family's defaults"))
+        return {"steps": family["num_steps"], "guidance_scale": family["guidance_scale"],
+                "sampler": f"{adapter.family}-{pipe.sampler}"}
     return {"steps": s.num_steps, "guidance_scale": s.guidance_scale, "sampler": s.preset,
             "edit_iterations": s.edit_iterations, "edit_fraction": s.edit_fraction,
             "edit_guidance_scale": s.edit_guidance_scale}

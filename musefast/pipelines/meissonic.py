@@ -29,7 +29,6 @@ from musefast.models.text import CLIPTextEncoder
 from musefast.models.vqgan import VQGAN
 from musefast.models.vqmodel import load_vqmodel
 from musefast.pipelines.amused import (
-    OUTPUT_TYPES,
     PIPELINE_INDEX,
     AmusedPipeline,
     _check_sampler,
@@ -43,8 +42,7 @@ from musefast.pipelines.peer_components import (
     convert_meissonic_transformer,
     is_peer_meissonic_transformer,
 )
-from musefast.sampling import GuidedForward, check_guidance_scale, uses_guidance
-from musefast.sampling.cache import batch_slice
+from musefast.generation.adapters import Stage
 
 TEXT_LENGTH = 77  # the peer pads and truncates every prompt to 77 tokens, whatever the tokenizer says
 DEFAULTS = {"text2image": (48, 9.0), "image": (12, 10.0)}  # (steps, guidance) of the peer's pipelines
@@ -64,6 +62,10 @@ class MeissonicPipeline(AmusedPipeline):
         mask_token_id: the [MASK] id (default: the transformer's ``vocab_size − 1``);
         masking_schedule, sampler: as :class:`AmusedPipeline`.
     """
+
+    engine_family = "meissonic"
+    DEFAULTS = DEFAULTS
+    _peer = "the peer"
 
     def __init__(self, vqvae: VQGAN | None = None, text_encoder: CLIPTextEncoder | None = None,
                  transformer: MeissonicTransformer | None = None, scheduler=None, *, tokenizer=None,
@@ -216,73 +218,40 @@ class MeissonicPipeline(AmusedPipeline):
         call_args = {k: v for k, v in locals().items() if k != "self"}
         if (sampler or self.sampler) == "compat" and self._compat_source is not None:
             return self._compat_pipeline()(**call_args)  # the files' own dtype: see from_pretrained
-        if cross_attention_kwargs:
-            raise ValueError("cross_attention_kwargs (LoRA scales, attention processors) are not supported")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        sampler = _check_sampler(self.sampler if sampler is None else sampler)
-        if sampler == "compat" and guidance_schedule != "constant":
-            raise ValueError("the compat sampler follows the peer: guidance_schedule must be 'constant'")
-        if sampler == "compat" and (cache is not None or guidance_interval is not None):
-            raise ValueError("the compat sampler follows the peer: cache and guidance_interval need sampler='fused'")
-        if mask_image is not None and image is None:
-            raise ValueError("mask_image needs image=")
-        if image is None and strength is not None:
-            raise ValueError("strength applies to image-to-image and inpainting: pass image=")
-        if image is not None and (latents is not None or height is not None or width is not None):
-            raise ValueError("with image=, the size comes from the image: do not pass latents, height or width")
-        default_steps, default_guidance = DEFAULTS["text2image" if image is None else "image"]
-        if num_inference_steps is not None and num_steps is not None and num_inference_steps != num_steps:
-            raise ValueError(f"num_inference_steps={num_inference_steps} and num_steps={num_steps} disagree")
-        steps = next((n for n in (num_inference_steps, num_steps) if n is not None), default_steps)
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"num_inference_steps must be an int >= 1, got {steps!r}")
-        guidance_scale = default_guidance if guidance_scale is None else float(guidance_scale)
-        use_cfg = uses_guidance(check_guidance_scale(guidance_scale))  # diffusers: <= 1 is no guidance
-        progress = self._progress(progress)  # set_progress_bar_config(disable=True) silences it, as every pipeline
-        pooled, hidden, B = self.encode_text(
-            prompt, negative_prompt, prompt_embeds=prompt_embeds, encoder_hidden_states=encoder_hidden_states,
-            negative_prompt_embeds=negative_prompt_embeds,
-            negative_encoder_hidden_states=negative_encoder_hidden_states,
-            num_images_per_prompt=num_images_per_prompt, use_cfg=use_cfg, exact_batching=sampler == "compat")
-        tokens, start, ratio, height, width, compat, seed, generator = self._initial_tokens(
-            B=B, steps=steps, sampler=sampler, temperature=temperature, image=image, mask_image=mask_image,
-            latents=latents, height=height, width=width, strength=strength,
-            num_images_per_prompt=num_images_per_prompt, seed=seed, generator=generator)
-        self._guidance_scale, self._num_timesteps = guidance_scale, steps - start
-        hook = self._step_hook(callback, callback_steps, None, None, start)
+        if return_dict is None:
+            call_args["return_dict"] = self._return_dict_default
+        with self._offloaded():
+            return self._generate(**call_args, callback_on_step_end=None, callback_on_step_end_tensor_inputs=None)
 
-        micro = torch.tensor([width, height, *micro_conditioning_crop_coord, micro_conditioning_aesthetic_score],
-                             device=self.device, dtype=hidden.dtype)
-        context = self.transformer.prepare_context(hidden, pooled, micro)
-        step = [start]  # both samplers call the model once per step (the step cache too), in order: count the calls
+    def _timed_model(self, steps: int, start: int):
+        """The transformer at the step's timestep (the scheduler's run T-1 ... 0): the compat
+        sampler calls it once per step, in order, from ``start``."""
+        step = [start]
 
-        def model(tokens: torch.Tensor, *, context, **cache_kw):
-            """The transformer at the step's timestep (the scheduler's run T-1 ... 0) -> channels-last
-            logits (B, h, w, K), or the rows' (B, M, K) on a step-cache call with ``rows``."""
+        def model(tokens: torch.Tensor, *, context):
             timestep = torch.tensor([steps - 1 - step[0]], device=self.device)
             step[0] += 1
-            out = self.transformer(tokens, context=context, timestep=timestep, **cache_kw)
-            return out if cache_kw.get("rows") is not None else out.permute(0, 2, 3, 1)  # a view: channels-last memory
+            return self.transformer(tokens, context=context, timestep=timestep).permute(0, 2, 3, 1)
 
-        if compat is not None:
-            def logits_of(model_in: torch.Tensor) -> torch.Tensor:
-                """(B, h, w) -> guided (B, h·w, K) logits, combined as the peer does."""
-                out = model(torch.cat([model_in, model_in]) if use_cfg else model_in, context=context)
-                out = out.reshape(out.shape[0], -1, out.shape[-1])
-                if not use_cfg:
-                    return out
-                uncond, cond = out.chunk(2)
-                return uncond + guidance_scale * (cond - uncond)
+        return model
 
-            tokens = self._run_compat(compat, logits_of, tokens, start, ratio, generator, hook, progress)
-        else:  # negatives come first in a CFG batch, as in the peer
-            forward = (GuidedForward(model, batch_slice(context, slice(B, 2 * B)), context, uncond_first=True)
-                       if use_cfg else GuidedForward(model, context))
-            tokens = self._run_fused(forward, tokens, steps, start, ratio, use_cfg, guidance_scale,
-                                     guidance_schedule, temperature, mask_image is not None, seed, backend, hook,
-                                     progress, guidance_interval, cache)
-        return self._output(tokens, output_type, return_dict)
+    def _stage(self, context, tokens, **kw) -> Stage:
+        stage = super()._stage(context, tokens, **kw)
+        stage.forward.model = TimedTransformer(self.transformer, stage)  # what the step cache calls
+        return stage
+
+
+class TimedTransformer:
+    """The transformer at the current step of ``stage`` (the step cache calls it with the rows
+    it recomputes): channels-last logits (B, h, w, K), or the rows' (B, M, K)."""
+
+    def __init__(self, transformer, stage: Stage):
+        self.transformer, self.stage = transformer, stage
+
+    def __call__(self, tokens, *, context, **cache_kw):
+        t = torch.tensor([self.stage.num_steps - 1 - self.stage.step], device=tokens.device)
+        out = self.transformer(tokens, context=context, timestep=t, **cache_kw)
+        return out if cache_kw.get("rows") is not None else out.permute(0, 2, 3, 1)  # a view: channels-last memory
 
 
 __all__ = ["MeissonicPipeline"]

@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 
 from musefast.cpu import int8
+from musefast.generation.adapters import Stage
+from musefast.generation.pipeline_call import decode_stage
 from musefast.models.serialization import load_component, read_json, save_component
 from musefast.ops.registry import use_backend
 from musefast.models.text import TextEmbeddings, as_text_embeddings, load_text_encoder
@@ -76,6 +78,8 @@ class MusePipeline(ProgressBarConfig):
             ``vqgan_high``.
         settings: :class:`MuseSettings` defaults.
     """
+
+    engine_family = "muse"  # the generation engine's adapter (musefast.generation.adapters)
 
     def __init__(self, vqgan: VQGAN, transformer: MuseTransformer, text_encoder=None, *,
                  super_res: SuperResTransformer | None = None, vqgan_high: VQGAN | None = None,
@@ -258,14 +262,14 @@ class MusePipeline(ProgressBarConfig):
         both = Context.cat([cond, model_prepare(*uncond_args)]) if use_cfg else None
         return GuidedForward(model, cond, both)
 
-    @torch.no_grad()
-    def _decode_stage(self, *, stage: str, tokens, masked, cond: TextEmbeddings, uncond: TextEmbeddings,
-                      s: MuseSettings, seed: int, backend, progress, low_tokens=None, num_steps=None,
-                      guidance_scale=None, cache=None):
-        """Run one stage's sampler from (tokens, masked); returns the final tokens (B, N)."""
+    def _stage(self, kind: str, tokens, masked, cond: TextEmbeddings, uncond: TextEmbeddings, s: MuseSettings,
+               seed, backend, *, low_tokens=None, num_steps=None, guidance_scale=None, top_k=None,
+               cache=None) -> Stage:
+        """The engine's job for one stage (``"base"`` / ``"super-res"``) of a call's rows: flat
+        (B, N) ``tokens``/``masked``, the stage's model and prepared contexts, the preset."""
         g = s.guidance_scale if guidance_scale is None else guidance_scale
         use_cfg = uses_guidance(g)  # <= 1: the conditional branch alone (half the work), as diffusers
-        if stage == "base":
+        if kind == "base":
             model = self._onload("transformer")
             forward = self._guided_forward(model, model.prepare_context, (cond.hidden, cond.mask),
                                            (uncond.hidden, uncond.mask), use_cfg)
@@ -275,8 +279,20 @@ class MusePipeline(ProgressBarConfig):
             forward = self._guided_forward(model, model.prepare_context, (low_tokens, cond.hidden, cond.mask),
                                            (low_tokens, uncond.hidden, uncond.mask), use_cfg)
             steps = s.super_res_steps if num_steps is None else num_steps
-        sampler = self._sampler(s, steps, backend, progress, guidance_scale=g, cache=cache)
-        return sampler(forward, tokens, masked, mask_token_id=model.mask_token_id, seed=seed)
+        sampler = self._sampler(s, steps, backend, False, guidance_scale=g, cache=cache, top_k=top_k,
+                                codebook_size=None if top_k is None else model.config.codebook_size)
+        grid = _grid(model)
+        return Stage(kind, forward, sampler, tokens, masked, tuple(tokens.shape), (grid, grid), model.mask_token_id,
+                     seed)
+
+    @torch.no_grad()
+    def _decode_stage(self, *, stage: str, tokens, masked, cond: TextEmbeddings, uncond: TextEmbeddings,
+                      s: MuseSettings, seed: int, backend, progress, low_tokens=None, num_steps=None,
+                      guidance_scale=None, cache=None):
+        """Run one stage on the generation engine from (tokens, masked) -> the final tokens (B, h, w)."""
+        job = self._stage(stage, tokens, masked, cond, uncond, s, seed, backend, low_tokens=low_tokens,
+                          num_steps=num_steps, guidance_scale=guidance_scale, cache=cache)
+        return decode_stage(self, job, backend=backend, progress=progress, desc=f"{s.preset} decoding")
 
     def _prepare(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt):
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
@@ -484,18 +500,16 @@ class MusePipeline(ProgressBarConfig):
         if isinstance(seed, list):
             raise ValueError("edit takes one seed (an int), not a list")
         gen = torch.Generator().manual_seed(seed)
-        sampler = self._sampler(s, 1, backend, False, guidance_scale=g, top_k=s.edit_top_k if top_k is None else top_k,
-                                codebook_size=self.transformer.config.codebook_size, cache=cache)
-        transformer = self._onload("transformer")
-        forward = self._guided_forward(transformer, transformer.prepare_context, (cond.hidden, cond.mask),
-                                       (uncond.hidden, uncond.mask), uses_guidance(g))
+        mask_token_id = self.transformer.mask_token_id
+        top_k = s.edit_top_k if top_k is None else top_k
         from tqdm.auto import tqdm
 
         for it in tqdm(range(iterations), desc="musefast edit", disable=not self._progress(progress)):
             chosen = torch.rand(B, N, generator=gen).argsort(dim=1)[:, :count].to(self.device)
             masked = torch.zeros(B, N, dtype=torch.bool, device=self.device).scatter_(1, chosen, True)
-            start = tokens.masked_fill(masked, transformer.mask_token_id)
-            tokens = sampler(forward, start, masked, mask_token_id=transformer.mask_token_id, seed=seed + it + 1)
+            job = self._stage("base", tokens.masked_fill(masked, mask_token_id), masked, cond, uncond, s,
+                              seed + it + 1, backend, num_steps=1, guidance_scale=g, top_k=top_k, cache=cache)
+            tokens = decode_stage(self, job, backend=backend).flatten(1)  # one step: each round is one job
         tokens = tokens.view(B, self.transformer.config.grid_size, -1)
         return self._output(tokens, output_type, return_dict, size)
 
