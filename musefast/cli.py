@@ -162,9 +162,20 @@ def _run(args, pipe, call, params: dict) -> int:
     return 0
 
 
+def _request_metadata(args, pipe) -> dict:
+    """Every setting that determines the image, as the generation engine resolves them for this
+    model (the family's defaults filled in): what a later run needs to reproduce it."""
+    from musefast.generation import Request, adapter_for
+
+    request = Request(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, num_steps=args.steps,
+                      guidance_scale=args.guidance, cache=args.cache)
+    return adapter_for(pipe).resolve(request, args.model).to_metadata()
+
+
 def _generate(args) -> int:
     pipe = _load(args)
-    params = _params(args, pipe, "generate", num_images=args.num_images, keep_index=args.keep_index)
+    params = _params(args, pipe, "generate", num_images=args.num_images, keep_index=args.keep_index,
+                     request=_request_metadata(args, pipe))
     return _run(args, pipe, lambda: pipe(args.prompt, num_images_per_prompt=args.num_images, **_common_kwargs(args)),
                 params)
 

@@ -131,6 +131,13 @@ def test_seed_is_drawn_printed_stored_and_replayed(model_dir, tmp_path, capsys):
     assert params["seed"] == int(seed_lines[0].split()[1]) and params["prompt"] == "a red cat"
     assert params["steps"] == 2 and params["model"] == model_dir and params["version"] == musefast.__version__
     assert {"negative_prompt", "guidance_scale", "sampler"} <= set(params)
+    # every setting that determines the image, as the engine resolved it for this model
+    from musefast.generation import Request
+
+    request = params["request"]
+    assert request["seed"] == params["seed"] and request["num_steps"] == 2 and request["family"] == "muse"
+    assert {"guidance_schedule", "temperature", "choice_temperature", "size", "cache"} <= set(request)
+    assert Request.from_metadata(request).to_metadata() == request
     again = tmp_path / "again.png"
     assert main(["generate", "--from-png", str(first), "-o", str(again), "-q"]) == 0
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))

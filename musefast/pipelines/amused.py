@@ -45,6 +45,7 @@ from musefast.models.vqgan import VQGAN
 from musefast.models.vqmodel import load_vqmodel
 from musefast.pipelines.images import AnyPixelMask, format_output, to_mask, to_tensor, token_mask
 from musefast.pipelines.amused_save import save_amused
+from musefast.pipelines.callbacks import check_latents, grid_reporter, step_hook
 from musefast.pipelines.diffusers_api import (  # noqa: F401 (AmusedPipelineOutput: re-exported)
     LOAD_LOGGER,
     AmusedPipelineOutput,
@@ -160,14 +161,18 @@ class AmusedPipeline(DiffusersPipelineAPI):
 
     def save_pretrained(self, save_directory, *, variant: str | None = None, safe_serialization: bool = True,
                         **kwargs) -> None:
-        """Save in diffusers' folder layout (loadable by musefast's and diffusers' ``from_pretrained``).
+        """Save in the peer's folder layout — diffusers' for aMUSEd, the Meissonic repository's for
+        Meissonic — loadable by musefast's and the peer's ``from_pretrained``.
         Weights are always written as safetensors (``safe_serialization`` is accepted for
         diffusers compatibility); ``variant`` names the weight files (``*.fp16.safetensors``)."""
         unknown = sorted(set(kwargs) - {"max_shard_size", "push_to_hub"})
         if unknown or kwargs.get("push_to_hub"):
             raise TypeError(f"save_pretrained() does not take {unknown or ['push_to_hub=True']}: musefast never "
                             "uploads; save to a folder and upload it with huggingface_hub")
-        save_amused(self, save_directory, variant=variant)
+        self._write_folder(save_directory, variant=variant)
+
+    def _write_folder(self, folder, *, variant: str | None = None) -> None:
+        save_amused(self, folder, variant=variant)
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -297,7 +302,7 @@ class AmusedPipeline(DiffusersPipelineAPI):
             if latents is None:
                 tokens = torch.full((B, *grid), self.mask_token_id, dtype=torch.long, device=self.device)
             else:
-                tokens = _check_latents(latents, (B, *grid), self.device)
+                tokens = check_latents(latents, (B, *grid), self.device)
         else:
             pixels = self.preprocess(image)
             height, width = pixels.shape[-2:]
@@ -556,8 +561,8 @@ class AmusedPipeline(DiffusersPipelineAPI):
             latents=latents, height=height, width=width, strength=strength,
             num_images_per_prompt=num_images_per_prompt, seed=seed, generator=generator)
         self._guidance_scale, self._num_timesteps = guidance_scale, steps - start
-        hook = self._step_hook(callback, callback_steps, callback_on_step_end, callback_on_step_end_tensor_inputs,
-                               start)
+        hook = step_hook(self, callback, callback_steps, callback_on_step_end, callback_on_step_end_tensor_inputs,
+                         start)
         context = self._context(hidden, pooled, height, width, micro_conditioning_crop_coord,
                                 micro_conditioning_aesthetic_score)
         if compat is not None:
@@ -604,32 +609,6 @@ class AmusedPipeline(DiffusersPipelineAPI):
         chosen = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(seed)) < ratio
         return tokens.masked_fill(chosen.to(tokens.device), self.mask_token_id)
 
-    def _step_hook(self, callback, callback_steps, callback_on_step_end, tensor_inputs, start: int = 0):
-        """One ``hook(step, timestep, latents) -> latents or None`` after each step for both
-        samplers: diffusers' legacy ``callback`` every ``callback_steps`` steps (its step index
-        counts from the schedule's start, as diffusers' aMUSEd), then ``callback_on_step_end``
-        (its index counts the steps this call runs, 0 .. num_timesteps - 1, as diffusers' newer
-        pipelines), whose returned ``"latents"`` replace the tokens."""
-        if callback_on_step_end is None and callback is None:
-            return None
-        if callback_on_step_end is not None and not callable(callback_on_step_end):
-            raise TypeError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}")
-        names = list(self._callback_tensor_inputs if tensor_inputs is None else tensor_inputs)
-        unknown = [n for n in names if n not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not available; this pipeline "
-                             f"offers {self._callback_tensor_inputs}")
-
-        def hook(step, timestep, latents):
-            if callback is not None and step % callback_steps == 0:
-                callback(step, timestep, latents)
-            if callback_on_step_end is None:
-                return None
-            out = callback_on_step_end(self, step - start, timestep, {n: latents for n in names}) or {}
-            return out.get("latents")
-
-        return hook
-
     def _run_compat(self, compat: AmusedCompatSampler, logits_of, tokens, start, ratio, generator, hook,
                     progress) -> torch.Tensor:
         for i in _progress(range(start, len(compat.timesteps)), progress):
@@ -637,7 +616,7 @@ class AmusedPipeline(DiffusersPipelineAPI):
                                  generator=generator)
             replaced = None if hook is None else hook(i, compat.timesteps[i], tokens)
             if replaced is not None:
-                tokens = _check_latents(replaced, tuple(tokens.shape), tokens.device)
+                tokens = check_latents(replaced, tuple(tokens.shape), tokens.device)
         return tokens
 
     def _context(self, hidden, pooled, height, width, crop=MICRO_CROP, aesthetic=MICRO_AESTHETIC):
@@ -687,14 +666,10 @@ class AmusedPipeline(DiffusersPipelineAPI):
 
     def _run_fused(self, stage: Stage, hook, backend, progress) -> torch.Tensor:
         """Decode ``stage`` on the generation engine (the code ``musefast batch`` and the server run)."""
-        steps = stage.num_steps
-
-        def report(step, now, masked):
-            replaced = hook(step, steps - 1 - step, now.masked_fill(masked, self.mask_token_id))
-            return None if replaced is None else _check_latents(replaced, tuple(now.shape), now.device)
-
+        report = None if hook is None else grid_reporter(hook, offset=0, num_steps=stage.num_steps, grid=stage.grid,
+                                                         mask_token_id=self.mask_token_id)
         return decode_stage(self, stage, backend=backend, progress=progress, desc=f"{self.engine_family} decoding",
-                            callback=None if hook is None else report)
+                            callback=report)
 
     def _output(self, tokens: torch.Tensor, output_type: str, return_dict: bool | None):
         images = tokens if output_type in ("latent", "tokens") else format_output(self.decode(tokens), output_type)
@@ -762,14 +737,6 @@ def _embeddings(pooled, hidden, pooled_name: str, hidden_name: str):
         raise ValueError(f"{pooled_name} must be (B, P) and {hidden_name} (B, L, E) with one B, got "
                          f"{tuple(pooled.shape)} and {tuple(hidden.shape)}")
     return pooled, hidden
-
-
-def _check_latents(latents, shape, device) -> torch.Tensor:
-    if not isinstance(latents, torch.Tensor) or latents.dtype != torch.int64:
-        raise TypeError("latents must be an int64 tensor of token ids (B, h, w)")
-    if tuple(latents.shape) != tuple(shape):
-        raise ValueError(f"latents must have shape {tuple(shape)}, got {tuple(latents.shape)}")
-    return latents.to(device)
 
 
 def _match_batch(tokens: torch.Tensor, n: int) -> torch.Tensor:

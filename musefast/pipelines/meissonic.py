@@ -99,9 +99,12 @@ class MeissonicPipeline(AmusedPipeline):
 
     encode_prompt = AmusedPipeline.encode_text  # musefast's earlier name, kept for Meissonic callers
 
-    def save_pretrained(self, save_directory, **kwargs) -> None:
-        raise NotImplementedError("MeissonicPipeline.save_pretrained is not implemented: the peer's folder layout "
-                                  "names its own source classes (src.transformer); keep the folder you loaded from")
+    def _write_folder(self, folder, *, variant: str | None = None) -> None:
+        """``save_pretrained``'s writer: the peer's folder layout (``Pipeline.from_pretrained`` of
+        the peer and :func:`musefast.load` read it back)."""
+        from musefast.pipelines.meissonic_save import save_meissonic
+
+        save_meissonic(self, folder, variant=variant)
 
     @classmethod
     def from_pretrained(cls, folder_or_hub_id: str | os.PathLike, *, variant: str | None = None,
@@ -203,6 +206,8 @@ class MeissonicPipeline(AmusedPipeline):
         progress: bool = True,
         guidance_interval: tuple | None = None,
         cache=None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ):
         """Generate. Arguments are the peer ``Pipeline``'s (text to image: 48 steps, guidance 9,
         1024²), with ``image=`` its ``Img2ImgPipeline`` (``strength`` 0.5) and ``image=`` +
@@ -213,7 +218,8 @@ class MeissonicPipeline(AmusedPipeline):
         rows are recomputed on every cheap step, see :meth:`MeissonicTransformer.forward`), plus
         ``num_steps`` (= num_inference_steps, musefast's name), ``backend`` and ``progress``.
         ``output_type``: ``"pil"``, ``"np"``, ``"pt"``, or ``"latent"`` / ``"tokens"`` (the token
-        grid). Returns as :meth:`AmusedPipeline.__call__`.
+        grid); ``callback_on_step_end`` as diffusers' pipelines. Returns as
+        :meth:`AmusedPipeline.__call__`.
         """
         call_args = {k: v for k, v in locals().items() if k != "self"}
         if (sampler or self.sampler) == "compat" and self._compat_source is not None:
@@ -221,7 +227,7 @@ class MeissonicPipeline(AmusedPipeline):
         if return_dict is None:
             call_args["return_dict"] = self._return_dict_default
         with self._offloaded():
-            return self._generate(**call_args, callback_on_step_end=None, callback_on_step_end_tensor_inputs=None)
+            return self._generate(**call_args)
 
     def _timed_model(self, steps: int, start: int):
         """The transformer at the step's timestep (the scheduler's run T-1 ... 0): the compat

@@ -24,6 +24,7 @@ from musefast.ops.registry import use_backend
 from musefast.models.text import TextEmbeddings, as_text_embeddings, load_text_encoder
 from musefast.models.transformer import Context, MuseTransformer, SuperResTransformer
 from musefast.models.vqgan import VQGAN
+from musefast.pipelines.callbacks import CALLBACK_TENSOR_INPUTS, grid_reporter, step_hook
 from musefast.pipelines.diffusers_api import pipeline_output
 from musefast.pipelines.shared import as_list
 from musefast.pipelines.images import OUTPUT_TYPES, format_output, to_mask, to_tensor, token_mask
@@ -80,6 +81,7 @@ class MusePipeline(ProgressBarConfig):
     """
 
     engine_family = "muse"  # the generation engine's adapter (musefast.generation.adapters)
+    _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
 
     def __init__(self, vqgan: VQGAN, transformer: MuseTransformer, text_encoder=None, *,
                  super_res: SuperResTransformer | None = None, vqgan_high: VQGAN | None = None,
@@ -288,11 +290,14 @@ class MusePipeline(ProgressBarConfig):
     @torch.no_grad()
     def _decode_stage(self, *, stage: str, tokens, masked, cond: TextEmbeddings, uncond: TextEmbeddings,
                       s: MuseSettings, seed: int, backend, progress, low_tokens=None, num_steps=None,
-                      guidance_scale=None, cache=None):
+                      guidance_scale=None, cache=None, hook=None, hook_offset: int = 0):
         """Run one stage on the generation engine from (tokens, masked) -> the final tokens (B, h, w)."""
         job = self._stage(stage, tokens, masked, cond, uncond, s, seed, backend, low_tokens=low_tokens,
                           num_steps=num_steps, guidance_scale=guidance_scale, cache=cache)
-        return decode_stage(self, job, backend=backend, progress=progress, desc=f"{s.preset} decoding")
+        report = None if hook is None else grid_reporter(hook, offset=hook_offset, num_steps=job.num_steps,
+                                                         grid=job.grid, mask_token_id=job.mask_token_id)
+        return decode_stage(self, job, backend=backend, progress=progress, desc=f"{s.preset} decoding",
+                            callback=report)
 
     def _prepare(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt):
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
@@ -311,15 +316,16 @@ class MusePipeline(ProgressBarConfig):
         raise ValueError(f"{cond.batch_size} prompts for {num_images} images: pass one prompt, or one per image")
 
     def _run(self, cond, uncond, s, seed, backend, progress, *, base_tokens=None, base_masked=None,
-             high_tokens=None, high_masked=None, cache=None):
-        """Base stage (from the given state, or all masked), then super-res if present."""
+             high_tokens=None, high_masked=None, cache=None, hook=None):
+        """Base stage (from the given state, or all masked), then super-res if present;
+        ``hook``: :func:`musefast.pipelines.callbacks.step_hook`'s, its steps counted through both."""
         B = cond.batch_size
         cfg = self.transformer.config
         if base_tokens is None:
             base_tokens = torch.full((B, cfg.seq_len), cfg.mask_token_id, dtype=torch.long, device=self.device)
             base_masked = torch.ones(B, cfg.seq_len, dtype=torch.bool, device=self.device)
         low = self._decode_stage(stage="base", tokens=base_tokens, masked=base_masked, cond=cond, uncond=uncond,
-                                 s=s, seed=seed, backend=backend, progress=progress, cache=cache)
+                                 s=s, seed=seed, backend=backend, progress=progress, cache=cache, hook=hook)
         low = low.view(B, cfg.grid_size, cfg.grid_size)
         if self.super_res is None:
             return low
@@ -329,7 +335,7 @@ class MusePipeline(ProgressBarConfig):
             high_masked = torch.ones(B, hcfg.seq_len, dtype=torch.bool, device=self.device)
         high = self._decode_stage(stage="super-res", tokens=high_tokens, masked=high_masked, cond=cond,
                                   uncond=uncond, s=s, seed=_next_seed(seed), backend=backend,
-                                  progress=progress, low_tokens=low, cache=cache)
+                                  progress=progress, low_tokens=low, cache=cache, hook=hook, hook_offset=s.num_steps)
         return high.view(B, hcfg.grid_size, hcfg.grid_size)
 
     def _output(self, tokens, output_type, return_dict=None, size=None):
@@ -355,7 +361,8 @@ class MusePipeline(ProgressBarConfig):
                  num_steps=None, super_res_steps=None, guidance_scale=None, guidance_schedule=None,
                  guidance_interval=None, temperature=None, choice_temperature=None, seed=None,
                  num_images_per_prompt=1, output_type="pil", backend=None, progress=True, cache=None,
-                 num_inference_steps=None, generator=None, return_dict=None):
+                 num_inference_steps=None, generator=None, return_dict=None, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=None):
         """Generate images for ``prompt`` (a string or a list of strings).
 
         Returns a list of PIL images that also answers ``.images`` (``output_type="pil"``), a
@@ -367,7 +374,10 @@ class MusePipeline(ProgressBarConfig):
         None (exact), ``"fast"`` or a :class:`musefast.StepCache` (musefast.sampling.cache).
         diffusers' names work too: ``num_inference_steps`` (= ``num_steps``) and ``generator``
         (a ``torch.Generator`` the seed is drawn from, instead of ``seed``). ``seed`` may be a
-        list with one seed per image.
+        list with one seed per image. ``callback_on_step_end(pipe, i, timestep, {"latents":
+        tokens})`` runs after every step as in diffusers (``i`` counts through the base and the
+        super-res steps; the token grid is the current stage's); the tokens it returns under
+        ``"latents"`` replace the current ones.
         """
         if prompt is None and prompt_embeds is None:
             raise ValueError("pass a prompt or prompt_embeds")
@@ -379,7 +389,8 @@ class MusePipeline(ProgressBarConfig):
         seed = resolve_seed(seed, generator)
         cond, uncond = self._prepare(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                      num_images_per_prompt)
-        tokens = self._run(cond, uncond, s, seed, backend, self._progress(progress), cache=cache)
+        hook = step_hook(self, None, 1, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        tokens = self._run(cond, uncond, s, seed, backend, self._progress(progress), cache=cache, hook=hook)
         return self._output(tokens, output_type, return_dict)
 
     # -- zero-shot editing -----------------------------------------------------------------
@@ -422,7 +433,8 @@ class MusePipeline(ProgressBarConfig):
     @_scoped_backend
     def inpaint(self, image, mask, prompt=None, *, negative_prompt=None, prompt_embeds=None,
                 negative_prompt_embeds=None, seed=None, output_type="pil", backend=None, progress=True, cache=None,
-                resize: bool = False, generator=None, return_dict=None, **overrides):
+                resize: bool = False, generator=None, return_dict=None, callback_on_step_end=None,
+                callback_on_step_end_tensor_inputs=None, **overrides):
         """Repaint the region under ``mask`` (white / nonzero = repaint) following ``prompt``.
 
         Every token not under the mask keeps its ``encode(image)`` value exactly — with the
@@ -430,7 +442,8 @@ class MusePipeline(ProgressBarConfig):
         logits); with a super-res stage both resolutions are inpainted (multi-scale). The image
         must have the model's size, or pass ``resize=True``: image and mask are resized to it
         and the result back to the image's size. ``overrides``: decoding settings
-        (``num_steps`` / ``num_inference_steps``, ``guidance_scale``, ...).
+        (``num_steps`` / ``num_inference_steps``, ``guidance_scale``, ...); the callbacks as
+        :meth:`__call__`.
         """
         self._check_output_type(output_type)
         img = to_tensor(image).to(self.device)
@@ -441,8 +454,10 @@ class MusePipeline(ProgressBarConfig):
         cond, uncond = self._prompts_for_images(state["base"][0].shape[0], prompt, negative_prompt, prompt_embeds,
                                                 negative_prompt_embeds)
         high = state.get("high", (None, None))
+        hook = step_hook(self, None, 1, callback_on_step_end, callback_on_step_end_tensor_inputs)
         tokens = self._run(cond, uncond, s, seed, backend, self._progress(progress), base_tokens=state["base"][0],
-                           base_masked=state["base"][1], high_tokens=high[0], high_masked=high[1], cache=cache)
+                           base_masked=state["base"][1], high_tokens=high[0], high_masked=high[1], cache=cache,
+                           hook=hook)
         return self._output(tokens, output_type, return_dict, size)
 
     def outpaint(self, image, prompt=None, *, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0,
