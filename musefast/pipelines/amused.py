@@ -53,7 +53,7 @@ from musefast.pipelines.diffusers_api import (  # noqa: F401 (AmusedPipelineOutp
     pipeline_output,
 )
 from musefast.pipelines.options import diffusers_dtype, resolve_seed, to_arguments
-from musefast.pipelines.shared import HUB_ID, as_list, file_dtype
+from musefast.pipelines.shared import HUB_ID, as_list, file_dtype, negatives_for
 from musefast.pipelines.peer_components import (
     AmusedSchedulerConfig,
     convert_components,
@@ -405,11 +405,7 @@ class AmusedPipeline(DiffusersPipelineAPI):
             neg_pooled, neg_hidden = _embeddings(negative_prompt_embeds, negative_encoder_hidden_states,
                                                  "negative_prompt_embeds", "negative_encoder_hidden_states")
             if neg_pooled is None:
-                negatives = [""] * n if negative_prompt is None else as_list(negative_prompt, "negative_prompt")
-                if len(negatives) == 1 and n > 1:
-                    negatives = negatives * n
-                if len(negatives) != n:
-                    raise ValueError(f"negative_prompt has {len(negatives)} entries for {n} prompts")
+                negatives = negatives_for(negative_prompt, n)
                 encoder = self._text_encoder()
                 emb = encoder.encode(negatives) if exact_batching else encoder.encode_cached(negatives)
                 neg_pooled, neg_hidden = emb.pooled, emb.hidden

@@ -75,6 +75,18 @@ def vqmodel_config(vqvae: VQGAN) -> dict:
             "force_upcast": True}
 
 
+def save_text_encoder(encoder, folder: Path, index: dict, variant: str | None) -> None:
+    """``text_encoder/`` and ``tokenizer/`` with transformers' own ``save_pretrained``, named in
+    ``index`` (both None without a text encoder)."""
+    if encoder is None:
+        index["text_encoder"] = index["tokenizer"] = [None, None]
+        return
+    encoder.model.save_pretrained(folder / "text_encoder", variant=variant)
+    encoder.tokenizer.save_pretrained(folder / "tokenizer")
+    index["text_encoder"] = ["transformers", type(encoder.model).__name__]
+    index["tokenizer"] = ["transformers", type(encoder.tokenizer).__name__]
+
+
 def save_amused(pipe, folder, *, variant: str | None = None) -> None:
     """Write ``pipe`` (an :class:`~musefast.AmusedPipeline`) to ``folder`` in diffusers' layout."""
     folder = Path(folder)
@@ -88,12 +100,7 @@ def save_amused(pipe, folder, *, variant: str | None = None) -> None:
         write_config(folder / "vqvae", vqmodel_config(pipe.vqvae))
         write_weights(folder / "vqvae", peer_state(pipe.vqvae, vq_keys), variant)
         index["vqvae"] = ["diffusers", "VQModel"]
-    encoder = pipe.text_encoder
-    if encoder is not None:
-        encoder.model.save_pretrained(folder / "text_encoder", variant=variant)
-        encoder.tokenizer.save_pretrained(folder / "tokenizer")
-        index["text_encoder"] = ["transformers", type(encoder.model).__name__]
-        index["tokenizer"] = ["transformers", type(encoder.tokenizer).__name__]
+    save_text_encoder(pipe.text_encoder, folder, index, variant)
     pipe.scheduler.save_pretrained(folder / "scheduler")
     index["scheduler"] = ["diffusers", "AmusedScheduler"]
     for name in ("transformer", "vqvae", "text_encoder", "tokenizer"):

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from musefast.compat.meissonic import source_keys
 from musefast.models.vqmodel import diffusers_source_keys as vq_keys
-from musefast.pipelines.amused_save import UVIT_CONV_1X1, peer_state, vqmodel_config, write_config, write_weights
+from musefast.pipelines.amused_save import (UVIT_CONV_1X1, peer_state, save_text_encoder, vqmodel_config,
+                                            write_config, write_weights)
 
 PEER_DIFFUSERS_VERSION = "0.32.2"  # what the peer's released folders name
 
@@ -50,14 +51,7 @@ def save_meissonic(pipe, folder, *, variant: str | None = None) -> None:
     write_config(folder / "vqvae", vqmodel_config(pipe.vqvae))
     write_weights(folder / "vqvae", peer_state(pipe.vqvae, vq_keys), variant)
     index["vqvae"] = ["diffusers", "VQModel"]
-    encoder = pipe.text_encoder
-    if encoder is not None:
-        encoder.model.save_pretrained(folder / "text_encoder", variant=variant)
-        encoder.tokenizer.save_pretrained(folder / "tokenizer")
-        index["text_encoder"] = ["transformers", type(encoder.model).__name__]
-        index["tokenizer"] = ["transformers", type(encoder.tokenizer).__name__]
-    else:
-        index["text_encoder"] = index["tokenizer"] = [None, None]
+    save_text_encoder(pipe.text_encoder, folder, index, variant)
     (folder / "scheduler").mkdir(exist_ok=True)
     scheduler = {"_class_name": "Scheduler", "_diffusers_version": PEER_DIFFUSERS_VERSION,
                  "mask_token_id": pipe.mask_token_id, "masking_schedule": pipe.masking_schedule}

@@ -26,7 +26,7 @@ from musefast.models.transformer import Context, MuseTransformer, SuperResTransf
 from musefast.models.vqgan import VQGAN
 from musefast.pipelines.callbacks import CALLBACK_TENSOR_INPUTS, grid_reporter, step_hook
 from musefast.pipelines.diffusers_api import pipeline_output
-from musefast.pipelines.shared import as_list
+from musefast.pipelines.shared import as_list, negatives_for
 from musefast.pipelines.images import OUTPUT_TYPES, format_output, to_mask, to_tensor, token_mask
 from musefast.pipelines.options import (ProgressBarConfig, check_device, diffusers_dtype, pick, resize_images,
                                         resize_mask, resolve_seed, size_error, to_arguments)
@@ -189,12 +189,7 @@ class MusePipeline(ProgressBarConfig):
             uncond = as_text_embeddings(negative_prompt_embeds, hidden_size=self.transformer.config.text_dim,
                                         batch_size=n, name="negative_prompt_embeds")
         else:
-            negatives = [""] * n if negative_prompt is None else as_list(negative_prompt, "negative_prompt")
-            if len(negatives) == 1 and n > 1:
-                negatives = negatives * n
-            if len(negatives) != n:
-                raise ValueError(f"negative_prompt has {len(negatives)} entries for {n} prompts")
-            uncond = self._text_encoder().encode_cached(negatives)  # "" and negatives repeat: cached
+            uncond = self._text_encoder().encode_cached(negatives_for(negative_prompt, n))  # "" and negatives repeat: cached
         if uncond.seq_len != cond.seq_len:
             raise ValueError(f"negative_prompt_embeds has {uncond.seq_len} tokens but prompt_embeds has "
                              f"{cond.seq_len}: pad both to one length (with a mask)")
