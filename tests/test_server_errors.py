@@ -161,3 +161,45 @@ def _wait(condition, timeout=30.0):
     while not condition():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.01)
+
+
+def test_a_forward_that_raises_fails_its_images_with_500_and_the_server_goes_on(server, monkeypatch):
+    adapter = server.service.engine.adapter
+    original = adapter.run
+    calls = {"n": 0}
+
+    def broken_once(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated kernel failure")
+        return original(*args, **kw)
+
+    monkeypatch.setattr(adapter, "run", broken_once)
+    error = _error(_post(server, {"prompt": "a red circle on the left", "num_inference_steps": 2}), 500)
+    assert error["type"] == "server_error" and "simulated kernel failure" in error["message"]
+    assert _post(server, {"prompt": "a red circle on the left", "num_inference_steps": 2}).status_code == 200
+
+
+def test_timeout_is_504_and_frees_the_rows(pipe):
+    with LiveServer(pipe, request_timeout=0.5) as live:
+        error = _error(_post(live, {"prompt": "a red circle on the left", "num_inference_steps": 1000}), 504)
+        assert error["code"] == "timeout"
+        assert live.wait_idle(10)
+
+
+def test_cors_is_off_unless_an_origin_is_given(pipe, server):
+    preflight = dict(headers={"Origin": "http://example.com", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in httpx.options(server.url + "/v1/images/generations",
+                                                              **preflight).headers
+    with LiveServer(pipe, cors=["http://example.com"], self_check=False) as live:
+        answer = httpx.options(live.url + "/v1/images/generations", **preflight)
+        assert answer.headers["access-control-allow-origin"] == "http://example.com"
+
+
+def test_binding_beyond_loopback_without_a_key_warns():
+    from musefast.server.config import ServerConfig
+    from musefast.server.run import exposure_warning
+
+    assert exposure_warning(ServerConfig()) is None
+    assert exposure_warning(ServerConfig(host="0.0.0.0", api_key="k")) is None
+    assert "without an API key" in exposure_warning(ServerConfig(host="0.0.0.0"))
