@@ -105,6 +105,7 @@ def _served(max_batch: int) -> dict:
 
 
 def test_server_under_concurrent_clients(benchmark):
+    load_before = os.getloadavg()  # the machine is shared: say how busy it was
     batched = _served(MAX_BATCH)
     one_at_a_time = _served(1)
     anchor = benchmark.pedantic(pipeline_anchor, rounds=1, iterations=1)
@@ -113,7 +114,8 @@ def test_server_under_concurrent_clients(benchmark):
         server=batched, server_max_batch_1=one_at_a_time, pipeline_sequential=anchor,
         throughput_vs_max_batch_1=batched["images_per_s"] / one_at_a_time["images_per_s"],
         throughput_vs_pipeline=batched["images_per_s"] / anchor["images_per_s"],
-        p95_vs_max_batch_1=batched["p95_s"] / one_at_a_time["p95_s"])
+        p95_vs_max_batch_1=batched["p95_s"] / one_at_a_time["p95_s"],
+        load_average_1min=[load_before[0], os.getloadavg()[0]], cpus=os.cpu_count())
     for name, result in (("server", batched), ("max-batch 1", one_at_a_time)):
         print(f"{name}: {result['images_per_s']:.2f} images/s, p50 {result['p50_s']:.3f} s, "
               f"p95 {result['p95_s']:.3f} s, errors {result['errors']}")
