@@ -127,6 +127,7 @@ def test_a_failing_request_touches_no_other(server):
     good = threading.Thread(target=lambda: results.setdefault("good", _post(
         server, {"prompt": "a red circle on the left", "num_inference_steps": 40})))
     good.start()
+    _wait(lambda: server.service.engine.in_flight == 1)  # max_queue 1: the bad edit takes the one queue slot
     bad = httpx.post(server.url + "/v1/images/edits", timeout=60, data={"prompt": "a blue square at the top"},
                      files={"image": ("a.png", png.getvalue(), "image/png"), "mask": ("m.png", mask.getvalue())})
     good.join(60)
