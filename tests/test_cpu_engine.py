@@ -362,3 +362,6 @@ def test_old_engine_name_warns_and_resolves_to_musefast_cpu(monkeypatch):
         engine = importlib.import_module("musefast.engine")
     assert engine.cpu is musefast.cpu.linear and engine.int8 is musefast.cpu.int8
     assert importlib.import_module("musefast.engine.cpu_conv") is musefast.cpu.conv
+    # the CPU kernels of the ops went to their ops, as backends
+    assert engine.cpu_attention is sys.modules["musefast.ops.attention"]
+    assert engine.cpu_norms is sys.modules["musefast.ops.rms_norm"]
