@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from musefast.compat.amused_weights import is_diffusers_folder, load_converted, read_diffusers_config
+from musefast.cpu import linear as cpu_linear
 from musefast.models.serialization import config_from_dict, load_component, read_config, register_component
 from musefast.nn.attention import Attention, CrossAttention, CrossAttentionKV
 from musefast.nn.feedforward import FeedForward
@@ -258,6 +259,18 @@ class ConvNextBlock(nn.Module):
         h = self.channelwise_linear_1(self.norm(h))
         h = self.channelwise_linear_2(self.channelwise_norm(F.gelu(h)))
         return mod.apply(x + h)
+
+
+@cpu_linear.fused_forward(ConvNextBlock)
+def _convnext_cpu_forward(module: ConvNextBlock, x: torch.Tensor, mod: Modulation) -> torch.Tensor:
+    """The ConvNeXt block on the CPU path: the GELU in the epilogue of its first channel-wise linear."""
+    lin1 = module.channelwise_linear_1
+    if not cpu_linear.runs_packed(lin1, x):
+        return type(module).forward(module, x, mod)
+    h = _nhwc(module.depthwise(_nchw(x)))
+    h = cpu_linear.linear(lin1, module.norm(h), "gelu")
+    h = module.channelwise_linear_2(module.channelwise_norm(h))
+    return mod.apply(x + h)
 
 
 class TextAttentionBlock(nn.Module):
