@@ -17,6 +17,7 @@ import numbers
 
 import torch
 
+from musefast.cpu.linear import plain_active
 from musefast.ops import _availability as avail
 from musefast.ops.registry import op
 from musefast.reference import rms_norm as ref
@@ -59,8 +60,6 @@ def _cpu(x, eps, scale, shift):
 
 
 def _cpu_reasons(x, eps, scale, shift):
-    from musefast.cpu.linear import plain_active
-
     reasons = avail.device_reasons("cpu", x)
     if x.dtype not in _KERNEL_DTYPES:
         reasons.append(f"the kernel takes float32 or bfloat16, got {x.dtype}")
