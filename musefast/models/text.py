@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from musefast.models.serialization import check_dtype
+from musefast.compat._convert import check_dtype
 
 ENCODER_CONFIG_NAME = "musefast_text_encoder.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
