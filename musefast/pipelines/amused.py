@@ -38,12 +38,13 @@ from musefast.compat.amused_scheduler import (
     AmusedCompatSampler,
     choice_temperatures,
 )
-from musefast.cpu import int8, linear as cpu_engine
+from musefast.cpu import int8
 from musefast.models.text import CLIPTextEncoder, TextEmbeddings
 from musefast.models.uvit import UVit2D
 from musefast.models.vqgan import VQGAN
 from musefast.models.vqmodel import load_vqmodel
 from musefast.pipelines.images import AnyPixelMask, format_output, to_mask, to_tensor, token_mask
+from musefast.pipelines.loading import resolve_dtype, runnable
 from musefast.pipelines.amused_save import save_amused
 from musefast.pipelines.callbacks import check_latents, grid_reporter, step_hook
 from musefast.pipelines.diffusers_api import (  # noqa: F401 (AmusedPipelineOutput: re-exported)
@@ -229,10 +230,11 @@ class AmusedPipeline(DiffusersPipelineAPI):
         run_dtype = dtype
         if dtype == "auto":  # int8 keeps the rest in the weights' dtype: closer logits, and no slower (README)
             run_dtype = (weights_dtype if sampler == "compat" or quantize
-                         else cpu_engine.resolve_dtype(dtype, device, weights_dtype, num_params))
-        transformer = UVit2D.from_pretrained(folder / "transformer", variant=_present(variant, folder / "transformer"),
-                                             device=device, dtype=run_dtype, backend=backend)
-        vqvae = load_vqmodel(folder / "vqvae", variant=_present(variant, folder / "vqvae"), device=device)
+                         else resolve_dtype(dtype, device, weights_dtype, num_params))
+        transformer = runnable(UVit2D.from_pretrained(
+            folder / "transformer", variant=_present(variant, folder / "transformer"), device=device, dtype=run_dtype,
+            backend=backend), quantize=quantize)
+        vqvae = runnable(load_vqmodel(folder / "vqvae", variant=_present(variant, folder / "vqvae"), device=device))
         text_encoder = _load_clip(folder, variant, device, None if dtype == "auto" and run_dtype == weights_dtype
                                   else run_dtype)
         scheduler_file = folder / "scheduler" / "scheduler_config.json"
@@ -244,7 +246,6 @@ class AmusedPipeline(DiffusersPipelineAPI):
         _log_loaded(pipe, folder)
         if quantize or (run_dtype != weights_dtype and dtype == "auto"):  # compat calls need the weights' own dtype, in float
             pipe._compat_source = dict(folder_or_hub_id=folder, variant=variant, device=device, backend=backend)
-        int8.quantize_pipeline(pipe, quantize)
         return pipe
 
     @classmethod
@@ -256,9 +257,10 @@ class AmusedPipeline(DiffusersPipelineAPI):
             raise ValueError(f"torch_dtype dict: unknown component(s) {unknown}; use transformer, text_encoder, "
                              "vqvae or default")
         pick = lambda name: dtypes.get(name, dtypes.get("default"))  # noqa: E731
-        transformer = UVit2D.from_pretrained(folder / "transformer", variant=_present(variant, folder / "transformer"),
-                                             device=device, dtype=pick("transformer"), backend=backend)
-        vqvae = load_vqmodel(folder / "vqvae", variant=_present(variant, folder / "vqvae"), device=device)
+        transformer = runnable(UVit2D.from_pretrained(
+            folder / "transformer", variant=_present(variant, folder / "transformer"), device=device,
+            dtype=pick("transformer"), backend=backend))
+        vqvae = runnable(load_vqmodel(folder / "vqvae", variant=_present(variant, folder / "vqvae"), device=device))
         if pick("vqvae") is not None:
             vqvae.to(dtype=pick("vqvae"))
         text_encoder = _load_clip(folder, variant, device, pick("text_encoder"))
@@ -791,8 +793,8 @@ def _load_clip(folder: Path, variant: str | None, device, dtype) -> CLIPTextEnco
     full = any((te / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"))
     use = variant if variant in variants else (variants[0] if not full and len(variants) == 1 else None)
     if use is None:
-        return CLIPTextEncoder.from_pretrained(folder, subfolder="text_encoder", tokenizer_subfolder="tokenizer",
-                                               device=device, dtype=dtype)
+        return runnable(CLIPTextEncoder.from_pretrained(folder, subfolder="text_encoder",
+                                                        tokenizer_subfolder="tokenizer", device=device, dtype=dtype))
     import transformers
 
     model = transformers.CLIPTextModelWithProjection.from_pretrained(
@@ -801,5 +803,4 @@ def _load_clip(folder: Path, variant: str | None, device, dtype) -> CLIPTextEnco
     encoder = CLIPTextEncoder(model, tokenizer)
     if device is not None:
         encoder.to(device)
-    cpu_engine.apply_default(encoder.model)
-    return encoder
+    return runnable(encoder)

@@ -23,7 +23,7 @@ import os
 import torch
 
 from musefast.compat.meissonic import is_meissonic_transformer
-from musefast.cpu import int8, linear as cpu_engine
+from musefast.cpu import int8
 from musefast.models.meissonic import MeissonicTransformer
 from musefast.models.text import CLIPTextEncoder
 from musefast.models.vqgan import VQGAN
@@ -36,6 +36,7 @@ from musefast.pipelines.amused import (
     _present,
     _resolve,
 )
+from musefast.pipelines.loading import resolve_dtype, runnable
 from musefast.pipelines.shared import file_dtype
 from musefast.pipelines.peer_components import (
     convert_components,
@@ -147,13 +148,13 @@ class MeissonicPipeline(AmusedPipeline):
             weights_dtype, num_params = file_dtype(folder / "transformer", _present(variant, folder / "transformer"))
             on_gpu = device is not None and torch.device(device).type == "cuda"
             dtype = (weights_dtype if sampler == "compat" or quantize else torch.bfloat16 if on_gpu
-                     else cpu_engine.resolve_dtype("auto", device, weights_dtype, num_params))
+                     else resolve_dtype("auto", device, weights_dtype, num_params))
             dtype = None if dtype == weights_dtype else dtype
         transformer = MeissonicTransformer.from_pretrained(
             folder / "transformer", variant=_present(variant, folder / "transformer"), device=device, dtype=dtype,
             backend=backend)
-        cpu_engine.apply_default(transformer)
-        vqvae = load_vqmodel(folder / "vqvae", variant=_present(variant, folder / "vqvae"), device=device)
+        runnable(transformer, quantize=quantize)
+        vqvae = runnable(load_vqmodel(folder / "vqvae", variant=_present(variant, folder / "vqvae"), device=device))
         if text_encoder is None:
             loaded = _load_clip(folder, variant, device, dtype)
             text_encoder = CLIPTextEncoder(loaded.model, loaded.tokenizer, max_length=TEXT_LENGTH)
@@ -162,7 +163,6 @@ class MeissonicPipeline(AmusedPipeline):
                    masking_schedule=scheduler.get("masking_schedule", "cosine"), sampler=sampler)
         if quantize or (requested == "auto" and dtype is not None):  # compat calls need the files' own dtype, in float
             pipe._compat_source = dict(folder_or_hub_id=folder, variant=variant, device=device, backend=backend)
-        int8.quantize_pipeline(pipe, quantize)
         return pipe
 
     @property

@@ -20,6 +20,7 @@ from musefast.cpu import int8
 from musefast.generation.adapters import Stage
 from musefast.generation.pipeline_call import decode_stage
 from musefast.models.serialization import load_component, read_json, save_component
+from musefast.pipelines.loading import runnable
 from musefast.ops.registry import use_backend
 from musefast.models.text import TextEmbeddings, as_text_embeddings, load_text_encoder
 from musefast.models.transformer import Context, MuseTransformer, SuperResTransformer
@@ -544,7 +545,7 @@ class MusePipeline(ProgressBarConfig):
                         torch_dtype=None, quantize: str | None = None) -> "MusePipeline":
         """Load a folder written by :meth:`save_pretrained`. ``dtype`` of the transformers:
         ``"auto"`` (default) = bfloat16 on a CPU with native bf16, else float32 (see
-        :func:`musefast.cpu.linear.resolve_dtype`); None = float32. The VQGANs stay float32.
+        :func:`musefast.pipelines.loading.resolve_dtype`); None = float32. The VQGANs stay float32.
         ``torch_dtype`` is diffusers' name for ``dtype``. ``quantize="int8"``: the transformers'
         linears in int8 (CPU with VNNI; :mod:`musefast.cpu.int8`), the rest in the weights' dtype
         under ``"auto"``."""
@@ -563,9 +564,10 @@ class MusePipeline(ProgressBarConfig):
             if not path.is_dir():
                 raise FileNotFoundError(f"component {name!r} missing: {path}")
             try:
-                parts[name] = (load_text_encoder(path, device=device) if name == "text_encoder"
-                               else load_component(path, device=device,
-                                                   dtype=None if name.startswith("vqgan") else dtype))
+                parts[name] = (runnable(load_text_encoder(path, device=device)) if name == "text_encoder"
+                               else runnable(load_component(path, device=device),
+                                             dtype=None if name.startswith("vqgan") else dtype,
+                                             quantize=quantize if name in ("transformer", "super_res") else None))
             except (OSError, ValueError, RuntimeError) as exc:
                 message = str(exc)
                 if str(path) not in message:  # transformers' errors do not always name the folder
@@ -577,7 +579,6 @@ class MusePipeline(ProgressBarConfig):
         pipe = cls(parts["vqgan"], parts["transformer"], parts.get("text_encoder"),
                    super_res=parts.get("super_res"), vqgan_high=parts.get("vqgan_high"),
                    settings=MuseSettings(**index.get("settings", {})))
-        int8.quantize_pipeline(pipe, quantize)
         return pipe
 
 
