@@ -1,4 +1,4 @@
-"""The ``musefast`` command line: generate | inpaint | outpaint | edit | doctor | train-demo.
+"""The ``musefast`` command line: generate | inpaint | outpaint | edit | batch | serve | doctor | train-demo.
 
 Every value is checked before the model loads (``musefast.cli_checks``); a mistake prints one
 line naming it and the fix and exits with code 2, a model that cannot be loaded or a run that
@@ -250,6 +250,70 @@ def _add_batch(sub) -> None:
     b.set_defaults(func=_batch)
 
 
+def _serve(args) -> int:
+    try:
+        from musefast.server.config import Limits, ServerConfig
+        from musefast.server.run import ServeError, serve
+    except ImportError as exc:
+        raise CommandError(f"the server needs the serve extra: pip install 'musefast[serve]' ({exc})") from None
+    try:
+        config = ServerConfig(
+            model=args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+            api_key=args.api_key, cors=tuple(args.cors), grace=args.grace, request_timeout=args.timeout,
+            log_requests=args.log_requests, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
+            threads=args.threads, limits=Limits(max_body_bytes=args.max_body_mb * 1024 * 1024))
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+    if args.log_requests is not None:
+        checks_dir = Path(args.log_requests).expanduser().parent
+        if not checks_dir.is_dir():
+            raise UsageError(f"--log-requests {args.log_requests}: folder {checks_dir} does not exist")
+    if args.ray or args.ray_address:
+        try:
+            from musefast.server.ray_serve import deploy
+        except ImportError as exc:
+            raise CommandError(f"Ray Serve support is not available ({exc}); install it with "
+                               "pip install 'musefast[distributed,serve]'") from None
+        return deploy(config, replicas=args.replicas, address=args.ray_address)
+    _set_threads(args)
+    try:
+        return serve(config)
+    except ServeError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _add_serve(sub) -> None:
+    s = sub.add_parser("serve", help="an OpenAI-compatible image server (POST /v1/images/generations) with a web page")
+    s.add_argument("model", nargs="?", default="demo", help='"demo", a pipeline folder, or a hub id (default: demo)')
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; anything but loopback warns unless an API key is set")
+    s.add_argument("--port", type=checks.non_negative_int, default=8000, help="port (0: any free port)")
+    s.add_argument("--max-batch", type=checks.positive_int, default=8, metavar="N",
+                   help="images decoded together in each step (continuous batching)")
+    s.add_argument("--max-queue", type=checks.positive_int, default=64, metavar="N",
+                   help="images waiting for a place in the batch; beyond it requests get 429 with Retry-After")
+    s.add_argument("--api-key", default=None, metavar="KEY",
+                   help="Bearer key every /v1 route asks for (default: MUSEFAST_API_KEY if set, else no key)")
+    s.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser requests from ORIGIN (repeatable; default: CORS off)")
+    s.add_argument("--grace", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM/SIGINT, seconds to finish in-flight requests before failing them")
+    s.add_argument("--timeout", type=float, default=300.0, metavar="S", help="per-request time limit in seconds")
+    s.add_argument("--max-body-mb", type=checks.positive_int, default=16, metavar="MB",
+                   help="largest request body (uploads of edits) in MiB; larger ones get 413")
+    s.add_argument("--log-requests", default=None, metavar="FILE",
+                   help="append one JSON line per request (id, timings, settings, outcome) (default: none)")
+    s.add_argument("--ray", action="store_true", help="serve on a local Ray Serve, one engine per replica")
+    s.add_argument("--replicas", type=checks.positive_int, default=1, metavar="N", help="Ray Serve replicas")
+    s.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="deploy on the Ray cluster at ADDR (e.g. auto) (default: none, a local Ray with --ray)")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    s.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="weights dtype (default: as saved)")
+    s.add_argument("--threads", type=checks.positive_int, default=None, metavar="N",
+                   help="CPU threads of torch (default: 1 for the demo model, else torch's default)")
+    s.set_defaults(func=_serve)
+
+
 def _train_demo(args) -> int:
     from musefast.training.demo import run
 
@@ -430,6 +494,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     e.set_defaults(func=_edit)
 
     _add_batch(sub)
+    _add_serve(sub)
 
     t = sub.add_parser("train-demo", help="train the demo model from scratch (a pipeline folder)")
     words = sys.argv[1:] if argv is None else argv

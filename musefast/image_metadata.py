@@ -18,13 +18,18 @@ def save_image(image, path: Path, params: dict) -> None:
     if path.suffix.lower() != ".png":
         image.save(path)
         return
+    image.save(path, pnginfo=png_info(params))
+
+
+def png_info(params: dict):
+    """The PNG text chunks of ``params`` (for ``image.save(..., format="PNG", pnginfo=...)``)."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     for key, value in params.items():
         info.add_text(PREFIX + key, json.dumps(value))  # None too: "no negative prompt" is a setting
     info.add_text("parameters", _readable(params))
-    image.save(path, pnginfo=info)
+    return info
 
 
 def read_params(path: str | Path) -> dict:
