@@ -78,47 +78,71 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, timeout: float, alive=lambda: True) -> None:
-    """Poll ``url``/ready until it answers 200; TimeoutError after ``timeout`` seconds."""
+def wait_ready(url: str, timeout: float, alive=lambda: True, announced=lambda: True) -> None:
+    """Poll ``url``/ready until it answers 200 and ``announced()`` is true; TimeoutError after
+    ``timeout`` seconds, RuntimeError as soon as ``alive()`` is false."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not alive():
             raise RuntimeError("the server exited before it was ready")
         try:
-            with urllib.request.urlopen(url + "/ready", timeout=5) as response:
-                if response.status == 200:
-                    return
+            if announced():
+                with urllib.request.urlopen(url + "/ready", timeout=5) as response:
+                    if response.status == 200:
+                        return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(0.3)
-    raise TimeoutError(f"{url}/ready did not answer 200 within {timeout:g} s")
+    raise TimeoutError(f"{url} was not ready within {timeout:g} s")
+
+
+class ServerProcess:
+    """A ``musefast serve`` child process: ``url``, ``stop() -> exit code`` (SIGTERM, the
+    server's drain), ``output()`` (what it printed so far)."""
+
+    def __init__(self, args: list[str], env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = [sys.executable, "-m", "musefast", "serve", *args, "--host", "127.0.0.1", "--port", str(self.port)]
+        self._log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, text=True, env=env)
+
+    def output(self) -> str:
+        if self._log.closed:
+            return self._final_output
+        self._log.seek(0)
+        return self._log.read()
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if not self._log.closed:
+            self._final_output = self.output()
+            self._log.close()
+        return self.proc.returncode
 
 
 @contextlib.contextmanager
 def running_server(*serve_args: str, timeout: float = 300.0, env: dict | None = None):
-    """``musefast serve *serve_args`` on a free loopback port; yields its base URL. Stopped
-    with SIGTERM (the server's drain) on exit; its output is shown if it fails to start."""
-    port = free_port()
-    log = tempfile.TemporaryFile(mode="w+")
-    cmd = [sys.executable, "-m", "musefast", "serve", *serve_args, "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
+    """``musefast serve *serve_args`` on a free loopback port; yields its :class:`ServerProcess`
+    once it printed its ready line and ``/ready`` answers 200 (its output is shown if it fails to
+    start); stopped on exit."""
+    server = ServerProcess(list(serve_args), env)
     try:
         try:
-            wait_ready(url, timeout, alive=lambda: proc.poll() is None)
+            # The ready line comes once every replica is up (Ray Serve answers /ready from the first).
+            wait_ready(server.url, timeout, alive=lambda: server.proc.poll() is None,
+                       announced=lambda: "ready at http" in server.output())
         except (RuntimeError, TimeoutError) as exc:
-            log.seek(0)
-            raise RuntimeError(f"{' '.join(cmd[1:])}: {exc}; its output:\n{log.read()[-4000:]}") from None
-        yield url
+            raise RuntimeError(f"{' '.join(server.args[1:])}: {exc}; its output:\n{server.output()[-4000:]}") from None
+        yield server
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
+        server.stop()
 
 
 @contextlib.contextmanager
@@ -166,8 +190,8 @@ def main(argv=None) -> int:
     if chromium is None:
         parser.error("no Chromium found: apt-get install chromium, or pass --chromium PATH")
     shots = [("a red circle on the left", 3), ("a blue square at the top", 11), ("a yellow triangle on the right", 7)]
-    with running_server(args.model) as url, chromium_page(chromium, 1200, 820) as page:
-        page.goto(url + "/")
+    with running_server(args.model) as server, chromium_page(chromium, 1200, 820) as page:
+        page.goto(server.url + "/")
         for prompt, seed in shots:
             result = generate_on_page(page, prompt, steps=12, seed=seed)
             if result["error"]:

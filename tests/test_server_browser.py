@@ -44,8 +44,8 @@ def _browser() -> str:
 @pytest.fixture(scope="module")
 def server():
     _browser()
-    with running_server("demo", "--api-key", KEY) as url:
-        yield url
+    with running_server("demo", "--api-key", KEY) as process:
+        yield process.url
 
 
 @pytest.fixture
