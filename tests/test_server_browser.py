@@ -103,6 +103,19 @@ def test_a_refused_request_is_one_line_on_the_page(page):
     assert page.is_enabled("#generate")
 
 
+def test_the_key_field_shows_only_when_the_server_asks_for_one(server):
+    # The same page against a server that answers /v1/models without a key (stood in for by
+    # Playwright answering that one route).
+    models = {"object": "list", "data": [{"id": "demo", "object": "model", "owned_by": "musefast"}]}
+    with chromium_page(_browser()) as page:
+        page.route("**/v1/models", lambda route: route.fulfill(status=200, content_type="application/json",
+                                                               body=json.dumps(models)))
+        page.goto(server + "/")
+        page.wait_for_function("document.getElementById('server-model').textContent.startsWith('Model')")
+        assert not page.is_visible("#api-key")
+        assert page.is_visible("#prompt") and page.is_visible("#generate")
+
+
 def test_a_wrong_key_is_reported(page):
     page.fill("#api-key", "not-the-key")
     result = generate_on_page(page, PROMPT, steps=STEPS)
