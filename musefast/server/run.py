@@ -33,9 +33,9 @@ def serve(config: ServerConfig, *, pipe=None, out=sys.stderr) -> int:
 
         torch.set_num_threads(config.threads)
     app = create_app(config, pipe=pipe)
-    if not config.loopback and config.api_key is None:
-        print(f"musefast serve: warning: listening on {config.host} without an API key: anyone who can reach "
-              "this port can use the model (set --api-key or MUSEFAST_API_KEY)", file=out)
+    warning = exposure_warning(config)
+    if warning:
+        print(f"musefast serve: warning: {warning}", file=out)
     server = _DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
                                             access_log=False, lifespan="on", timeout_graceful_shutdown=5),
                              app.state.service, out)
@@ -43,6 +43,14 @@ def serve(config: ServerConfig, *, pipe=None, out=sys.stderr) -> int:
     if server.failure:
         raise ServeError(server.failure)
     return 0
+
+
+def exposure_warning(config: ServerConfig) -> str | None:
+    """What to warn about when the server is reachable from other machines without a key."""
+    if config.loopback or config.api_key is not None:
+        return None
+    return (f"listening on {config.host} without an API key: anyone who can reach this port can use the model "
+            "(set --api-key or MUSEFAST_API_KEY)")
 
 
 class _DrainingServer:

@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 
-from musefast.generation import Engine, QueueFull, Request
+from musefast.generation import Engine, QueueFull, Request, State
 from musefast.server.config import ServerConfig
 from musefast.server.errors import APIError, from_exception
 from musefast.server.images import FileStore, b64, encode
@@ -194,16 +194,12 @@ class Service:
                 "index": 0, "size": f"{image.width}x{image.height}", "version": __version__}
 
     def usage(self, job: Job) -> dict:
-        """OpenAI's usage counters in this model's units: prompt characters in, image tokens out."""
+        """OpenAI's usage counters in this model's units: prompt characters in, image tokens
+        (of the finished images' last stage) out."""
         text = sum(len(r.prompt or "") for r in job.requests)
-        images = sum(self._image_tokens(r) for r in job.requests)
+        images = sum(h.result().numel() for h in job.handles if h.state is State.DONE)
         return {"input_tokens": text, "input_tokens_details": {"text_tokens": text, "image_tokens": 0},
                 "output_tokens": images, "total_tokens": text + images}
-
-    def _image_tokens(self, request: Request) -> int:
-        height, width = request.size or self.model_size()
-        factor = getattr(getattr(self.pipe, "vqvae", None), "downsample_factor", None) or 8
-        return (height // factor) * (width // factor)
 
     def finished(self, endpoint: str, started: float, status: int, job: Job | None, output: Output | None,
                  error: APIError | None = None, request_id: str | None = None) -> None:

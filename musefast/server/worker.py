@@ -121,7 +121,11 @@ class EngineWorker:
             for op, payload in inbox:
                 getattr(self, "_" + op)(payload)
             if self.engine.busy:
-                self._step()
+                try:
+                    self._step()
+                except Exception as exc:  # noqa: BLE001 - a forward that raised (OOM, a kernel error)
+                    # fails the images it was advancing, with the error; the thread keeps serving
+                    self._fail_all(exc)
 
     def _submit(self, job: Job) -> None:
         engine = self.engine
