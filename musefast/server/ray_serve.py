@@ -19,7 +19,7 @@ try:
     import ray
     from ray import serve
 except ImportError as exc:  # the CLI turns this into its one-line error
-    raise ImportError(f"Ray Serve is not installed: pip install 'musefast[distributed]' ({exc})") from None
+    raise ImportError(f"ray[serve] is not installed ({exc}): pip install 'musefast[distributed,serve]'") from None
 
 from musefast.server.config import ServerConfig
 
