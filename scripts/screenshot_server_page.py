@@ -7,8 +7,8 @@ docs/img/server-page.png:
     python scripts/screenshot_server_page.py [--out docs/img/server-page.png] [--chromium PATH]
 
 Needs Debian's ``chromium`` (``apt-get install chromium``) and ``pip install playwright``; no
-``playwright install``: the browser is the system's. tests/test_server_browser.py drives the page
-with the same helpers.
+``playwright install``: the browser is the system's. tests/test_server_browser.py drives the page,
+and tests/test_server_ray.py starts its server, through the functions below.
 """
 from __future__ import annotations
 
