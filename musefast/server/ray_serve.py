@@ -92,10 +92,9 @@ def deploy(config: ServerConfig, *, replicas: int, address: str | None = None, o
               f"{config.grace:g} s)", file=out, flush=True)
     finally:
         try:
+            serve.delete(APP_NAME)  # waits for the replicas' graceful shutdown
             if address is None:
                 serve.shutdown()
-            else:
-                serve.delete(APP_NAME)
         finally:
             ray.shutdown()
             for sig, handler in previous.items():
