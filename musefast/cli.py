@@ -295,7 +295,7 @@ def _add_serve(sub) -> None:
     s.add_argument("--api-key", default=None, metavar="KEY",
                    help="Bearer key every /v1 route asks for (default: MUSEFAST_API_KEY if set, else no key)")
     s.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
-                   help="allow browser requests from ORIGIN (repeatable; default: CORS off)")
+                   help="allow browser requests from ORIGIN; repeat for more (default: none, CORS off)")
     s.add_argument("--grace", type=float, default=30.0, metavar="S",
                    help="on SIGTERM/SIGINT, seconds to finish in-flight requests before failing them")
     s.add_argument("--timeout", type=float, default=300.0, metavar="S", help="per-request time limit in seconds")

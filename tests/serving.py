@@ -3,6 +3,10 @@ a thread of the test process, serving an already-loaded pipeline (so the tests s
 and compare with it directly)."""
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -61,3 +65,24 @@ class LiveServer:
 def solo_image(pipe, prompt: str, seed: int, **kw):
     """The pipeline's own one-image run: what a served image must equal."""
     return pipe(prompt, seed=seed, progress=False, **kw)[0]
+
+
+def start_process(*args, env=None):
+    """``musefast serve --port 0 ARGS`` as a child process; -> (process, url, stderr lines so far
+    and later) once it printed its ready line."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    process = subprocess.Popen([sys.executable, "-m", "musefast", "serve", "--port", "0", *args],
+                               stderr=subprocess.PIPE, text=True, env=environment)
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        match = re.search(r"ready at (http://\S+)", line)
+        if match:
+            threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True).start()
+            return process, match.group(1), lines
+    process.kill()
+    raise AssertionError("no ready line: " + "".join(lines))

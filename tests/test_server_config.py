@@ -43,7 +43,8 @@ def test_n_images_take_seeds_seed_plus_index():
                               "num_inference_steps": 4, "guidance_scale": 2, "negative_prompt": "blue"},
                              model_id="demo", limits=Limits())
     assert [r.seed for r in requests] == [9, 10, 11]
-    assert {(r.size, r.num_steps, r.guidance_scale, r.negative_prompt) for r in requests} == {((48, 64), 4, 2.0, "blue")}
+    settings = {(r.size, r.num_steps, r.guidance_scale, r.negative_prompt) for r in requests}
+    assert settings == {((48, 64), 4, 2.0, "blue")}
     assert (output.response_format, output.output_format, output.stream) == ("b64_json", "png", False)
     drawn, _ = parse({"prompt": "a red circle on the left", "n": 2}, model_id="demo", limits=Limits())
     assert drawn[1].seed == drawn[0].seed + 1

@@ -2,7 +2,6 @@
 new ones get 503, exit code 0), a grace too short fails what is left with an error instead of
 losing it, the request log, and the command's own errors."""
 import json
-import os
 import re
 import signal
 import subprocess
@@ -12,28 +11,9 @@ import time
 
 import pytest
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+from tests.serving import start_process
+
 httpx = pytest.importorskip("httpx")
-
-
-def _start(*args, env=None):
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    process = subprocess.Popen([sys.executable, "-m", "musefast", "serve", "--port", "0", *args],
-                               stderr=subprocess.PIPE, text=True, env=environment)
-    lines = []
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        match = re.search(r"ready at (http://\S+)", line)
-        if match:
-            threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True).start()
-            return process, match.group(1), lines
-    process.kill()
-    raise AssertionError("no ready line: " + "".join(lines))
 
 
 def _generate(url, steps, results, name):
@@ -55,7 +35,7 @@ def _wait_in_flight(url):
 
 def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(tmp_path):
     log = tmp_path / "requests.jsonl"
-    process, url, lines = _start("--grace", "60", "--log-requests", str(log))
+    process, url, lines = start_process("--grace", "60", "--log-requests", str(log))
     try:
         results = {}
         running = threading.Thread(target=_generate, args=(url, 400, results, "running"))
@@ -83,7 +63,7 @@ def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(tmp_pa
 
 
 def test_a_grace_too_short_answers_the_leftovers_with_an_error(tmp_path):
-    process, url, lines = _start("--grace", "0.5")
+    process, url, lines = start_process("--grace", "0.5")
     try:
         results = {}
         stuck = threading.Thread(target=_generate, args=(url, 1000, results, "stuck"))

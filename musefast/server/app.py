@@ -20,8 +20,9 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from musefast.pipelines.images import format_output
 from musefast.server.config import ServerConfig
-from musefast.server.errors import APIError, from_exception
+from musefast.server.errors import APIError
 from musefast.server.params import parse
 from musefast.server.service import Service
 from musefast.server.uploads import read_edit_form
@@ -81,7 +82,10 @@ def _errors(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request, exc: Exception):
-        return answer(from_exception(exc if not isinstance(exc, (ValueError, TypeError)) else RuntimeError(str(exc))))
+        # a failure of the server's own code is never blamed on the request: 500, one line
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return answer(APIError(500, f"internal error: {type(exc).__name__}: {first}".rstrip(": "),
+                               code="internal_error"))
 
 
 def _authorize(service: Service, request: HTTPRequest) -> None:
@@ -230,8 +234,6 @@ async def _events(service: Service, request: HTTPRequest, endpoint: str, job, ou
         while done < len(job.requests):
             event = await service.next_event(job, deadline, request.is_disconnected)
             if event.kind == "preview":
-                from musefast.pipelines.images import format_output
-
                 image = format_output(event.image[None], "pil")[0]
                 entry = await asyncio.to_thread(service.encode_entry, job, event.index, image, output)
                 yield _sse(f"{prefix}.partial_image", {
@@ -244,7 +246,7 @@ async def _events(service: Service, request: HTTPRequest, endpoint: str, job, ou
                     "type": f"{prefix}.completed", "b64_json": entry["b64_json"], "created_at": int(time.time()),
                     "image_index": event.index, "seed": entry["seed"], "usage": service.usage(job), **common})
             elif event.kind == "failed":
-                raise service._failure(event.error)
+                raise service.failure(event.error)
     except APIError as exc:
         status, error = exc.status, exc
         service.worker.cancel(job)

@@ -1,8 +1,8 @@
 """Running the app with uvicorn: the ready line, the non-loopback warning, and the drain.
 
 uvicorn on its own stops listening at the first SIGTERM, so late clients would see a refused
-connection. Here the first SIGTERM/SIGINT only turns admission off (new requests get 503, the
-page's ``/ready`` says "draining"), waits up to ``grace`` seconds for in-flight requests, fails
+connection. Here the first SIGTERM/SIGINT only turns admission off (new requests get 503,
+``/ready`` says "draining"), waits up to ``grace`` seconds for in-flight requests, fails
 whatever is left with a 503 error (nothing accepted ends without an answer), and then lets
 uvicorn shut down; a second signal stops at once.
 """
@@ -12,6 +12,8 @@ import asyncio
 import sys
 import time
 
+import uvicorn
+
 from musefast.server.config import ServerConfig
 from musefast.server.errors import APIError
 
@@ -19,13 +21,11 @@ ANSWER_SECONDS = 5.0  # after failing the leftovers: time for their handlers to 
 
 
 class ServeError(RuntimeError):
-    """The server could not start (port taken, model not loadable): one line, exit code 1."""
+    """The server could not start (model not loadable): one line, exit code 1."""
 
 
 def serve(config: ServerConfig, *, pipe=None, out=sys.stderr) -> int:
     """Serve until SIGTERM/SIGINT; -> 0 after a clean drain."""
-    import uvicorn
-
     from musefast.server.app import create_app
 
     if config.threads is not None:
@@ -36,9 +36,9 @@ def serve(config: ServerConfig, *, pipe=None, out=sys.stderr) -> int:
     warning = exposure_warning(config)
     if warning:
         print(f"musefast serve: warning: {warning}", file=out)
-    server = _DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                                            access_log=False, lifespan="on", timeout_graceful_shutdown=5),
-                             app.state.service, out)
+    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+                                           access_log=False, lifespan="on", timeout_graceful_shutdown=5),
+                            app.state.service, out)
     server.run()
     if server.failure:
         raise ServeError(server.failure)
@@ -53,69 +53,60 @@ def exposure_warning(config: ServerConfig) -> str | None:
             "(set --api-key or MUSEFAST_API_KEY)")
 
 
-class _DrainingServer:
-    """uvicorn.Server with the drain of the module docstring (built lazily: uvicorn is an extra)."""
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server with the ready line and the drain of the module docstring."""
 
-    def __new__(cls, config, service, out):
-        import uvicorn
+    def __init__(self, config: uvicorn.Config, service, out=sys.stderr):
+        super().__init__(config)
+        self.service, self.out, self.failure = service, out, None
+        self._signals = 0
 
-        class Server(uvicorn.Server):
-            def __init__(self):
-                super().__init__(config)
-                self.service, self.out, self.failure = service, out, None
-                self._drain_asked = 0
+    def handle_exit(self, sig, frame):
+        self._signals += 1
+        if self._signals > 1:  # a second signal: uvicorn's own stop (which re-raises the signal)
+            super().handle_exit(sig, frame)
+        elif not self.service.ready:  # nothing accepted yet: nothing to drain
+            self.should_exit = True
 
-            def handle_exit(self, sig, frame):
-                self._drain_asked += 1
-                if self._drain_asked > 1:  # a second signal: uvicorn's own stop (and it re-raises the signal)
-                    super().handle_exit(sig, frame)
-                elif not self.service.ready:  # nothing accepted yet: nothing to drain
-                    self.should_exit = True
+    async def startup(self, sockets=None):
+        await super().startup(sockets)
+        if not self.should_exit:
+            asyncio.get_running_loop().create_task(self._announce_and_watch())
 
-            async def startup(self, sockets=None):
-                await super().startup(sockets)
-                if self.should_exit:  # uvicorn could not bind: it printed why
-                    self.failure = f"cannot listen on {config.host}:{config.port}"
-                    return
-                asyncio.get_running_loop().create_task(self._announce_and_watch())
+    async def _announce_and_watch(self):
+        service = self.service
+        while not (service.ready or service.load_error or self.should_exit):
+            await asyncio.sleep(0.05)
+        if service.load_error:
+            self.failure, self.should_exit = service.load_error, True
+            return
+        if self.should_exit:
+            return
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        port = self.servers[0].sockets[0].getsockname()[1]  # the real one when --port 0
+        print(f"musefast serve: ready at http://{host}:{port} (model {service.config.model_id})",
+              file=self.out, flush=True)
+        while not self._signals and not self.should_exit:
+            await asyncio.sleep(0.05)
+        if not self.should_exit:
+            await self._drain()
 
-            async def _announce_and_watch(self):
-                while not (self.service.ready or self.service.load_error or self.should_exit):
-                    await asyncio.sleep(0.05)
-                if self.service.load_error:
-                    self.failure = self.service.load_error
-                    self.should_exit = True
-                    return
-                port = self.servers[0].sockets[0].getsockname()[1] if self.servers else config.port
-                host = f"[{config.host}]" if ":" in config.host else config.host
-                print(f"musefast serve: ready at http://{host}:{port} (model {self.service.config.model_id})",
-                      file=self.out, flush=True)
-                while not self._drain_asked and not self.should_exit:
-                    await asyncio.sleep(0.05)
-                if not self.should_exit:
-                    await self._drain()
+    async def _drain(self):
+        service = self.service
+        service.draining = True
+        grace = service.config.grace
+        print(f"musefast serve: draining ({service.worker.active} requests in flight, up to {grace:g} s)",
+              file=self.out, flush=True)
+        await self._wait(lambda: service.worker.active == 0 or self._signals > 1, grace)
+        if service.worker.active:
+            service.worker.fail_all(APIError(503, "the server shut down before this image was finished",
+                                             code="shutdown"))
+        # the handlers were told; let their answers leave before uvicorn closes the connections
+        await self._wait(lambda: all(task.done() for task in self.server_state.tasks), ANSWER_SECONDS)
+        self.should_exit = True
 
-            async def _drain(self):
-                service = self.service
-                service.draining = True
-                grace = service.config.grace
-                print(f"musefast serve: draining ({service.worker.active} requests in flight, up to {grace:g} s)",
-                      file=self.out, flush=True)
-                deadline = time.monotonic() + grace
-                while service.worker.active and time.monotonic() < deadline and self._drain_asked < 2:
-                    await asyncio.sleep(0.05)
-                if service.worker.active:
-                    service.worker.fail_all(APIError(503, "the server shut down before this image was finished",
-                                                     code="shutdown"))
-                    deadline = time.monotonic() + ANSWER_SECONDS
-                    while service.worker.active and time.monotonic() < deadline:
-                        await asyncio.sleep(0.05)
-                # the handlers were told; let their responses leave before uvicorn closes connections
-                deadline = time.monotonic() + ANSWER_SECONDS
-                while self.server_state.tasks and time.monotonic() < deadline:
-                    if all(task.done() for task in self.server_state.tasks):
-                        break
-                    await asyncio.sleep(0.05)
-                self.should_exit = True
-
-        return Server()
+    @staticmethod
+    async def _wait(condition, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not condition() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)

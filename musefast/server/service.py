@@ -161,13 +161,13 @@ class Service:
                 images[event.index] = event.image
             elif event.kind == "failed":
                 self.worker.cancel(job)
-                raise self._failure(event.error)
+                raise self.failure(event.error)
         data = []
         for i in range(len(job.requests)):
             data.append(await asyncio.to_thread(self.encode_entry, job, i, images[i], output, base_url))
         return data
 
-    def _failure(self, error) -> APIError:
+    def failure(self, error) -> APIError:
         failure = from_exception(error, param="image" if isinstance(error, (ValueError, TypeError)) else None)
         self.metrics.rejections.labels("failed" if failure.status >= 500 else "invalid").inc()
         return failure
