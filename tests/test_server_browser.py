@@ -87,6 +87,7 @@ def test_generate_shows_previews_then_the_image_of_the_models_size(server, page)
     assert (result["width"], result["height"]) == (size, size)
     assert result["settings"]["Seed"] == "7" and result["settings"]["Steps"] == str(STEPS)
     assert result["filename"].endswith(".png")
+    assert page.locator("#size option").first.text_content().startswith(f"{size}x{size}")
     # The download link holds exactly what the API gives for the same settings.
     assert base64.b64decode(result["download"]) == _api_image(server, prompt=PROMPT, seed=7,
                                                               num_inference_steps=STEPS)

@@ -128,6 +128,15 @@ function fillSizes() {
   select.disabled = sizes.length < 2;
 }
 
+// A server that lists no size still says, with each image, the size it made: name the
+// "model's size" choice by it.
+function learnSize(size) {
+  const select = $("size");
+  if (size && select.options.length === 1 && select.options[0].value === "") {
+    select.options[0].textContent = `${size} (model's size)`;
+  }
+}
+
 // ---- the form ---------------------------------------------------------------------------
 
 function wholeNumber(id, label, { min, allowBlank }) {
@@ -233,6 +242,7 @@ async function generate(event) {
         showPreview(`data:${mimeOf(payload.output_format)};base64,${payload.b64_json}`, `Preview ${n} of "${settings.prompt}"`);
         $("status").textContent = `Preview ${n} of ${settings.partial_images}…`;
       } else if (kind === "image_generation.completed") {
+        learnSize(payload.size);
         addResult(payload.b64_json, payload.output_format, settings, started);
         finished = true;
       }
