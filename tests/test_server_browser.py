@@ -123,6 +123,20 @@ def test_a_wrong_key_is_reported(page):
     assert result["error"] and "API key" in result["error"], result
 
 
+def test_stop_ends_the_generation(page):
+    page.fill("#prompt", PROMPT)
+    page.fill("#steps", "1000")  # the server's most: the first preview comes at step 250, 750 are left
+    page.click("#generate")
+    page.wait_for_function("Number(document.getElementById('preview').dataset.updates) >= 1"
+                           " || !document.getElementById('error').hidden", timeout=120_000)
+    assert not page.is_visible("#error"), page.text_content("#error")
+    page.click("#stop")
+    page.wait_for_function("document.getElementById('status').textContent === 'Stopped.'", timeout=30_000)
+    assert page.locator("#gallery li").count() == 0
+    assert page.is_enabled("#generate") and not page.is_enabled("#stop")
+    assert not page.is_visible("#error")
+
+
 def test_the_page_works_offline():
     """Nothing the page loads comes from another host (no CDN): every src/href is relative."""
     text = "\n".join(p.read_text() for p in STATIC.iterdir())
