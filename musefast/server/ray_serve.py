@@ -22,6 +22,7 @@ except ImportError as exc:  # the CLI turns this into its one-line error
     raise ImportError(f"ray[serve] is not installed ({exc}): pip install 'musefast[distributed,serve]'") from None
 
 from musefast.server.config import ServerConfig
+from musefast.server.run import exposure_warning
 
 APP_NAME = "musefast"
 # A replica is healthy once its model has loaded and passed the self-check; a large model on a CPU
@@ -74,9 +75,9 @@ def deploy(config: ServerConfig, *, replicas: int, address: str | None = None, o
     _check(config, replicas)
     if config.port == 0:  # Ray Serve's proxy takes a fixed port: choose the free one here
         config = _with_port(config, _free_port(config.host))
-    if not config.loopback and config.api_key is None:
-        print(f"musefast serve: warning: listening on {config.host} without an API key: anyone who can reach "
-              "this port can use the model (set --api-key or MUSEFAST_API_KEY)", file=out)
+    warning = exposure_warning(config)
+    if warning:
+        print(f"musefast serve: warning: {warning}", file=out)
     ray.init(address=address or "local", include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
