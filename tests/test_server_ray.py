@@ -98,3 +98,19 @@ def test_two_replicas_give_the_single_process_servers_images(local_ray):
         assert "event: image_generation.completed" in rest, rest[-500:]
         assert "musefast" not in serve.status().applications
     assert "ready at http://127.0.0.1" in server.output()
+
+
+@pytest.mark.parametrize("replicas", [0, -1, 1.5, "2", True])
+def test_bad_replicas_are_one_line(replicas):
+    from musefast.server import ServerConfig
+    from musefast.server.ray_serve import deploy
+
+    with pytest.raises(ValueError, match="replicas must be a positive int"):
+        deploy(ServerConfig(), replicas=replicas)
+
+
+def test_config_must_be_a_server_config():
+    from musefast.server.ray_serve import deploy
+
+    with pytest.raises(TypeError, match="config must be a musefast.server.ServerConfig"):
+        deploy({"model": "demo"}, replicas=1)
