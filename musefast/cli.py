@@ -264,8 +264,8 @@ def _add_batch(sub) -> None:
 
 def _serve(args) -> int:
     try:
-        from musefast.server.config import Limits, ServerConfig
-        from musefast.server.run import ServeError, serve
+        from musefast.serve.config import Limits, ServerConfig
+        from musefast.serve.run import ServeError, serve
     except ImportError as exc:
         raise CommandError(f"the server needs the serve extra: pip install 'musefast[serve]' ({exc})") from None
     try:
@@ -282,7 +282,7 @@ def _serve(args) -> int:
             raise UsageError(f"--log-requests {args.log_requests}: folder {checks_dir} does not exist")
     if args.ray or args.ray_address:
         try:
-            from musefast.server.ray_serve import deploy
+            from musefast.serve.ray_serve import deploy
         except ImportError as exc:
             raise CommandError(f"Ray Serve support is not available ({exc}); install it with "
                                "pip install 'musefast[distributed,serve]'") from None

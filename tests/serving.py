@@ -19,7 +19,7 @@ pytest.importorskip("multipart")
 
 import uvicorn  # noqa: E402
 
-from musefast.server import ServerConfig, create_app  # noqa: E402
+from musefast.serve import ServerConfig, create_app  # noqa: E402
 
 PROMPTS = ["a red circle on the left", "a blue square at the top", "a green triangle on the right",
            "a yellow ring at the bottom", "a purple cross in the centre", "an orange diamond above a red ring"]

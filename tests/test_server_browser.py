@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 from screenshot_server_page import chromium_page, find_chromium, generate_on_page, running_server  # noqa: E402
 
-STATIC = ROOT / "musefast" / "server" / "static"
+STATIC = ROOT / "musefast" / "serve" / "static"
 KEY = "page-test-key"
 PROMPT = "a red circle on the left"
 STEPS = 8  # 3 previews fall after steps 2, 4 and 6
@@ -158,6 +158,6 @@ def test_the_page_is_in_the_wheel(tmp_path):
     assert proc.returncode == 0, proc.stderr
     (wheel,) = (tmp_path / "dist").glob("musefast-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    page_files = {f"musefast/server/static/{p.name}" for p in STATIC.iterdir()}
-    assert {"musefast/server/static/index.html", "musefast/server/static/app.js"} <= page_files
+    page_files = {f"musefast/serve/static/{p.name}" for p in STATIC.iterdir()}
+    assert {"musefast/serve/static/index.html", "musefast/serve/static/app.js"} <= page_files
     assert sorted(page_files - names) == []

@@ -6,11 +6,11 @@ from PIL import Image
 
 pytest.importorskip("fastapi")
 
-from musefast.server.config import Limits, ServerConfig  # noqa: E402
-from musefast.server.errors import APIError  # noqa: E402
-from musefast.server.params import parse  # noqa: E402
-from musefast.server.uploads import openai_mask  # noqa: E402
-from musefast.server.worker import preview_steps  # noqa: E402
+from musefast.serve.config import Limits, ServerConfig  # noqa: E402
+from musefast.serve.errors import APIError  # noqa: E402
+from musefast.serve.params import parse  # noqa: E402
+from musefast.serve.uploads import openai_mask  # noqa: E402
+from musefast.serve.worker import preview_steps  # noqa: E402
 
 
 @pytest.mark.parametrize("kw, words", [
@@ -94,7 +94,7 @@ def test_serve_without_ray_serve_module_is_one_line(monkeypatch, capsys):
 
     from musefast.cli import main
 
-    monkeypatch.setitem(sys.modules, "musefast.server.ray_serve", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "musefast.serve.ray_serve", None)  # as if it were not installed
     assert main(["serve", "--ray", "--replicas", "2"]) == 1
     err = capsys.readouterr().err
     assert "Ray Serve support is not available" in err and len(err.strip().splitlines()) == 1

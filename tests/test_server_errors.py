@@ -20,7 +20,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def server(pipe):
-    from musefast.server import Limits
+    from musefast.serve import Limits
 
     with LiveServer(pipe, max_batch=1, max_queue=1, limits=Limits(max_body_bytes=64 * 1024, max_prompt_chars=200),
                     log_requests=None) as live:
@@ -137,8 +137,8 @@ def test_a_failing_request_touches_no_other(server):
 
 
 def test_loading_failure_and_draining_are_503(pipe):
-    from musefast.server import create_app
-    from musefast.server.config import ServerConfig
+    from musefast.serve import create_app
+    from musefast.serve.config import ServerConfig
 
     with LiveServer(None, model="/no/such/model/folder") as broken:
         error = _error(_post(broken, {"prompt": "a red circle on the left"}), 503)
@@ -198,8 +198,8 @@ def test_cors_is_off_unless_an_origin_is_given(pipe, server):
 
 
 def test_binding_beyond_loopback_without_a_key_warns():
-    from musefast.server.config import ServerConfig
-    from musefast.server.run import exposure_warning
+    from musefast.serve.config import ServerConfig
+    from musefast.serve.run import exposure_warning
 
     assert exposure_warning(ServerConfig()) is None
     assert exposure_warning(ServerConfig(host="0.0.0.0", api_key="k")) is None

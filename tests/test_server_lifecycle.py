@@ -38,7 +38,7 @@ def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(tmp_pa
     process, url, lines = start_process("--grace", "60", "--log-requests", str(log))
     try:
         results = {}
-        running = threading.Thread(target=_generate, args=(url, 400, results, "running"))
+        running = threading.Thread(target=_generate, args=(url, 1000, results, "running"))
         running.start()
         _wait_in_flight(url)
         process.send_signal(signal.SIGTERM)
@@ -57,7 +57,7 @@ def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(tmp_pa
         process.kill()
     entries = [json.loads(line) for line in log.read_text().splitlines()]
     ok = [e for e in entries if e["status"] == 200]
-    assert len(ok) == 1 and ok[0]["settings"][0]["num_steps"] == 400 and ok[0]["settings"][0]["seed"] == 3
+    assert len(ok) == 1 and ok[0]["settings"][0]["num_steps"] == 1000 and ok[0]["settings"][0]["seed"] == 3
     assert ok[0]["latency_s"] > 0 and ok[0]["outcome"] == "ok"
     assert any(e["status"] == 503 and e["outcome"] == "draining" for e in entries)
 

@@ -102,15 +102,15 @@ def test_two_replicas_give_the_single_process_servers_images(local_ray):
 
 @pytest.mark.parametrize("replicas", [0, -1, 1.5, "2", True])
 def test_bad_replicas_are_one_line(replicas):
-    from musefast.server import ServerConfig
-    from musefast.server.ray_serve import deploy
+    from musefast.serve import ServerConfig
+    from musefast.serve.ray_serve import deploy
 
     with pytest.raises(ValueError, match="replicas must be a positive int"):
         deploy(ServerConfig(), replicas=replicas)
 
 
 def test_config_must_be_a_server_config():
-    from musefast.server.ray_serve import deploy
+    from musefast.serve.ray_serve import deploy
 
-    with pytest.raises(TypeError, match="config must be a musefast.server.ServerConfig"):
+    with pytest.raises(TypeError, match="config must be a musefast.serve.ServerConfig"):
         deploy({"model": "demo"}, replicas=1)

@@ -2,7 +2,7 @@
 (``seed``, ``negative_prompt``, ``num_inference_steps``, ``guidance_scale``, ``cache``,
 ``strength``) as extra body keys.
 
-Every mistake is an :class:`~musefast.server.errors.APIError` 400 naming the field and what
+Every mistake is an :class:`~musefast.serve.errors.APIError` 400 naming the field and what
 it accepts. Multipart bodies (edits) send every value as text: numbers and booleans are read
 from it. No field ever names a file or path on the server: images arrive as uploads only.
 """
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from musefast.cli_checks import MAX_SEED
 from musefast.generation import Request
-from musefast.server.config import Limits
-from musefast.server.errors import APIError, invalid
-from musefast.server.images import FORMATS
+from musefast.serve.config import Limits
+from musefast.serve.errors import APIError, invalid
+from musefast.serve.images import FORMATS
 
 COMMON = ("prompt", "model", "n", "size", "response_format", "output_format", "output_compression", "user",
           "stream", "partial_images", "quality", "background", "moderation", "style",

@@ -14,8 +14,8 @@ import time
 
 import uvicorn
 
-from musefast.server.config import ServerConfig
-from musefast.server.errors import APIError
+from musefast.serve.config import ServerConfig
+from musefast.serve.errors import APIError
 
 ANSWER_SECONDS = 5.0  # after failing the leftovers: time for their handlers to send the 503s
 
@@ -26,7 +26,7 @@ class ServeError(RuntimeError):
 
 def serve(config: ServerConfig, *, pipe=None, out=sys.stderr) -> int:
     """Serve until SIGTERM/SIGINT; -> 0 after a clean drain."""
-    from musefast.server.app import create_app
+    from musefast.serve.app import create_app
 
     if config.threads is not None:
         import torch

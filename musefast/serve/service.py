@@ -15,12 +15,12 @@ import time
 import uuid
 
 from musefast.generation import Engine, QueueFull, Request, State
-from musefast.server.config import ServerConfig
-from musefast.server.errors import APIError, from_exception
-from musefast.server.images import FileStore, b64, encode
-from musefast.server.metrics import Metrics
-from musefast.server.params import Output, request_error
-from musefast.server.worker import EngineWorker, Job
+from musefast.serve.config import ServerConfig
+from musefast.serve.errors import APIError, from_exception
+from musefast.serve.images import FileStore, b64, encode
+from musefast.serve.metrics import Metrics
+from musefast.serve.params import Output, request_error
+from musefast.serve.worker import EngineWorker, Job
 
 POLL_SECONDS = 0.2  # how often a waiting handler looks for its client being gone
 

@@ -21,8 +21,8 @@ try:
 except ImportError as exc:  # the CLI turns this into its one-line error
     raise ImportError(f"ray[serve] is not installed ({exc}): pip install 'musefast[distributed,serve]'") from None
 
-from musefast.server.config import ServerConfig
-from musefast.server.run import exposure_warning
+from musefast.serve.config import ServerConfig
+from musefast.serve.run import exposure_warning
 
 APP_NAME = "musefast"
 # A replica is healthy once its model has loaded and passed the self-check; a large model on a CPU
@@ -36,7 +36,7 @@ def application(config: ServerConfig, *, replicas: int):
     _check(config, replicas)
 
     def build_app():  # runs in each replica's process
-        from musefast.server.app import create_app
+        from musefast.serve.app import create_app
 
         return create_app(config)
 
@@ -105,7 +105,7 @@ def deploy(config: ServerConfig, *, replicas: int, address: str | None = None, o
 
 def _check(config: ServerConfig, replicas: int) -> None:
     if not isinstance(config, ServerConfig):
-        raise TypeError(f"config must be a musefast.server.ServerConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be a musefast.serve.ServerConfig, got {type(config).__name__}")
     if isinstance(replicas, bool) or not isinstance(replicas, numbers.Integral) or replicas < 1:
         raise ValueError(f"replicas must be a positive int, got {replicas!r}")
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import io
 
-from musefast.server.config import Limits
-from musefast.server.errors import APIError, invalid
+from musefast.serve.config import Limits
+from musefast.serve.errors import APIError, invalid
 
 FORM_FIELDS = 64
 

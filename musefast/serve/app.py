@@ -21,11 +21,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from musefast.pipelines.images import format_output
-from musefast.server.config import ServerConfig
-from musefast.server.errors import APIError
-from musefast.server.params import parse
-from musefast.server.service import Service
-from musefast.server.uploads import read_edit_form
+from musefast.serve.config import ServerConfig
+from musefast.serve.errors import APIError
+from musefast.serve.params import parse
+from musefast.serve.service import Service
+from musefast.serve.uploads import read_edit_form
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -35,7 +35,7 @@ def create_app(config: ServerConfig, *, pipe=None) -> FastAPI:
     as tests and Ray replicas pass). The model loads, and the engine thread starts, when the
     app starts (ASGI lifespan); until then the images routes answer 503."""
     if not isinstance(config, ServerConfig):
-        raise TypeError(f"config must be a musefast.server.ServerConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be a musefast.serve.ServerConfig, got {type(config).__name__}")
     service = Service(config, pipe)
 
     @asynccontextmanager

@@ -97,7 +97,7 @@ class ServerConfig:
         if self.log_requests is not None:
             set_("log_requests", os.fspath(self.log_requests))
         if not isinstance(self.limits, Limits):
-            raise TypeError(f"limits must be a musefast.server.config.Limits, got {type(self.limits).__name__}")
+            raise TypeError(f"limits must be a musefast.serve.config.Limits, got {type(self.limits).__name__}")
         if self.threads is not None:
             _positive_int("threads", self.threads)
         for name in ("device", "dtype"):
