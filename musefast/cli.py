@@ -105,7 +105,7 @@ def _settings_of(pipe) -> dict:
         adapter = adapter_for(pipe)
         family = adapter.defaults(Request(prompt="the family's defaults"))
         return {"steps": family["num_steps"], "guidance_scale": family["guidance_scale"],
-                "sampler": f"{adapter.family}-{pipe.sampler}"}
+                "sampler": adapter.sampler_label()}
     return {"steps": s.num_steps, "guidance_scale": s.guidance_scale, "sampler": s.preset,
             "edit_iterations": s.edit_iterations, "edit_fraction": s.edit_fraction,
             "edit_guidance_scale": s.edit_guidance_scale}
@@ -116,13 +116,10 @@ def _save(images, args, params: dict) -> None:
     from musefast.image_metadata import save_image
 
     images = list(images)
-    keep = params.pop("keep_index", None)
-    paths = checks.numbered_paths(args.output, 1 if keep is not None else len(images))
-    if keep is not None:
-        images = images[keep:keep + 1]
+    paths = checks.numbered_paths(args.output, len(images))
     for i, (image, path) in enumerate(zip(images, paths)):
-        index = keep if keep is not None else i
-        meta = {**params, "index": index, "size": f"{image.width}x{image.height}", "version": __version__}
+        meta = params(i, image) if callable(params) else {
+            **params, "index": i, "size": f"{image.width}x{image.height}", "version": __version__}
         save_image(image, path, meta)
         print(path)
 
@@ -162,22 +159,24 @@ def _run(args, pipe, call, params: dict) -> int:
     return 0
 
 
-def _request_metadata(args, pipe) -> dict:
-    """Every setting that determines the image, as the generation engine resolves them for this
-    model (the family's defaults filled in): what a later run needs to reproduce it."""
-    from musefast.generation import Request, adapter_for
-
-    request = Request(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, num_steps=args.steps,
-                      guidance_scale=args.guidance, cache=args.cache)
-    return adapter_for(pipe).resolve(request, args.model).to_metadata()
-
-
 def _generate(args) -> int:
+    """Image ``i`` of ``-n N`` has seed ``SEED + i``: each image is the one-image run of its seed
+    (``musefast serve`` follows the same rule), and its PNG says how to make it alone."""
+    from musefast.generation import Request, adapter_for
+    from musefast.image_metadata import generation_params
+
     pipe = _load(args)
-    params = _params(args, pipe, "generate", num_images=args.num_images, keep_index=args.keep_index,
-                     request=_request_metadata(args, pipe))
-    return _run(args, pipe, lambda: pipe(args.prompt, num_images_per_prompt=args.num_images, **_common_kwargs(args)),
-                params)
+    adapter = adapter_for(pipe)
+    if args.seed + args.num_images - 1 > checks.MAX_SEED:
+        raise UsageError(f"--seed {args.seed} with -n {args.num_images}: image i takes seed SEED + i, which must "
+                         f"stay <= {checks.MAX_SEED}")
+    seeds = [args.seed + i for i in range(args.num_images)]
+    base = adapter.resolve(Request(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed,
+                                   num_steps=args.steps, guidance_scale=args.guidance, cache=args.cache), args.model)
+    sampler = adapter.sampler_label()
+    kw = {**_common_kwargs(args), "seed": seeds if len(seeds) > 1 else args.seed}
+    return _run(args, pipe, lambda: pipe(args.prompt, num_images_per_prompt=args.num_images, **kw),
+                lambda i, image: generation_params(base.replace(seed=seeds[i]), image, sampler=sampler))
 
 
 def _inpaint(args) -> int:
@@ -357,16 +356,16 @@ def _from_png(args) -> None:
             setattr(args, name, params.get(key))
     if args.model_given is None and params.get("model"):
         args.model = params["model"]
-    if args.num_images_given is None:
-        # regenerate the whole batch the image came from (rows depend on the batch) and keep its row
-        args.num_images = int(params.get("num_images", 1))
-        args.keep_index = int(params.get("index", 0))
+    if int(params.get("num_images", 1)) > 1 and int(params.get("index", 0)) > 0 and "request" not in params:
+        # before 'image i takes seed SEED + i', the images of one -n call shared their seed
+        raise UsageError(f"--from-png {args.from_png}: image {params['index']} of a 'musefast generate -n "
+                         f"{params['num_images']}' call made by musefast {params.get('version', '?')}, whose images "
+                         "shared one seed; regenerate it with that version")
 
 
 def _check(args, parser) -> None:
     """Everything that can be checked without the model."""
     if args.func is _generate:
-        args.keep_index = None
         if args.from_png:
             _from_png(args)
         if args.prompt is None:
@@ -465,7 +464,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="text to image")
     g.add_argument("prompt", nargs="?", help="what to draw (the demo's vocabulary: docs/models.md)")
     g.add_argument("-n", "--num-images", dest="num_images_given", type=checks.positive_int, default=None,
-                   metavar="N", help="images for the prompt (default: 1)")
+                   metavar="N", help="images for the prompt; image i takes seed SEED + i, so each is the one-image "
+                        "run of its seed (default: 1)")
     g.add_argument("--from-png", default=None, metavar="IMAGE",
                    help="regenerate a PNG written by musefast generate, from the parameters stored in it "
                         "(options given here override them) (default: none)")

@@ -32,6 +32,20 @@ def png_info(params: dict):
     return info
 
 
+def generation_params(request, image, *, sampler: str) -> dict:
+    """What a text-to-image PNG carries, from ``musefast generate`` and ``musefast serve`` alike
+    (so both write the same bytes for the same image): ``request`` — a resolved
+    :class:`musefast.generation.Request`, every setting that determines the image — under
+    ``"request"``, and the names ``--from-png`` and image viewers read."""
+    from musefast import __version__
+
+    meta = request.to_metadata()
+    return {"command": "generate", "prompt": request.prompt, "negative_prompt": request.negative_prompt,
+            "seed": request.seed, "steps": request.num_steps, "guidance_scale": request.guidance_scale,
+            "sampler": sampler, "model": request.model, "cache": meta["cache"], "request": meta,
+            "size": f"{image.width}x{image.height}", "version": __version__}
+
+
 def read_params(path: str | Path) -> dict:
     """The parameters :func:`save_image` wrote into a PNG ({} if it has none)."""
     from PIL import Image

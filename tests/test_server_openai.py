@@ -53,6 +53,11 @@ def test_generate_n2_equals_the_pipeline_and_the_cli_with_seeds_seed_and_seed_pl
         assert np.array_equal(image, np.asarray(Image.open(out).convert("RGB"))), i
     assert not np.array_equal(served[0], served[1])
     assert [d.model_extra["seed"] for d in result.data] == [seed, seed + 1]
+    # the PNG files themselves, pixels and parameters: byte-identical to `musefast generate -n 2`
+    assert main(["generate", prompt, "--seed", str(seed), "-n", "2", "--steps", str(STEPS), "-q",
+                 "-o", str(tmp_path / "n2.png")]) == 0
+    for i, d in enumerate(result.data):
+        assert base64.b64decode(d.b64_json) == (tmp_path / f"n2_{i}.png").read_bytes(), i
 
 
 def test_served_png_carries_the_parameters_that_regenerate_it(client, tmp_path):

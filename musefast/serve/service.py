@@ -183,15 +183,13 @@ class Service:
         return entry
 
     def png_params(self, request: Request, image) -> dict | None:
-        """What a served PNG carries: the parameters ``musefast generate --from-png`` reads."""
+        """What a served PNG carries: what ``musefast generate`` writes for the same image (the
+        same bytes), which ``musefast generate --from-png`` reads back."""
         if request.init_image is not None:
             return None  # an edit's source image is not in the PNG: --from-png cannot redo it
-        from musefast import __version__
+        from musefast.image_metadata import generation_params
 
-        return {"command": "generate", "prompt": request.prompt, "negative_prompt": request.negative_prompt,
-                "seed": request.seed, "steps": request.num_steps, "guidance_scale": request.guidance_scale,
-                "model": self.config.model_id, "cache": request.cache if isinstance(request.cache, str) else None,
-                "index": 0, "size": f"{image.width}x{image.height}", "version": __version__}
+        return generation_params(request, image, sampler=self.engine.adapter.sampler_label())
 
     def usage(self, job: Job) -> dict:
         """OpenAI's usage counters in this model's units: prompt characters in, image tokens

@@ -115,6 +115,10 @@ class Adapter:
         """Tokens (B, h, w) -> images (B, 3, H, W) float in [0, 1]."""
         return self.pipe.decode(tokens).float().clamp(0, 1)
 
+    def sampler_label(self) -> str:
+        """The decoding's name in the PNG metadata (the family and the pipeline's sampler)."""
+        return f"{self.family}-{self.pipe.sampler}"
+
     def components(self) -> dict:
         """name -> module of every weight-holding component (what determines the images)."""
         raise NotImplementedError

@@ -84,5 +84,8 @@ class MuseAdapter(Adapter):
     def decode(self, tokens: torch.Tensor, kind: str = "base") -> torch.Tensor:
         return self.pipe.decode(tokens, high_res=kind != "base")
 
+    def sampler_label(self) -> str:
+        return self.pipe.settings.preset
+
     def components(self) -> dict:
         return self.pipe._modules()
