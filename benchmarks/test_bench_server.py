@@ -1,7 +1,8 @@
 """Load test of ``musefast serve``: C concurrent ``openai``-SDK clients sending R requests to a
-server process on 127.0.0.1, against the same load on the same server with ``--max-batch 1``
-(one request at a time) in the same run; on the demo model also against the same requests run
-one after another through the pipeline in this process (the anchor: no server, no previews).
+server process on 127.0.0.1 (1 torch thread), against the same load on the same server with
+``--max-batch 1`` (one request at a time) in the same run, the timed passes of the two
+alternated; on the demo model also against the same requests run one after another through the
+pipeline in this process (the anchor: no server, no previews).
 
 Every request is streamed with ``partial_images=1``, as the web page asks: one preview decoded
 mid-way, then the final image. Each client sends its next request when the previous one is
@@ -10,16 +11,18 @@ the wall time from the first request to the last answer), p50/p95/p99 latency (r
 ``image_generation.completed`` parsed), p50/p95/p99 time to first preview (request sent -> first
 ``image_generation.partial_image``), errors (an error event or an SDK exception) and lost
 requests (a stream that ended with neither an image nor an error); both must be 0. The load
-average is recorded before and after each setting (the machine is shared).
+average is recorded before and after each pass (the machine is shared); the figures of a setting
+pool its passes.
 
 Models: the demo, and a folder of aMUSEd-256's real architecture with random weights
 (scripts/amused_random.py; loaded with ``musefast.load``'s default dtype and threads), decoded
 with few steps: its figures are the server's cost at real size, not images worth looking at.
 
-``MUSEFAST_SERVER_BENCH=full`` runs the committed sizes (8 clients; demo: 32 requests, its 12
-steps, ``--max-batch 16``, after a warm-up pass; aMUSEd-256: 8 requests, 4 steps, ``--max-batch
-8``, after one warm-up request); the default is a short CI pass (4 clients; demo: 8 requests, 4
-steps; the tiny U-ViT twin of aMUSEd: 4 requests, 2 steps).
+``MUSEFAST_SERVER_BENCH=full`` runs the committed sizes (8 clients, 2 timed passes per setting;
+demo: 32 requests, its 12 steps, ``--max-batch 16``, after a warm-up pass; aMUSEd-256: 8
+requests, 4 steps, ``--max-batch 8``, after one warm-up request); the default is a short CI pass
+(4 clients, 1 pass; demo: 8 requests, 4 steps; the tiny U-ViT twin of aMUSEd: 4 requests, 2
+steps).
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ from tests.serving import PROMPTS, start_process  # noqa: E402
 
 FULL = os.environ.get("MUSEFAST_SERVER_BENCH", "short") == "full"
 CLIENTS = 8 if FULL else 4
+ROUNDS = 2 if FULL else 1  # timed passes per setting, alternated between the two servers
 # model -> (requests, steps, --max-batch, warm-up requests before each timed pass)
 CASES = {"demo": (32, 12, 16, 32), "amused-256": (8, 4, 8, 1)} if FULL else \
         {"demo": (8, 4, 8, 0), "tiny-amused": (4, 2, 4, 0)}
@@ -107,7 +111,7 @@ def load(url: str, count: int, steps: int) -> dict:
     result = _summary(latencies, time.perf_counter() - start, errors)
     result.update(lost=lost[0], first_error=errors[0] if errors else None,
                   image_sizes=sorted(f"{w}x{h}" for w, h in sizes), previews=len(previews),
-                  **_percentiles("first_preview", previews))
+                  **_percentiles("first_preview", previews), latencies_s=latencies, first_preview_s=previews)
     return result
 
 
@@ -140,18 +144,43 @@ def pipeline_anchor(count: int, steps: int) -> dict:
     return _summary(latencies, time.perf_counter() - start, [])
 
 
-def _served(model: str, max_batch: int, count: int, steps: int, warmup: int) -> dict:
-    process, url, lines = start_process(model, "--max-batch", str(max_batch), "--max-queue", str(count))
+def _measure(model: str, count: int, steps: int, max_batch: int, warmup: int) -> dict:
+    """Both servers up at once (the idle one waits on its engine thread, using no CPU), their timed
+    passes alternated ROUNDS times (batched, one at a time, batched, ...) so that a change in the
+    shared machine's load falls on both; -> per setting, the rounds and their pooled figures."""
+    servers = {}
     try:
-        if warmup:  # first calls, allocator, the batch shapes of the timed pass
-            load(url, warmup, steps)
-        load_before = os.getloadavg()[0]
-        result = load(url, count, steps)
-        result["load_average_1min"] = [load_before, os.getloadavg()[0]]
-        return result
+        for name, batch in (("server", max_batch), ("server_max_batch_1", 1)):
+            servers[name] = start_process(model, "--max-batch", str(batch), "--max-queue", str(count),
+                                          "--threads", "1")
+            if warmup:  # first calls, allocator, the batch shapes of the timed passes
+                load(servers[name][1], warmup, steps)
+        rounds = {name: [] for name in servers}
+        for _ in range(ROUNDS):
+            for name, (_, url, _) in servers.items():
+                load_before = os.getloadavg()[0]
+                result = load(url, count, steps)
+                result["load_average_1min"] = [load_before, os.getloadavg()[0]]
+                rounds[name].append(result)
+        return {name: _pooled(results) for name, results in rounds.items()}
     finally:
-        process.terminate()
-        process.wait(60)
+        for process, _, _ in servers.values():
+            process.terminate()
+            process.wait(60)
+
+
+def _pooled(rounds: list[dict]) -> dict:
+    """The rounds of one setting as one sample: images/s over the summed wall time, percentiles
+    over every request's latency."""
+    latencies = [s for r in rounds for s in r["latencies_s"]]
+    result = _summary(latencies, sum(r["wall_s"] for r in rounds), [None] * sum(r["errors"] for r in rounds))
+    result.update(lost=sum(r["lost"] for r in rounds), previews=sum(r["previews"] for r in rounds),
+                  first_error=next((r["first_error"] for r in rounds if r["first_error"]), None),
+                  image_sizes=sorted({size for r in rounds for size in r["image_sizes"]}),
+                  **_percentiles("first_preview", [s for r in rounds for s in r["first_preview_s"]]),
+                  load_average_1min=[rounds[0]["load_average_1min"][0], rounds[-1]["load_average_1min"][1]],
+                  rounds=rounds)
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -189,11 +218,11 @@ def test_server_under_concurrent_clients(benchmark, model, model_folder):
     count, steps, max_batch, warmup = CASES[model]
     served = model_folder(model)
     load_before = os.getloadavg()  # the machine is shared: say how busy it was
-    batched = _served(served, max_batch, count, steps, warmup)
-    one_at_a_time = _served(served, 1, count, steps, warmup)
-    info = dict(requests=count, clients=CLIENTS, steps=steps, max_batch=max_batch, warmup_requests=warmup,
-                model=model, weights="demo" if model == "demo" else "random", partial_images=1,
-                server_threads="1 (the demo's default)" if model == "demo" else "torch's default",
+    measured = _measure(served, count, steps, max_batch, warmup)
+    batched, one_at_a_time = measured["server"], measured["server_max_batch_1"]
+    info = dict(requests=count, rounds=ROUNDS, clients=CLIENTS, steps=steps, max_batch=max_batch,
+                warmup_requests=warmup, model=model, weights="demo" if model == "demo" else "random",
+                partial_images=1, server_threads=1,
                 server=batched, server_max_batch_1=one_at_a_time,
                 throughput_vs_max_batch_1=batched["images_per_s"] / one_at_a_time["images_per_s"],
                 p95_vs_max_batch_1=batched["p95_s"] / one_at_a_time["p95_s"])
@@ -212,6 +241,6 @@ def test_server_under_concurrent_clients(benchmark, model, model_folder):
     for result in (batched, one_at_a_time):
         assert result["errors"] == 0, result["first_error"]
         assert result["lost"] == 0
-        assert result["answered"] == count
-        assert result["previews"] == count  # every request showed a preview before its image
+        assert result["answered"] == count * ROUNDS
+        assert result["previews"] == count * ROUNDS  # every request showed a preview before its image
         assert len(result["image_sizes"]) == 1
