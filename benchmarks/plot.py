@@ -121,19 +121,26 @@ def server_load(plt, out: Path) -> Path:
     stats = (("p50_s", "p50"), ("p95_s", "p95"), ("p99_s", "p99"), ("first_preview_p50_s", "first\npreview p50"))
     fig, axes = plt.subplots(2, len(runs), figsize=(4.2 * len(runs), 6.2), squeeze=False)
     for column, run in enumerate(runs):
-        title = (f"{'demo' if run['model'] == 'demo' else run['model'] + ' (random weights)'}: {run['requests']} "
-                 f"requests, {run['clients']} clients, {run['steps']} steps")
+        name = "demo" if run["model"] == "demo" else "aMUSEd-256, random weights"
+        loads = run["load_average_1min"] + [v for key, _, _ in settings for r in run[key].get("rounds", [])
+                                            for v in r["load_average_1min"]]
+        title = (f"{name}, {run['steps']} steps\n{run['clients']} clients, {run['requests']} requests × "
+                 f"{run.get('rounds', 1)} passes, load average {min(loads):.1f}–{max(loads):.1f}")
         rate, latency = axes[0][column], axes[1][column]
         for j, (key, label, colour) in enumerate(settings):
-            rate.bar(j, run[key]["images_per_s"], 0.6, color=colour, label=label)
+            value = run[key]["images_per_s"]
+            rate.bar(j, value, 0.6, color=colour, label=label)
+            rate.annotate(f"{value:.3g}", (j, value), ha="center", va="bottom", fontsize=8)
             latency.bar([i + (j - 0.5) * 0.38 for i in range(len(stats))], [run[key][s] for s, _ in stats], 0.38,
                         color=colour, label=label)
         rate.set_xticks(range(len(settings)), [label for _, label, _ in settings])
+        rate.set_ylim(0, max(run[key]["images_per_s"] for key, _, _ in settings) * 1.15)
         rate.set_ylabel("images/s (higher is better)")
-        rate.set_title(f"{title}\nload average {run['load_average_1min'][0]:.1f} at start", fontsize=9)
+        rate.set_title(title, fontsize=8)
         latency.set_xticks(range(len(stats)), [label for _, label in stats])
         latency.set_ylabel("seconds (lower is better)")
-        latency.legend(fontsize=8, frameon=False)
+        latency.set_ylim(0, max(run[key][s] for key, _, _ in settings for s, _ in stats) * 1.3)
+        latency.legend(fontsize=8, frameon=False, loc="upper left")
     fig.suptitle("musefast serve on a 2-core CPU: openai SDK clients streaming with partial_images=1 "
                  f"({SERVER_LOAD})", fontsize=9)
     fig.tight_layout()

@@ -14,9 +14,10 @@ requests (a stream that ended with neither an image nor an error); both must be 
 average is recorded before and after each pass (the machine is shared); the figures of a setting
 pool its passes.
 
-Models: the demo, and a folder of aMUSEd-256's real architecture with random weights
-(scripts/amused_random.py; loaded with ``musefast.load``'s default dtype and threads), decoded
-with few steps: its figures are the server's cost at real size, not images worth looking at.
+Models: the demo, and a float32 folder of aMUSEd-256's real architecture with random weights
+(scripts/amused_random.py), served as saved (float32: ``musefast serve`` without ``--dtype``),
+decoded with few steps: its figures are the server's cost at real size, not images worth
+looking at.
 
 ``MUSEFAST_SERVER_BENCH=full`` runs the committed sizes (8 clients, 2 timed passes per setting;
 demo: 32 requests, its 12 steps, ``--max-batch 16``, after a warm-up pass; aMUSEd-256: 8
@@ -221,7 +222,7 @@ def test_server_under_concurrent_clients(benchmark, model, model_folder):
     measured = _measure(served, count, steps, max_batch, warmup)
     batched, one_at_a_time = measured["server"], measured["server_max_batch_1"]
     info = dict(requests=count, rounds=ROUNDS, clients=CLIENTS, steps=steps, max_batch=max_batch,
-                warmup_requests=warmup, model=model, weights="demo" if model == "demo" else "random",
+                warmup_requests=warmup, model=model, weights="demo" if model == "demo" else "random, float32 as saved",
                 partial_images=1, server_threads=1,
                 server=batched, server_max_batch_1=one_at_a_time,
                 throughput_vs_max_batch_1=batched["images_per_s"] / one_at_a_time["images_per_s"],
