@@ -101,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
 
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
         date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        Path(args.out).write_text(json.dumps({"date": date, "commit": commit, "clients": bench.CLIENTS, "requests": REQUESTS, "steps": STEPS,
-                                              "model": "demo", "server_threads": 1, "cpus": os.cpu_count(),
-                                              "passes": rows}, indent=2) + "\n")
+        summary = {"date": date, "commit": commit, "model": "demo", "clients": bench.CLIENTS, "requests": REQUESTS,
+                   "steps": STEPS, "server_threads": 1, "cpus": os.cpu_count(), "passes": rows}
+        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
 
