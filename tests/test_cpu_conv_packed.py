@@ -104,3 +104,17 @@ def test_bf16_decode_within_error_rule(name):
 def test_bad_dtype_is_refused():
     with pytest.raises(ValueError, match="dtype must be None, torch.float32 or torch.bfloat16"):
         cpu_conv.apply(_vq("no_norm"), dtype=torch.float16)
+
+
+@torch.no_grad()
+def test_follow_auto_decodes_in_bf16_only_where_auto_picked_it():
+    vq = _vq("input_skip")
+    cpu_conv.follow_auto(vq, torch.bfloat16)  # not applied (MUSEFAST_CPU_ENGINE=0): left alone
+    assert cpu_conv.decode_dtype(vq) == torch.float32
+    cpu_conv.apply(vq)
+    cpu_conv.follow_auto(vq, torch.float32)
+    assert cpu_conv.decode_dtype(vq) == torch.float32
+    cpu_conv.follow_auto(vq, torch.bfloat16)
+    assert cpu_conv.decode_dtype(vq) == (torch.bfloat16 if isa.effective()["bf16"] else torch.float32)
+    cpu_conv.remove(vq)
+    assert cpu_conv.decode_dtype(vq) == torch.float32

@@ -221,6 +221,24 @@ def apply(model: nn.Module, *, dtype: torch.dtype | None = None) -> int:
     return len(targets)
 
 
+def follow_auto(model: nn.Module, run_dtype: torch.dtype | None) -> None:
+    """``dtype="auto"`` for the VQ decoders of ``model``: when "auto" put the transformer in bf16 on
+    a CPU (native bf16: see :func:`musefast.cpu.linear.auto_dtype`), the decoders compute in bf16
+    too (within the error rule: see the module docstring); otherwise nothing changes. A model off
+    the CPU, or one the CPU path was not applied to (``MUSEFAST_CPU_ENGINE=0``), is left alone."""
+    first = next(model.parameters(), None)
+    if (run_dtype == torch.bfloat16 and first is not None and first.device.type == "cpu" and is_applied(model)
+            and isa.effective()["bf16"]):
+        apply(model, dtype=torch.bfloat16)
+
+
+def decode_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype ``model``'s VQ decoder computes in on the CPU path (float32 unless set by
+    :func:`apply` / :func:`follow_auto`)."""
+    dtypes = [m.__dict__.get(DTYPE_ATTR) for m in _targets(model)]
+    return next((d for d in dtypes if d is not None), torch.float32)
+
+
 def remove(model: nn.Module) -> None:
     """Back to the plain NCHW path (ordinary forwards, no packed weights)."""
     for module in _targets(model):
@@ -244,4 +262,4 @@ def to_format(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tens
     return x.contiguous(memory_format=memory_format)
 
 
-__all__ = ["apply", "conv2d", "is_applied", "remove", "to_format"]
+__all__ = ["apply", "conv2d", "decode_dtype", "follow_auto", "is_applied", "remove", "to_format"]

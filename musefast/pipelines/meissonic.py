@@ -23,7 +23,7 @@ import os
 import torch
 
 from musefast.compat.meissonic import is_meissonic_transformer
-from musefast.cpu import int8, linear as cpu_engine
+from musefast.cpu import conv as cpu_conv, int8, linear as cpu_engine
 from musefast.models.meissonic import MeissonicTransformer
 from musefast.models.text import CLIPTextEncoder
 from musefast.models.vqgan import VQGAN
@@ -149,6 +149,8 @@ class MeissonicPipeline(AmusedPipeline):
             backend=backend)
         cpu_engine.apply_default(transformer)
         vqvae = load_vqmodel(folder / "vqvae", variant=_present(variant, folder / "vqvae"), device=device)
+        if requested == "auto":
+            cpu_conv.follow_auto(vqvae, dtype)
         if text_encoder is None:
             loaded = _load_clip(folder, variant, device, dtype)
             text_encoder = CLIPTextEncoder(loaded.model, loaded.tokenizer, max_length=TEXT_LENGTH)
