@@ -47,11 +47,12 @@ def _errors(vq: VQGAN, tokens: torch.Tensor) -> dict:
     torch_bf16 = copy.deepcopy(plain).to(torch.bfloat16)
     torch_bf16.config = copy.copy(torch_bf16.config)
     object.__setattr__(torch_bf16.config, "force_upcast", False)  # compute in bf16, not float32 copies
-    ours = copy.deepcopy(vq)
+    ours, ours32 = copy.deepcopy(vq), copy.deepcopy(vq)
     cpu_conv.apply(ours, dtype=torch.bfloat16)
+    cpu_conv.apply(ours32)
     out = {}
     for name, got in (("pytorch_bf16", torch_bf16.decode(tokens).float()), ("musefast_bf16", ours.decode(tokens)),
-                      ("musefast_fp32", vq.decode(tokens))):
+                      ("musefast_fp32", ours32.decode(tokens))):
         err = (got - want).abs()
         out[name] = {"max_abs": err.max().item(), "mean_abs": err.mean().item()}
     out["ratio_mean"] = out["musefast_bf16"]["mean_abs"] / out["pytorch_bf16"]["mean_abs"]
