@@ -300,6 +300,24 @@ def linear_mul(module: nn.Linear, x: torch.Tensor, other: torch.Tensor, *, part:
     return out.to(x.dtype).view(*shape[:-1], out.shape[-1])
 
 
+def linear_add(module: nn.Linear, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + module(x)``, the add applied in oneDNN's epilogue (its binary ``add`` post-op)
+    where the packed path runs, so the linear's output is written once instead of written, read
+    back and written again; elsewhere (the reference twin, CUDA, autograd, a GEGLU projection, a
+    residual of another shape or dtype) the two ordinary steps. ``residual`` has the output's shape."""
+    out_shape = (*x.shape[:-1], module.out_features)
+    if (ENGINE_ATTR not in module.__dict__ or not _runs_packed(module, x) or _state(module).split
+            or torch.compiler.is_compiling()
+            or tuple(residual.shape) != out_shape or residual.dtype != x.dtype or residual.device != x.device):
+        return residual + module(x)
+    packed = _state(module).get("w", module)
+    dtype = packed.weight.dtype
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
+    r2 = residual.reshape(x2.shape[0], -1).to(dtype).contiguous()
+    out = torch.ops.mkldnn._linear_pointwise.binary(x2, r2, packed.weight, _bias(module, "w", dtype), "add")
+    return out.to(x.dtype).view(out_shape)
+
+
 def _runs_packed(module: nn.Linear, x: torch.Tensor) -> bool:
     """Whether this call of ``module`` takes the oneDNN path. Under torch.compile a kept weight
     takes the ordinary path (the cache is Python state keyed by data pointers; the compiler plans
@@ -418,12 +436,13 @@ def restore_weights(model: nn.Module) -> int:
 
 # -- fused forwards of known blocks --------------------------------------------------------------
 
-def _feedforward_forward(module, x: torch.Tensor) -> torch.Tensor:
+def _feedforward_forward(module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """FeedForward with the GELU (gelu kind) or the GEGLU product (geglu kind) in the epilogue of
-    the input projection: value · GELU(gate) = linear_mul(x, W_value, other=GELU-linear(x, W_gate))."""
+    the input projection: value · GELU(gate) = linear_mul(x, W_value, other=GELU-linear(x, W_gate));
+    and the block's ``residual`` (when given) added in the epilogue of the output projection."""
     proj_in = module.proj_in
     if not _runs_packed(proj_in, x) or module.gelu_approximate != "none":
-        return type(module).forward(module, x)
+        return type(module).forward(module, x, residual)
     if module.kind == "geglu":
         gate = linear(proj_in, x, "gelu", part="gate")
         if torch.compiler.is_compiling():  # oneDNN's binary-epilogue op has no fake kernel to trace
@@ -434,7 +453,7 @@ def _feedforward_forward(module, x: torch.Tensor) -> torch.Tensor:
         h = linear(proj_in, x, "gelu")
     if module.inner_norm is not None:
         h = module.inner_norm(h)
-    return module.proj_out(h)
+    return module.proj_out(h) if residual is None else linear_add(module.proj_out, h, residual)
 
 
 def _convnext_forward(module, x: torch.Tensor, mod) -> torch.Tensor:
@@ -446,8 +465,7 @@ def _convnext_forward(module, x: torch.Tensor, mod) -> torch.Tensor:
 
     h = _nhwc(module.depthwise(_nchw(x)))
     h = linear(lin1, module.norm(h), "gelu")
-    h = module.channelwise_linear_2(module.channelwise_norm(h))
-    return mod.apply(x + h)
+    return mod.apply(linear_add(module.channelwise_linear_2, module.channelwise_norm(h), x))
 
 
 def _fused_forwards() -> dict[type, callable]:
@@ -618,5 +636,5 @@ def describe() -> list[str]:
 
 
 __all__ = ["apply", "apply_default", "auto_dtype", "auto_dtype_reason", "cpu_isa", "describe", "enabled_by_default", "is_applied",
-           "is_released", "linear", "plain", "plain_active", "release_by_default", "remove", "resolve_dtype", "restore_weights",
+           "is_released", "linear", "linear_add", "plain", "plain_active", "release_by_default", "remove", "resolve_dtype", "restore_weights",
            "EngineReport"]

@@ -361,7 +361,7 @@ class TransformerLayer(nn.Module):
         (m1, m2, m3), kv = prepared
         x = x + self.attn1(self.norm1(x, m1), kv_store=kv_store, rows=rows)
         x = x + self.attn2(self.norm2(x, m2), kv=kv)
-        return x + self.ff(self.norm3(x, m3))
+        return self.ff(self.norm3(x, m3), residual=x)
 
 
 class MlmHead(nn.Module):

@@ -30,7 +30,9 @@ class FeedForward(nn.Module):
         self.inner_norm = inner_norm
         self.proj_out = nn.Linear(hidden_dim, dim, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``proj_out(act(proj_in(x)))``, plus ``residual`` when given (the block's skip: the CPU
+        engine adds it inside the output projection's kernel)."""
         h = self.proj_in(x)
         if self.kind == "geglu":
             value, gate = h.chunk(2, dim=-1)
@@ -39,7 +41,8 @@ class FeedForward(nn.Module):
             h = F.gelu(h, approximate=self.gelu_approximate)
         if self.inner_norm is not None:
             h = self.inner_norm(h)
-        return self.proj_out(h)
+        out = self.proj_out(h)
+        return out if residual is None else residual + out
 
 
 def make_norm(kind: str, dim: int, eps: float = 1e-6, *, bias: bool = True) -> nn.Module:
