@@ -22,6 +22,7 @@ package_dir = {"musefast.kernels": "kernels", "musefast.csrc": "csrc"}
 package_data = {
     "musefast.csrc": ["*.cpp", "*.h", "cuda/*.cu", "cuda/*.cpp", "cuda/*.h"],
     "musefast": ["assets/**/*"],  # the embedded demo model (musefast.load("demo"))
+    "musefast.serve.static": ["*.html", "*.js", "*.css"],  # the web page of `musefast serve`
 }
 
 ext_modules, cmdclass = [], {}

@@ -38,12 +38,12 @@ def _load(name: str):
     sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests")]
     from amused_random import random_amused
 
-    from musefast.cpu import linear as cpu_engine
+    from musefast.pipelines.loading import resolve_dtype, runnable
 
     size = "amused-256" if name == "amused-256" else "tiny"
-    dtype = cpu_engine.resolve_dtype("auto", None, torch.float32, 600_000_000 if size != "tiny" else 0) or torch.float32
+    dtype = resolve_dtype("auto", None, torch.float32, 600_000_000 if size != "tiny" else 0) or torch.float32
     pipe = random_amused(size, "cpu", dtype)
-    cpu_engine.apply_default(pipe.transformer)
+    runnable(pipe.transformer)
     return pipe
 
 

@@ -69,6 +69,13 @@ at::Tensor rms_norm_modulate_cpu(const at::Tensor& x, const c10::optional<at::Te
   return y;
 }
 
+// Shape and dtype only (fake tensors): what torch.compile and torch.library.opcheck trace with.
+at::Tensor rms_norm_modulate_meta(const at::Tensor& x, const c10::optional<at::Tensor>& scale,
+                                  const c10::optional<at::Tensor>& shift, double eps) {
+  TORCH_CHECK(x.dim() == 3, "rms_norm_modulate: x must be (B, N, C), got ", x.sizes());
+  return at::empty(x.sizes(), x.options());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(musefast, m) {
@@ -76,5 +83,7 @@ TORCH_LIBRARY_FRAGMENT(musefast, m) {
 }
 
 TORCH_LIBRARY_IMPL(musefast, CPU, m) { m.impl("rms_norm_modulate", &rms_norm_modulate_cpu); }
+
+TORCH_LIBRARY_IMPL(musefast, Meta, m) { m.impl("rms_norm_modulate", &rms_norm_modulate_meta); }
 
 }  // namespace musefast

@@ -183,6 +183,16 @@ at::Tensor qk_norm_rope_cpu(at::TensorList qkv, at::TensorList q_weight, at::Ten
   return out;
 }
 
+// Shapes and dtypes only (fake tensors): what torch.compile and torch.library.opcheck trace with.
+at::Tensor qk_norm_rope_meta(at::TensorList qkv, at::TensorList q_weight, at::TensorList k_weight,
+                             const at::Tensor& cos, const at::Tensor& sin, int64_t heads, double eps) {
+  TORCH_CHECK(!qkv.empty() && heads > 0 && qkv[0].dim() == 3, "qk_norm_rope: qkv must be (B, L, 3*heads*D) streams");
+  int64_t L_total = 0;
+  for (const auto& x : qkv) L_total += x.size(1);
+  const at::Tensor& first = qkv[0];
+  return at::empty({3, first.size(0), heads, L_total, first.size(2) / (3 * heads)}, first.options());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(musefast, m) {
@@ -191,5 +201,7 @@ TORCH_LIBRARY_FRAGMENT(musefast, m) {
 }
 
 TORCH_LIBRARY_IMPL(musefast, CPU, m) { m.impl("qk_norm_rope", &qk_norm_rope_cpu); }
+
+TORCH_LIBRARY_IMPL(musefast, Meta, m) { m.impl("qk_norm_rope", &qk_norm_rope_meta); }
 
 }  // namespace musefast

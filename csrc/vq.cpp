@@ -195,6 +195,12 @@ std::tuple<at::Tensor, at::Tensor> vq_nearest_cpu(const at::Tensor& z, const at:
   return {idx, dist};
 }
 
+// Shapes and dtypes only (fake tensors): what torch.compile and torch.library.opcheck trace with.
+std::tuple<at::Tensor, at::Tensor> vq_nearest_meta(const at::Tensor& z, const at::Tensor& codebook) {
+  TORCH_CHECK(z.dim() == 2 && codebook.dim() == 2, "vq_nearest: z (N, D) and codebook (K, D) expected");
+  return {at::empty({z.size(0)}, z.options().dtype(at::kLong)), at::empty({z.size(0)}, z.options().dtype(at::kFloat))};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(musefast, m) {
@@ -202,5 +208,7 @@ TORCH_LIBRARY_FRAGMENT(musefast, m) {
 }
 
 TORCH_LIBRARY_IMPL(musefast, CPU, m) { m.impl("vq_nearest", &vq_nearest_cpu); }
+
+TORCH_LIBRARY_IMPL(musefast, Meta, m) { m.impl("vq_nearest", &vq_nearest_meta); }
 
 }  // namespace musefast

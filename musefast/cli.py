@@ -1,4 +1,4 @@
-"""The ``musefast`` command line: generate | inpaint | outpaint | edit | doctor | train-demo.
+"""The ``musefast`` command line: generate | inpaint | outpaint | edit | batch | serve | doctor | train-demo.
 
 Every value is checked before the model loads (``musefast.cli_checks``); a mistake prints one
 line naming it and the fix and exits with code 2, a model that cannot be loaded or a run that
@@ -100,11 +100,12 @@ def _settings_of(pipe) -> dict:
     """The decoding defaults the run falls back to (for the PNG metadata)."""
     s = getattr(pipe, "settings", None)
     if s is None:  # aMUSEd, Meissonic: their family's defaults, as the generation engine's adapter knows them
-        from musefast.generation.adapters import adapter_for
+        from musefast.generation import Request, adapter_for
 
         adapter = adapter_for(pipe)
-        steps, guidance = adapter.text_to_image
-        return {"steps": steps, "guidance_scale": guidance, "sampler": f"{adapter.family}-{pipe.sampler}"}
+        family = adapter.defaults(Request(prompt="the family's defaults"))
+        return {"steps": family["num_steps"], "guidance_scale": family["guidance_scale"],
+                "sampler": adapter.sampler_label()}
     return {"steps": s.num_steps, "guidance_scale": s.guidance_scale, "sampler": s.preset,
             "edit_iterations": s.edit_iterations, "edit_fraction": s.edit_fraction,
             "edit_guidance_scale": s.edit_guidance_scale}
@@ -115,13 +116,10 @@ def _save(images, args, params: dict) -> None:
     from musefast.image_metadata import save_image
 
     images = list(images)
-    keep = params.pop("keep_index", None)
-    paths = checks.numbered_paths(args.output, 1 if keep is not None else len(images))
-    if keep is not None:
-        images = images[keep:keep + 1]
+    paths = checks.numbered_paths(args.output, len(images))
     for i, (image, path) in enumerate(zip(images, paths)):
-        index = keep if keep is not None else i
-        meta = {**params, "index": index, "size": f"{image.width}x{image.height}", "version": __version__}
+        meta = params(i, image) if callable(params) else {
+            **params, "index": i, "size": f"{image.width}x{image.height}", "version": __version__}
         save_image(image, path, meta)
         print(path)
 
@@ -162,10 +160,23 @@ def _run(args, pipe, call, params: dict) -> int:
 
 
 def _generate(args) -> int:
+    """Image ``i`` of ``-n N`` has seed ``SEED + i``: each image is the one-image run of its seed
+    (``musefast serve`` follows the same rule), and its PNG says how to make it alone."""
+    from musefast.generation import Request, adapter_for
+    from musefast.image_metadata import generation_params
+
     pipe = _load(args)
-    params = _params(args, pipe, "generate", num_images=args.num_images, keep_index=args.keep_index)
-    return _run(args, pipe, lambda: pipe(args.prompt, num_images_per_prompt=args.num_images, **_common_kwargs(args)),
-                params)
+    adapter = adapter_for(pipe)
+    if args.seed + args.num_images - 1 > checks.MAX_SEED:
+        raise UsageError(f"--seed {args.seed} with -n {args.num_images}: image i takes seed SEED + i, which must "
+                         f"stay <= {checks.MAX_SEED}")
+    seeds = [args.seed + i for i in range(args.num_images)]
+    base = adapter.resolve(Request(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed,
+                                   num_steps=args.steps, guidance_scale=args.guidance, cache=args.cache), args.model)
+    sampler = adapter.sampler_label()
+    kw = {**_common_kwargs(args), "seed": seeds if len(seeds) > 1 else args.seed}
+    return _run(args, pipe, lambda: pipe(args.prompt, num_images_per_prompt=args.num_images, **kw),
+                lambda i, image: generation_params(base.replace(seed=seeds[i]), image, sampler=sampler))
 
 
 def _inpaint(args) -> int:
@@ -250,6 +261,70 @@ def _add_batch(sub) -> None:
     b.set_defaults(func=_batch)
 
 
+def _serve(args) -> int:
+    try:
+        from musefast.serve.config import Limits, ServerConfig
+        from musefast.serve.run import ServeError, serve
+    except ImportError as exc:
+        raise CommandError(f"the server needs the serve extra: pip install 'musefast[serve]' ({exc})") from None
+    try:
+        config = ServerConfig(
+            model=args.model, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+            api_key=args.api_key, cors=tuple(args.cors), grace=args.grace, request_timeout=args.timeout,
+            log_requests=args.log_requests, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
+            threads=args.threads, limits=Limits(max_body_bytes=args.max_body_mb * 1024 * 1024))
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+    if args.log_requests is not None:
+        checks_dir = Path(args.log_requests).expanduser().parent
+        if not checks_dir.is_dir():
+            raise UsageError(f"--log-requests {args.log_requests}: folder {checks_dir} does not exist")
+    if args.ray or args.ray_address:
+        try:
+            from musefast.serve.ray_serve import deploy
+        except ImportError as exc:
+            raise CommandError(f"Ray Serve support is not available ({exc}); install it with "
+                               "pip install 'musefast[distributed,serve]'") from None
+        return deploy(config, replicas=args.replicas, address=args.ray_address)
+    _set_threads(args)
+    try:
+        return serve(config)
+    except ServeError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _add_serve(sub) -> None:
+    s = sub.add_parser("serve", help="an OpenAI-compatible image server (POST /v1/images/generations) with a web page")
+    s.add_argument("model", nargs="?", default="demo", help='"demo", a pipeline folder, or a hub id (default: demo)')
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; anything but loopback warns unless an API key is set")
+    s.add_argument("--port", type=checks.non_negative_int, default=8000, help="port (0: any free port)")
+    s.add_argument("--max-batch", type=checks.positive_int, default=8, metavar="N",
+                   help="images decoded together in each step (continuous batching)")
+    s.add_argument("--max-queue", type=checks.positive_int, default=64, metavar="N",
+                   help="images waiting for a place in the batch; beyond it requests get 429 with Retry-After")
+    s.add_argument("--api-key", default=None, metavar="KEY",
+                   help="Bearer key every /v1 route asks for (default: MUSEFAST_API_KEY if set, else no key)")
+    s.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser requests from ORIGIN; repeat for more (default: none, CORS off)")
+    s.add_argument("--grace", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM/SIGINT, seconds to finish in-flight requests before failing them")
+    s.add_argument("--timeout", type=float, default=300.0, metavar="S", help="per-request time limit in seconds")
+    s.add_argument("--max-body-mb", type=checks.positive_int, default=16, metavar="MB",
+                   help="largest request body (uploads of edits) in MiB; larger ones get 413")
+    s.add_argument("--log-requests", default=None, metavar="FILE",
+                   help="append one JSON line per request (id, timings, settings, outcome) (default: none)")
+    s.add_argument("--ray", action="store_true", help="serve on a local Ray Serve, one engine per replica")
+    s.add_argument("--replicas", type=checks.positive_int, default=1, metavar="N", help="Ray Serve replicas")
+    s.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="deploy on the Ray cluster at ADDR (e.g. auto) (default: none, a local Ray with --ray)")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    s.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="weights dtype (default: as saved)")
+    s.add_argument("--threads", type=checks.positive_int, default=None, metavar="N",
+                   help="CPU threads of torch (default: 1 for the demo model, else torch's default)")
+    s.set_defaults(func=_serve)
+
+
 def _train_demo(args) -> int:
     from musefast.training.demo import run
 
@@ -281,16 +356,16 @@ def _from_png(args) -> None:
             setattr(args, name, params.get(key))
     if args.model_given is None and params.get("model"):
         args.model = params["model"]
-    if args.num_images_given is None:
-        # regenerate the whole batch the image came from (rows depend on the batch) and keep its row
-        args.num_images = int(params.get("num_images", 1))
-        args.keep_index = int(params.get("index", 0))
+    if int(params.get("num_images", 1)) > 1 and int(params.get("index", 0)) > 0 and "request" not in params:
+        # before 'image i takes seed SEED + i', the images of one -n call shared their seed
+        raise UsageError(f"--from-png {args.from_png}: image {params['index']} of a 'musefast generate -n "
+                         f"{params['num_images']}' call made by musefast {params.get('version', '?')}, whose images "
+                         "shared one seed; regenerate it with that version")
 
 
 def _check(args, parser) -> None:
     """Everything that can be checked without the model."""
     if args.func is _generate:
-        args.keep_index = None
         if args.from_png:
             _from_png(args)
         if args.prompt is None:
@@ -389,7 +464,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="text to image")
     g.add_argument("prompt", nargs="?", help="what to draw (the demo's vocabulary: docs/models.md)")
     g.add_argument("-n", "--num-images", dest="num_images_given", type=checks.positive_int, default=None,
-                   metavar="N", help="images for the prompt (default: 1)")
+                   metavar="N", help="images for the prompt; image i takes seed SEED + i, so each is the one-image "
+                        "run of its seed (default: 1)")
     g.add_argument("--from-png", default=None, metavar="IMAGE",
                    help="regenerate a PNG written by musefast generate, from the parameters stored in it "
                         "(options given here override them) (default: none)")
@@ -430,6 +506,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     e.set_defaults(func=_edit)
 
     _add_batch(sub)
+    _add_serve(sub)
 
     t = sub.add_parser("train-demo", help="train the demo model from scratch (a pipeline folder)")
     words = sys.argv[1:] if argv is None else argv

@@ -67,11 +67,11 @@ def doctor() -> str:
             out.append(f"  {op_name}:")
             for name, verdict in table.items():
                 out.append(f"    {name:<11} {verdict}")
-    from musefast.ops import selfcheck
+    from musefast.ops import verdicts
 
     out.append("self-check of compiled backends: " + (
-        "off (MUSEFAST_SELFCHECK=0)" if not selfcheck.enabled() else
-        f"on; verdicts in {selfcheck.verdict_file()} (`musefast doctor --selftest` re-runs every check)"))
+        "off (MUSEFAST_SELFCHECK=0)" if not verdicts.enabled() else
+        f"on; verdicts in {verdicts.verdict_file()} (`musefast doctor --selftest` re-runs every check)"))
     return "\n".join(out)
 
 

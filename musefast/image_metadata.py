@@ -18,13 +18,32 @@ def save_image(image, path: Path, params: dict) -> None:
     if path.suffix.lower() != ".png":
         image.save(path)
         return
+    image.save(path, pnginfo=png_info(params))
+
+
+def png_info(params: dict):
+    """The PNG text chunks of ``params`` (for ``image.save(..., format="PNG", pnginfo=...)``)."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     for key, value in params.items():
         info.add_text(PREFIX + key, json.dumps(value))  # None too: "no negative prompt" is a setting
     info.add_text("parameters", _readable(params))
-    image.save(path, pnginfo=info)
+    return info
+
+
+def generation_params(request, image, *, sampler: str) -> dict:
+    """What a text-to-image PNG carries, from ``musefast generate`` and ``musefast serve`` alike
+    (so both write the same bytes for the same image): ``request`` — a resolved
+    :class:`musefast.generation.Request`, every setting that determines the image — under
+    ``"request"``, and the names ``--from-png`` and image viewers read."""
+    from musefast import __version__
+
+    meta = request.to_metadata()
+    return {"command": "generate", "prompt": request.prompt, "negative_prompt": request.negative_prompt,
+            "seed": request.seed, "steps": request.num_steps, "guidance_scale": request.guidance_scale,
+            "sampler": sampler, "model": request.model, "cache": meta["cache"], "request": meta,
+            "size": f"{image.width}x{image.height}", "version": __version__}
 
 
 def read_params(path: str | Path) -> dict:

@@ -33,11 +33,11 @@ def load_model(name: str):
     sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests")]
     from amused_random import random_amused
 
-    from musefast.cpu import linear as cpu_engine
+    from musefast.pipelines.loading import resolve_dtype, runnable
 
-    dtype = cpu_engine.resolve_dtype("auto", None, torch.float32, 600_000_000) or torch.float32
+    dtype = resolve_dtype("auto", None, torch.float32, 600_000_000) or torch.float32
     pipe = random_amused(name, "cpu", dtype)
-    cpu_engine.apply_default(pipe.transformer)
+    runnable(pipe.transformer)
     return pipe
 
 

@@ -131,14 +131,25 @@ def test_seed_is_drawn_printed_stored_and_replayed(model_dir, tmp_path, capsys):
     assert params["seed"] == int(seed_lines[0].split()[1]) and params["prompt"] == "a red cat"
     assert params["steps"] == 2 and params["model"] == model_dir and params["version"] == musefast.__version__
     assert {"negative_prompt", "guidance_scale", "sampler"} <= set(params)
+    # every setting that determines the image, as the engine resolved it for this model
+    from musefast.generation import Request
+
+    request = params["request"]
+    assert request["seed"] == params["seed"] and request["num_steps"] == 2 and request["family"] == "muse"
+    assert {"guidance_schedule", "temperature", "choice_temperature", "size", "cache"} <= set(request)
+    assert Request.from_metadata(request).to_metadata() == request
     again = tmp_path / "again.png"
     assert main(["generate", "--from-png", str(first), "-o", str(again), "-q"]) == 0
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
-    # one image of a batch: the batch is regenerated and its row kept
+    # image i of -n N has seed SEED + i: it is the one-image run of that seed, and its PNG says so
     assert main(["generate", "a blue dog", "--model", model_dir, "--steps", "2", "-n", "2", "-q", "--seed", "4",
                  "-o", str(tmp_path / "b.png")]) == 0
+    assert read_params(tmp_path / "b_1.png")["seed"] == 5
+    assert main(["generate", "a blue dog", "--model", model_dir, "--steps", "2", "-q", "--seed", "5",
+                 "-o", str(tmp_path / "solo.png")]) == 0
+    assert (tmp_path / "solo.png").read_bytes() == (tmp_path / "b_1.png").read_bytes()
     assert main(["generate", "--from-png", str(tmp_path / "b_1.png"), "-o", str(tmp_path / "b1.png"), "-q"]) == 0
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "b_1.png")), np.asarray(Image.open(tmp_path / "b1.png")))
+    assert (tmp_path / "b1.png").read_bytes() == (tmp_path / "b_1.png").read_bytes()
 
 
 def test_quiet_prints_only_the_paths(model_dir, tmp_path, capfd):

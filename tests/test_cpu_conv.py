@@ -11,6 +11,7 @@ import torch
 from musefast.cpu import conv as cpu_conv, linear as cpu
 from musefast.models.serialization import load_component, save_component
 from musefast.models.vqgan import VQGAN, VQGANConfig
+from musefast.pipelines.loading import runnable
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
@@ -69,8 +70,8 @@ def test_applied_at_load_and_weights_stay_ordinary(tmp_path, monkeypatch):
     vq = _vq("group")
     before = {k: v.clone() for k, v in vq.state_dict().items()}
     save_component(vq, tmp_path / "vq")
-    loaded = load_component(tmp_path / "vq")
-    assert cpu_conv.is_applied(loaded)  # loading on a CPU applies it, as the linear engine
+    loaded = runnable(load_component(tmp_path / "vq"))
+    assert cpu_conv.is_applied(loaded)  # the loader applies it on a CPU, as the linear engine
     loaded.decode(torch.zeros(1, 2, 2, dtype=torch.long))
     state = loaded.state_dict()
     assert all(torch.equal(state[k], v) and state[k].is_contiguous() for k, v in before.items())
@@ -84,4 +85,4 @@ def test_applied_at_load_and_weights_stay_ordinary(tmp_path, monkeypatch):
     assert not cpu_conv.is_applied(loaded)
     assert all(c.weight.is_contiguous() for c in convs)
     monkeypatch.setenv("MUSEFAST_CPU_ENGINE", "0")
-    assert not cpu_conv.is_applied(load_component(tmp_path / "vq"))
+    assert not cpu_conv.is_applied(runnable(load_component(tmp_path / "vq")))

@@ -9,6 +9,8 @@ from musefast.cpu import linear as cpu
 from musefast.models.serialization import load_component, save_component
 from musefast.models.transformer import MuseTransformer, MuseTransformerConfig
 from musefast.models.uvit import UVit2D, UVit2DConfig
+from musefast.pipelines import loading
+from musefast.pipelines.loading import resolve_dtype, runnable
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
@@ -118,7 +120,8 @@ def test_weights_stay_ordinary_and_the_cache_follows_them(tmp_path):
     assert _rel(twin(tokens, context=ctx), model(tokens, context=ctx)) < 1e-6
     save_component(model, tmp_path / "uvit")
     loaded = load_component(tmp_path / "uvit")
-    assert cpu.is_applied(loaded)  # loading applies the engine on a CPU by default
+    assert not cpu.is_applied(loaded)  # a reader returns the plain module; the loader decides how it runs
+    assert runnable(loaded) is loaded and cpu.is_applied(loaded)  # on a CPU: the engine, by default
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
     cpu.remove(model)
     assert not cpu.is_applied(model) and "forward" not in model.embed.conv.__dict__
@@ -128,7 +131,7 @@ def test_weights_stay_ordinary_and_the_cache_follows_them(tmp_path):
 def test_engine_off_by_environment(tmp_path, monkeypatch):
     save_component(_uvit(), tmp_path / "uvit")
     monkeypatch.setenv("MUSEFAST_CPU_ENGINE", "0")
-    assert not cpu.is_applied(load_component(tmp_path / "uvit"))
+    assert not cpu.is_applied(runnable(load_component(tmp_path / "uvit")))
 
 
 def test_grad_and_other_devices_take_the_plain_path():
@@ -142,15 +145,18 @@ def test_grad_and_other_devices_take_the_plain_path():
 def test_auto_dtype_follows_the_isa(monkeypatch):
     monkeypatch.setattr(cpu, "cpu_isa", lambda: {"bf16": False, "int8": False, "onednn": True})
     assert cpu.auto_dtype() == torch.float32
-    assert cpu.resolve_dtype("auto", "cpu", torch.float32) == torch.float32
+    assert resolve_dtype("auto", "cpu", torch.float32) == torch.float32
     assert "neither AVX512-BF16 nor AMX" in "\n".join(cpu.describe())
     monkeypatch.setattr(cpu, "cpu_isa", lambda: {"bf16": True, "int8": True, "onednn": True})
-    assert cpu.resolve_dtype("auto", "cpu", torch.float32) == torch.bfloat16
-    assert cpu.resolve_dtype("auto", "cpu", torch.float16) == torch.float16  # half weights stay half
-    assert cpu.resolve_dtype("auto", "cuda", torch.float32) == torch.float32
-    assert cpu.resolve_dtype(None, "cpu", torch.float32) is None
+    assert resolve_dtype("auto", "cpu", torch.float32) == torch.bfloat16
+    assert resolve_dtype("auto", "cpu", torch.float16) == torch.float16  # half weights stay half
+    assert resolve_dtype("auto", "cuda", torch.float32) == torch.float32
+    assert resolve_dtype(None, "cpu", torch.float32) is None
     with pytest.raises(ValueError, match="dtype must be"):
-        cpu.resolve_dtype("fast", "cpu", torch.float32)
+        resolve_dtype("fast", "cpu", torch.float32)
+    # a reader takes no "auto": what runs where is the loader's one decision
+    with pytest.raises(ValueError, match="resolved when a pipeline loads"):
+        load_component("unused", dtype="auto")
 
 
 def test_doctor_reports_the_engine():
@@ -180,7 +186,7 @@ def test_auto_dtype_pipeline_and_the_compat_promise(tiny_amused, monkeypatch):
     from musefast.pipelines.amused import AmusedPipeline
 
     monkeypatch.setattr(cpu, "cpu_isa", lambda: {"bf16": True, "int8": True, "onednn": True})
-    monkeypatch.setattr(cpu, "AUTO_BF16_MIN_PARAMS", 0)  # the tiny model counts as large here
+    monkeypatch.setattr(loading, "AUTO_BF16_MIN_PARAMS", 0)  # the tiny model counts as large here
     auto = musefast.load(tiny_amused)
     assert auto.dtype == torch.bfloat16 and auto.text_encoder.dtype == torch.bfloat16
     assert next(auto.vqvae.parameters()).dtype == torch.float32
@@ -253,9 +259,9 @@ def test_released_weights_follow_load_to_and_deepcopy(tmp_path):
     assert all(cpu.is_released(m.weight) and m.weight.dtype == torch.bfloat16 for m in _linears(model))
     assert all(torch.equal(model.state_dict()[k], v.to(torch.bfloat16)) for k, v in other.state_dict().items())
     save_component(twin, tmp_path / "uvit")
-    loaded = load_component(tmp_path / "uvit")
+    loaded = runnable(load_component(tmp_path / "uvit"))
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in other.state_dict().items())
-    assert all(cpu.is_released(m.weight) for m in _linears(loaded))  # loading releases by default
+    assert all(cpu.is_released(m.weight) for m in _linears(loaded))  # the loader releases by default
     torch.save(twin, tmp_path / "whole.pt")  # pickling a whole module stores the plain weights
     unpickled = torch.load(tmp_path / "whole.pt", weights_only=False)
     assert all(torch.equal(unpickled.state_dict()[k], v) for k, v in other.state_dict().items())
@@ -362,3 +368,6 @@ def test_old_engine_name_warns_and_resolves_to_musefast_cpu(monkeypatch):
         engine = importlib.import_module("musefast.engine")
     assert engine.cpu is musefast.cpu.linear and engine.int8 is musefast.cpu.int8
     assert importlib.import_module("musefast.engine.cpu_conv") is musefast.cpu.conv
+    # the CPU kernels of the ops went to their ops, as backends
+    assert engine.cpu_attention is sys.modules["musefast.ops.attention"]
+    assert engine.cpu_norms is sys.modules["musefast.ops.rms_norm"]

@@ -30,9 +30,10 @@ import torch
 sys.path.insert(0, sys.argv[2])
 import musefast
 from musefast.cpu import int8, isa, linear as cpu
+from musefast.pipelines import loading
 from musefast.pipelines.amused import AmusedPipeline
 
-cpu.AUTO_BF16_MIN_PARAMS = 0  # the tiny models count as large: "auto" then follows the ISA alone
+loading.AUTO_BF16_MIN_PARAMS = 0  # the tiny models count as large: "auto" then follows the ISA alone
 folder, out = sys.argv[1], {"path": isa.effective()["path"], "reason": isa.reason()}
 alive = []  # pipelines doctor reports on at the end
 kw = dict(num_inference_steps=4, output_type="tokens", progress=False)

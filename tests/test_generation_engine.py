@@ -130,3 +130,28 @@ def test_step_cache_and_inpainting_requests_equal_the_pipeline(pipe):
     assert torch.equal(got[1], pipe.inpaint(image, mask, inpaint.prompt, seed=13, num_steps=4, output_type="tokens",
                                             progress=False)[0])
     assert torch.equal(got[2], _solo(pipe, plain))
+
+
+def test_a_pipeline_call_is_one_job_that_shares_forwards_with_requests(pipe):
+    """A call's images as one prepared job of B rows (what pipe(...) submits) decode in lock-step
+    under the call's seed, in the same forwards as other requests, with the call's tokens."""
+    prompts = [CAPTIONS[0], CAPTIONS[1]]
+    alone = pipe(prompts, seed=5, num_steps=4, output_type="tokens", progress=False)
+    s = pipe._settings(dict(num_steps=4))
+    cond, uncond = pipe._prepare(prompts, None, None, None, 1)
+    cfg = pipe.transformer.config
+    tokens = torch.full((2, cfg.seq_len), cfg.mask_token_id)
+    job = pipe._stage("base", tokens, torch.ones(2, cfg.seq_len, dtype=torch.bool), cond, uncond, s, 5, None)
+    requests = _mixed(3)
+    engine = Engine(pipe, max_batch=8)
+    rows = []
+    run = engine.adapter.run
+    engine.adapter.run = lambda kind, tokens, *a: rows.append(tokens.shape[0]) or run(kind, tokens, *a)
+    others = [engine.submit(r) for r in requests]
+    handle = engine.submit_stage(job)
+    engine.step()
+    assert rows[0] > 2 * 2  # the job's rows and the requests' in one forward
+    assert torch.equal(handle.result(), alone)
+    assert _hashes([h.result() for h in others]) == _hashes([_solo(pipe, r) for r in requests])
+    with pytest.raises(ValueError, match="seed has 1 entries for a batch of 2"):
+        pipe._stage("base", tokens, torch.ones(2, cfg.seq_len, dtype=torch.bool), cond, uncond, s, [5], None)

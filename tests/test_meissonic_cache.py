@@ -18,9 +18,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import musefast
 from musefast import StepCache
+from musefast.compat.amused_scheduler import choice_temperatures
 from musefast.cpu import linear as cpu_engine
 from musefast.models.meissonic import MeissonicTransformer
 from musefast.nn.row_cache import KVStore, rows_from_mask
+from musefast.sampling import MaskGitSampler
 
 FIXTURES = Path(__file__).parent / "fixtures" / "meissonic"
 PIPELINE = FIXTURES / "meissonic"
@@ -127,8 +129,8 @@ RUN = dict(prompt=["a red cat", "a dog on the left"], height=256, width=256, num
 
 
 def _before(pipe, prompt, height, width, num_inference_steps, seed, guidance_scale=9.0, **_):
-    """The fused sampler as MeissonicPipeline ran it before the cache: a plain function running
-    both branches at every step, through the same ``_run_fused``."""
+    """The fused sampler as MeissonicPipeline ran it before the cache and the engine: a plain
+    function running both branches at every step, through ``MaskGitSampler``."""
     steps = num_inference_steps
     pooled, hidden, B = pipe.encode_prompt(prompt, None, num_images_per_prompt=1, use_cfg=True)
     micro = torch.tensor([width, height, 0, 0, 6], dtype=hidden.dtype)
@@ -144,8 +146,11 @@ def _before(pipe, prompt, height, width, num_inference_steps, seed, guidance_sca
 
     f = pipe.vae_scale_factor
     tokens = torch.full((B, height // f, width // f), pipe.mask_token_id)
-    return pipe._run_fused(logits_of, tokens, steps, 0, None, True, guidance_scale, "constant", (2, 0), False, seed,
-                           None, None, False)
+    temps = choice_temperatures(steps, (2, 0))
+    sampler = MaskGitSampler("amused", progress=False, num_steps=steps, guidance_scale=float(guidance_scale),
+                             choice_temperature=(float(temps[0]), float(temps[-1])),
+                             mask_schedule=pipe.masking_schedule)
+    return sampler(logits_of, tokens, mask_token_id=pipe.mask_token_id, seed=seed)
 
 
 def test_cache_off_and_refresh_1_give_the_tokens_of_before(pipe):

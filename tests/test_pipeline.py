@@ -118,16 +118,16 @@ def test_outpaint_keeps_original_region(pipe):
 
 
 def test_edit_resamples_exactly_the_fraction_each_iteration(pipe, monkeypatch):
-    from musefast.sampling import MaskGitSampler
+    from musefast.generation import Engine
 
     masked_counts = []
-    original = MaskGitSampler.__call__
+    original = Engine.submit_stage
 
-    def spy(self, model_fn, tokens, masked=None, **kw):
-        masked_counts.append(int(masked.sum()))
-        return original(self, model_fn, tokens, masked, **kw)
+    def spy(self, stage, **kw):  # each round is one engine job
+        masked_counts.append(int(stage.masked.sum()))
+        return original(self, stage, **kw)
 
-    monkeypatch.setattr(MaskGitSampler, "__call__", spy)
+    monkeypatch.setattr(Engine, "submit_stage", spy)
     pipe.edit(_image(32), "a blue dog", iterations=3, fraction=0.25, seed=0, progress=False)
     assert masked_counts == [4, 4, 4]  # 25% of 16 tokens, every iteration
 

@@ -238,11 +238,33 @@ def test_every_pipeline_rejects_bad_input_in_one_line(family, bad, match):
 
 def test_every_pipeline_saves_and_loads_back(family, tmp_path):
     name, model, kw = family
-    if name == "meissonic":
-        with pytest.raises(NotImplementedError, match="not implemented"):
-            model.save_pretrained(tmp_path)
-        return
     model.save_pretrained(tmp_path)
     loaded = musefast.load(tmp_path, dtype=None)
     assert type(loaded) is type(model)
     assert torch.equal(_tokens(loaded, "a cat", seed=4, **kw), _tokens(model, "a cat", seed=4, **kw))
+
+
+def test_every_pipeline_calls_callback_on_step_end_and_takes_its_latents(family):
+    """diffusers' step callback: called once per step with the token grid; the latents it returns
+    replace the tokens (a drift between the pipelines used to leave it out of Meissonic and Muse)."""
+    _, model, kw = family
+    seen = []
+
+    def keep(pipe, i, t, tensors):
+        seen.append((i, tuple(tensors["latents"].shape)))
+        return {}
+
+    tokens = _tokens(model, "a cat", seed=2, callback_on_step_end=keep, **kw)
+    assert [i for i, _ in seen] == list(range(len(seen))) and len(seen) >= 3
+    assert seen[-1][1] == tuple(tokens.shape)  # (1, h, w): the grid of the last stage
+    assert torch.equal(tokens, _tokens(model, "a cat", seed=2, **kw))  # a callback returning nothing changes nothing
+
+    def freeze_corner(pipe, i, t, tensors):
+        latents = tensors["latents"].clone()
+        latents[:, 0, 0] = 1
+        return {"latents": latents}
+
+    frozen = _tokens(model, "a cat", seed=2, callback_on_step_end=freeze_corner, **kw)
+    assert int(frozen[0, 0, 0]) == 1
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        _tokens(model, "a cat", seed=2, callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["x"], **kw)

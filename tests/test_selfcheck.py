@@ -9,18 +9,18 @@ import pytest
 import torch
 
 from musefast import ops
-from musefast.ops import registry, selfcheck
+from musefast.ops import registry, selfcheck, verdicts as verdict_store
 from musefast.ops.registry import BackendUnavailableError
 
 
 @pytest.fixture
 def verdicts(tmp_path, monkeypatch):
     """A private verdict file, so these tests neither read nor disturb the user's cache."""
-    monkeypatch.setattr(selfcheck, "verdict_file", lambda: tmp_path / "selfcheck.json")
+    monkeypatch.setattr(verdict_store, "verdict_file", lambda: tmp_path / "selfcheck.json")
     monkeypatch.delenv("MUSEFAST_SELFCHECK", raising=False)
-    selfcheck.forget()
+    verdict_store.forget()
     yield tmp_path / "selfcheck.json"
-    selfcheck.forget()
+    verdict_store.forget()
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_wrong_backend_is_disabled_with_one_warning_and_results_stay_right(verdi
     (key, verdict), = [(k, v) for k, v in on_disk.items() if k.startswith("vq_nearest|wrong|")]
     assert not verdict["ok"] and "cpu:" in key and "torch" in key
     # a new process (simulated) reads it back without re-running the check
-    selfcheck.forget()
+    verdict_store.forget()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(ops.vq_nearest(z, codebook), expected)
@@ -104,8 +104,8 @@ def test_selfcheck_can_be_switched_off(verdicts, wrong_vq_backend, monkeypatch):
 _CHECK_COST_LIMIT_IN_ANCHORS = 40
 _ONE_THREAD_SELFTEST = """
 import dataclasses, json, pathlib, sys, time, torch
-from musefast.ops import selfcheck
-selfcheck.verdict_file = lambda: pathlib.Path(sys.argv[1])  # not the user's cache
+from musefast.ops import selfcheck, verdicts
+verdicts.verdict_file = lambda: pathlib.Path(sys.argv[1])  # not the user's cache
 def anchor():
     x = torch.arange(64, dtype=torch.float32)
     start = time.process_time()
@@ -128,7 +128,7 @@ def one_thread_selftest(tmp_path_factory):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("op_name", ["vq_nearest", "cfg_sample_remask", "attention"])
+@pytest.mark.parametrize("op_name", ["vq_nearest", "cfg_sample_remask", "attention", "qk_norm_rope", "rms_norm_modulate"])
 def test_real_cpu_backends_pass_and_each_check_costs_under_a_second(one_thread_selftest, op_name):
     results = [selfcheck.Result(**r) for r in one_thread_selftest["results"] if r["op"] == op_name]
     assert results, f"no backend of {op_name} was checked or reported"
@@ -162,6 +162,13 @@ def test_checks_catch_subtle_bugs(verdicts):
     ref = ops.attention(q, k, k, key_padding_mask=mask, backend="reference")
     assert agreement.attention_disagreement(ref, ref, ref, mask) is None
     assert "zeros" in agreement.attention_disagreement(ref + 1e-3, ref, ref, mask)
+
+    x = torch.randn(2, 3, 16)
+    exact = ops.rms_norm_modulate(x, 1e-6, backend="reference").double()
+    same = ops.rms_norm_modulate(x, 1e-6, backend="reference")
+    assert agreement.rms_norm_disagreement(same, exact, same) is None
+    assert "max error" in agreement.rms_norm_disagreement(same * (1 + 1e-4), exact, same)
+    assert "dtype" in agreement.rms_norm_disagreement(same.bfloat16(), exact, same)
 
 
 def test_doctor_selftest_cli_passes_on_cpu(tmp_path):

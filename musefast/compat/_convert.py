@@ -1,4 +1,5 @@
-"""Functions shared by the weight converters: strict state-dict loading with readable errors."""
+"""Functions shared by the weight readers and converters: strict state-dict loading with readable
+errors, and the dtype a reader takes."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
@@ -58,3 +59,14 @@ def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, to
     if any(k.startswith(prefix) for k in state):
         return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     return dict(state)
+
+
+def check_dtype(dtype) -> None:
+    """A reader's ``dtype``: a torch.dtype or None. ``"auto"`` depends on the machine and on how
+    the component will run, which the loader decides, not a reader: a one-line error says so."""
+    if dtype == "auto":
+        raise ValueError("dtype='auto' is resolved when a pipeline loads (musefast.load, a pipeline's "
+                         "from_pretrained, or musefast.pipelines.loading.runnable(module, dtype='auto')); "
+                         "a component reader takes a torch.dtype or None")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")

@@ -19,6 +19,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from musefast.compat._convert import check_dtype
+
 CONFIG_NAME = "config.json"
 WEIGHTS_STEM = "diffusion_pytorch_model"
 
@@ -188,14 +190,11 @@ def load_converted(build: Callable[[], nn.Module], folder: str | os.PathLike,
                    dtype: torch.dtype | None = None) -> nn.Module:
     """``build()`` a module (on the meta device: no time spent on a random init) and fill it
     with a diffusers folder's weights, strictly. It keeps the file's dtype unless ``dtype`` is
-    given (``"auto"``: see :func:`musefast.cpu.linear.resolve_dtype`); returned in eval mode on
-    ``device`` (default CPU), with the CPU engine applied there."""
+    given; returned plain, in eval mode on ``device`` (default CPU): how it runs is decided by
+    :func:`musefast.pipelines.loading.runnable`."""
+    check_dtype(dtype)
     files = weights_files(folder, variant)
     source = str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} shards)"
-    if dtype == "auto":  # bf16 on a CPU that computes it natively (musefast.cpu.linear)
-        from musefast.cpu.linear import resolve_dtype
-
-        dtype = resolve_dtype(dtype, device, *stored_dtype_and_count(files))
     # cast as read, so the stored dtype is never held whole (fp32 files run in bf16: half the peak)
     return fill_converted(build, load_weights(files, dtype), source_keys, source=source, device=device, dtype=dtype,
                           consume=True)
@@ -205,9 +204,8 @@ def fill_converted(build: Callable[[], nn.Module], state: Mapping[str, torch.Ten
                    source_keys: Callable[[str], list[str]], *, source: str, device=None,
                    dtype: torch.dtype | None = None, consume: bool = False) -> nn.Module:
     """``build()`` a module on the meta device and fill it from a peer's ``state`` (strictly,
-    see :func:`convert_strict`); returned in eval mode on ``device`` in ``dtype`` (default: as
-    ``state``), with the CPU engine applied. The one conversion path for files and for a peer's
-    in-memory modules."""
+    see :func:`convert_strict`); returned plain, in eval mode on ``device`` in ``dtype`` (default:
+    as ``state``). The one conversion path for files and for a peer's in-memory modules."""
     with torch.device("meta"):
         module = build()
     converted = convert_strict(module, state, source_keys, source=source, consume=consume)  # consume: empties state
@@ -215,6 +213,4 @@ def fill_converted(build: Callable[[], nn.Module], state: Mapping[str, torch.Ten
     del converted  # the module holds the only references: .to() and packing free as they go
     if device is not None or dtype is not None:
         module.to(device=device, dtype=dtype)
-    from musefast.cpu.linear import apply_default  # the CPU path (packed oneDNN linears) by default
-
-    return apply_default(module.eval())
+    return module.eval()

@@ -90,14 +90,13 @@ def source_keys(key: str) -> list[str]:
 
 def load_transformer(cls, folder: str | os.PathLike, *, variant: str | None = None, device=None,
                      dtype: torch.dtype | None = None, backend: str | None = None):
-    """Build ``cls`` (:class:`MeissonicTransformer`) from a peer transformer folder, strictly."""
-    from musefast.models.meissonic import MeissonicConfig
-
+    """Build ``cls`` (:class:`MeissonicTransformer`, whose ``config_class`` reads the config) from a
+    peer transformer folder, strictly. The class is passed in: this reader never imports a model."""
     data = read_transformer_config(folder)
     if data is None:
         raise ValueError(f"{Path(folder) / CONFIG_NAME} is not a Meissonic transformer config "
                          f"(needs the keys {sorted(CONFIG_KEYS)})")
-    config = config_from_dict(MeissonicConfig, data, source=str(Path(folder) / CONFIG_NAME))
+    config = config_from_dict(cls.config_class, data, source=str(Path(folder) / CONFIG_NAME))
     config = replace(config, backend=backend)
     return load_converted(lambda: cls(config), folder, source_keys, variant=variant, device=device, dtype=dtype)
 

@@ -42,16 +42,17 @@ decoding in bf16 (measured: 0.56× on the demo model's images, 0.94× at aMUSEd'
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from musefast.cpu import isa
+from musefast.cpu import isa, twin
 
 ATTR = "conv_memory_format"
 PACKED_ATTR = "_musefast_packed_conv"  # a decoder Conv2d's packed weights, per compute dtype (its __dict__)
-DTYPE_ATTR = "_musefast_decode_dtype"  # a VQ model's decoder compute dtype when not its weights' (bf16)
+DTYPE_ATTR = "_musefast_decode_dtype"  # a VQ decoder's compute dtype when not its weights' (bf16)
 
 
 def _targets(model: nn.Module) -> list[nn.Module]:
@@ -86,13 +87,11 @@ def _packable() -> bool:
     return torch.backends.mkldnn.is_available() and isa.effective()["path"] != "none"
 
 
-def _usable(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+def usable(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether this call takes the packed path: a channels-last CPU activation in the weight's
     dtype (fp32; bf16 where oneDNN has bf16 kernels), zero padding, no autograd, not traced."""
-    from musefast.cpu.linear import plain_active  # the one switch for every CPU reference twin
-
     w = conv.weight
-    return (not torch.compiler.is_compiling() and not plain_active() and x.device.type == "cpu"
+    return (not torch.compiler.is_compiling() and not twin.active() and x.device.type == "cpu"
             and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)
             and (x.dtype == torch.float32 and w.dtype == torch.float32
                  or x.dtype == torch.bfloat16 and isa.effective()["bf16_packs"])
@@ -136,7 +135,7 @@ def _args(conv: nn.Conv2d) -> tuple:
 def conv2d(conv: nn.Conv2d, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
     """``conv(x)`` (+ ``add``, same shape as the output, added in the kernel's epilogue) through
     oneDNN on the packed weight; the plain ``conv(x) + add`` where the packed path does not apply."""
-    if not _usable(conv, x) or (add is not None and add.dtype != x.dtype):
+    if not usable(conv, x) or (add is not None and add.dtype != x.dtype):
         out = type(conv).forward(conv, x)
         return out if add is None else out + add
     weight, bias = _packed(conv, x)
@@ -147,48 +146,42 @@ def conv2d(conv: nn.Conv2d, x: torch.Tensor, add: torch.Tensor | None = None) ->
                                                           None, None, [], None)
 
 
-def _norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """SiLU(norm(x)), the SiLU in place on the norm's fresh output (one allocation, not two)."""
     h = norm(x)
     return F.silu(h, inplace=h is not x)
 
 
-def _resblock_forward(block, x: torch.Tensor) -> torch.Tensor:
-    """:class:`musefast.models.vqgan.ResBlock` with packed convolutions and the skip added in the
-    epilogue of the convolution that produces the block's output."""
-    if block.training or not _usable(block.conv1, x):
-        return type(block).forward(block, x)
-    h = conv2d(block.conv1, _norm_silu(block.norm1, x))
-    h = _norm_silu(block.norm2, h)
-    if block.shortcut_on_output:  # google maskgit: the 1x1 skip reads the block's own output
-        h = conv2d(block.conv2, h)
-        return conv2d(block.shortcut, h, add=h)
-    skip = x if isinstance(block.shortcut, nn.Identity) else conv2d(block.shortcut, x)
-    return conv2d(block.conv2, h, add=skip)
+def compute_dtype(decoder: nn.Module, z: torch.Tensor) -> torch.dtype:
+    """The dtype ``decoder`` computes in for input ``z``: the decode dtype :func:`apply` set on it
+    (bf16) where the packed path runs and oneDNN has bf16 convolutions, else ``z``'s own."""
+    dtype = decoder.__dict__.get(DTYPE_ATTR)
+    if dtype is None or not (usable(decoder.conv_in, z) and isa.effective()["bf16_packs"]):
+        return z.dtype
+    return dtype
 
 
-def _decoder_forward(decoder, z: torch.Tensor, *, owner: nn.Module) -> torch.Tensor:
-    """The decoder in ``owner``'s decode dtype (bf16) when one is set and the packed path runs:
-    the input converted once on the way in, the image back to ``z``'s dtype on the way out; the
-    norms keep their float32 parameters and compute their statistics in float32."""
-    dtype = owner.__dict__.get(DTYPE_ATTR)
-    if dtype is None or dtype == z.dtype or not (_usable(decoder.conv_in, z) and isa.effective()["bf16_packs"]):
-        return type(decoder).forward(decoder, z)
-    return type(decoder).forward(decoder, z.to(dtype)).to(z.dtype)
+_BLOCKS: dict[type, Callable] = {}
+
+
+def packed_forward(cls: type) -> Callable:
+    """Decorator: the decorated ``forward(module, *args)`` is what :func:`apply` installs on every
+    ``cls`` block of a VQ decoder (its residual blocks, the decoder itself). Each model registers its
+    own next to its class, so this module imports no model class."""
+    def register(forward: Callable) -> Callable:
+        _BLOCKS[cls] = forward
+        return forward
+
+    return register
 
 
 def _install(module: nn.Module) -> None:
-    """Packed forwards on the decoder's convolutions and residual blocks of one VQ model."""
-    from musefast.models.vqgan import Decoder, ResBlock
-
+    """Packed forwards on the decoder's convolutions and registered blocks of one VQ model."""
     for part in (getattr(module, name, None) for name in ("post_quant_conv", "decoder")):
         for m in () if part is None else part.modules():
-            if isinstance(m, nn.Conv2d):
-                m.forward = functools.partial(conv2d, m)
-            elif isinstance(m, ResBlock):
-                m.forward = functools.partial(_resblock_forward, m)
-            elif isinstance(m, Decoder):
-                m.forward = functools.partial(_decoder_forward, m, owner=module)
+            forward = conv2d if isinstance(m, nn.Conv2d) else _BLOCKS.get(type(m))
+            if forward is not None:
+                m.forward = functools.partial(forward, m)
 
 
 def _uninstall(module: nn.Module) -> None:
@@ -196,6 +189,7 @@ def _uninstall(module: nn.Module) -> None:
         if isinstance(m.__dict__.get("forward"), functools.partial):
             del m.__dict__["forward"]
         m.__dict__.pop(PACKED_ATTR, None)
+        m.__dict__.pop(DTYPE_ATTR, None)
 
 
 def apply(model: nn.Module, *, dtype: torch.dtype | None = None) -> int:
@@ -208,10 +202,11 @@ def apply(model: nn.Module, *, dtype: torch.dtype | None = None) -> int:
                          f"got {dtype!r}")
     targets = _targets(model)
     for module in targets:
-        if dtype in (None, torch.float32):
-            module.__dict__.pop(DTYPE_ATTR, None)
-        else:
-            module.__dict__[DTYPE_ATTR] = dtype
+        decoder = getattr(module, "decoder", None)
+        if decoder is not None and dtype in (None, torch.float32):
+            decoder.__dict__.pop(DTYPE_ATTR, None)
+        elif decoder is not None:
+            decoder.__dict__[DTYPE_ATTR] = dtype
         setattr(module, ATTR, torch.channels_last)
         _weights_to(module, torch.channels_last)
         if _HOOK not in module.__dict__:
@@ -235,7 +230,7 @@ def follow_auto(model: nn.Module, run_dtype: torch.dtype | None) -> None:
 def decode_dtype(model: nn.Module) -> torch.dtype:
     """The dtype ``model``'s VQ decoder computes in on the CPU path (float32 unless set by
     :func:`apply` / :func:`follow_auto`)."""
-    dtypes = [m.__dict__.get(DTYPE_ATTR) for m in _targets(model)]
+    dtypes = [getattr(m, "decoder", m).__dict__.get(DTYPE_ATTR) for m in _targets(model)]
     return next((d for d in dtypes if d is not None), torch.float32)
 
 
@@ -245,7 +240,6 @@ def remove(model: nn.Module) -> None:
         setattr(module, ATTR, torch.contiguous_format)
         _weights_to(module, torch.contiguous_format)
         _uninstall(module)
-        module.__dict__.pop(DTYPE_ATTR, None)
         handle = module.__dict__.pop(_HOOK, None)
         if handle is not None:
             handle.remove()
@@ -262,4 +256,5 @@ def to_format(x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tens
     return x.contiguous(memory_format=memory_format)
 
 
-__all__ = ["apply", "conv2d", "decode_dtype", "follow_auto", "is_applied", "remove", "to_format"]
+__all__ = ["apply", "compute_dtype", "conv2d", "decode_dtype", "follow_auto", "is_applied", "norm_silu", "packed_forward",
+           "remove", "to_format", "usable"]

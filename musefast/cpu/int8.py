@@ -201,18 +201,6 @@ def is_applied(model: nn.Module) -> bool:
     return any(STATE_ATTR in m.__dict__ for m in model.modules())
 
 
-def quantize_pipeline(pipe, quantize) -> None:
-    """What loading with ``quantize=`` does to a pipeline: its transformer(s) (not the VQ or the
-    text encoder) in int8; None leaves it as it is."""
-    check(quantize)
-    if quantize is None:
-        return
-    for name in ("transformer", "super_res"):
-        model = getattr(pipe, name, None)
-        if model is not None:
-            apply(model)
-
-
 def describe() -> list[str]:
     """``doctor`` lines: whether ``quantize="int8"`` can run here, and what each quantized model holds."""
     reasons = unavailable_reasons()
@@ -223,5 +211,5 @@ def describe() -> list[str]:
     return lines
 
 
-__all__ = ["QUANTIZE_CHOICES", "Int8Report", "apply", "check", "describe", "is_applied", "linear", "quantize_pipeline",
+__all__ = ["QUANTIZE_CHOICES", "Int8Report", "apply", "check", "describe", "is_applied", "linear",
            "remove", "unavailable_reasons"]

@@ -1,4 +1,4 @@
-"""The CPU execution path: pre-packed oneDNN linears, fused epilogues, and ``dtype="auto"``.
+"""The CPU execution path: pre-packed oneDNN linears, fused epilogues, and what ``dtype="auto"`` picks here.
 
 What it changes is *how* a model runs on a CPU, never what it computes or what it saves:
 
@@ -42,16 +42,16 @@ import contextlib
 import copy
 import functools
 import os
-import threading
 import time
 import weakref
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from musefast.cpu import conv as cpu_conv, isa
+from musefast.cpu import conv as cpu_conv, isa, twin
 
 ENGINE_ATTR = "_musefast_cpu"  # per-module state: the packed-weight cache
 REPORT_ATTR = "_musefast_cpu_report"  # per-model: what apply() did
@@ -68,7 +68,7 @@ def _packed_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32
 
 
-# -- the ISA probe and dtype="auto" ------------------------------------------------------------
+# -- the ISA probe and what dtype="auto" picks on this CPU ------------------------------------------------------------
 
 cpu_flags = isa.cpu_flags
 
@@ -97,31 +97,9 @@ def auto_dtype_reason() -> str:
             "slower than fp32)")
 
 
-AUTO_BF16_MIN_PARAMS = 20_000_000
-"""``dtype="auto"`` keeps smaller models in float32: their forwards are bound by per-op overhead,
-not by matrix products, and bf16 only adds conversions (the embedded demo model, a few million
-parameters, ran slower in bf16 than in fp32 in one measurement on a shared machine)."""
-
-
-def resolve_dtype(dtype, device, weights_dtype: torch.dtype, num_params: int | None = None) -> torch.dtype | None:
-    """``dtype`` as given (None = the weights'), with ``"auto"`` resolved for ``device``: on a
-    CPU :func:`auto_dtype` if the weights are float32 and the model has at least
-    :data:`AUTO_BF16_MIN_PARAMS` parameters (when ``num_params`` is known); half-precision
-    weights stay as they are; elsewhere the weights' dtype."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype != "auto":
-        raise ValueError(f"dtype must be a torch.dtype, None or 'auto', got {dtype!r}")
-    on_cpu = device is None or torch.device(device).type == "cpu"
-    small = num_params is not None and num_params < AUTO_BF16_MIN_PARAMS
-    if on_cpu and weights_dtype == torch.float32 and not small:
-        return auto_dtype()
-    return weights_dtype
-
-
 # -- packed linears ------------------------------------------------------------------------------
 
-_switch = threading.local()  # .off: run the plain forwards (see :func:`plain`)
+_switch = twin.SWITCH  # .off: run the plain forwards (see :func:`plain`); shared with every CPU path
 
 
 @contextlib.contextmanager
@@ -306,7 +284,7 @@ def linear_add(module: nn.Linear, x: torch.Tensor, residual: torch.Tensor) -> to
     back and written again; elsewhere (the reference twin, CUDA, autograd, a GEGLU projection, a
     residual of another shape or dtype) the two ordinary steps. ``residual`` has the output's shape."""
     out_shape = (*x.shape[:-1], module.out_features)
-    if (ENGINE_ATTR not in module.__dict__ or not _runs_packed(module, x) or _state(module).split
+    if (ENGINE_ATTR not in module.__dict__ or not runs_packed(module, x) or _state(module).split
             or torch.compiler.is_compiling()
             or tuple(residual.shape) != out_shape or residual.dtype != x.dtype or residual.device != x.device):
         return residual + module(x)
@@ -318,7 +296,7 @@ def linear_add(module: nn.Linear, x: torch.Tensor, residual: torch.Tensor) -> to
     return out.to(x.dtype).view(out_shape)
 
 
-def _runs_packed(module: nn.Linear, x: torch.Tensor) -> bool:
+def runs_packed(module: nn.Linear, x: torch.Tensor) -> bool:
     """Whether this call of ``module`` takes the oneDNN path. Under torch.compile a kept weight
     takes the ordinary path (the cache is Python state keyed by data pointers; the compiler plans
     its own products), a released one the packed path (the only copy; traced as an op)."""
@@ -345,7 +323,7 @@ def _readable_weight(module: nn.Linear) -> torch.Tensor:
 
 
 def _linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if not _runs_packed(module, x):
+    if not runs_packed(module, x):
         return F.linear(x, _readable_weight(module), module.bias)
     if _state(module).split:  # GEGLU's projection called whole (e.g. tanh GELU): its two halves
         return torch.cat([linear(module, x, part=p) for p in _state(module).parts], dim=-1)
@@ -434,45 +412,22 @@ def restore_weights(model: nn.Module) -> int:
     return restored
 
 
-# -- fused forwards of known blocks --------------------------------------------------------------
+# -- fused forwards of blocks ---------------------------------------------------------------------
 
-def _feedforward_forward(module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """FeedForward with the GELU (gelu kind) or the GEGLU product (geglu kind) in the epilogue of
-    the input projection: value · GELU(gate) = linear_mul(x, W_value, other=GELU-linear(x, W_gate));
-    and the block's ``residual`` (when given) added in the epilogue of the output projection."""
-    proj_in = module.proj_in
-    if not _runs_packed(proj_in, x) or module.gelu_approximate != "none":
-        return type(module).forward(module, x, residual)
-    if module.kind == "geglu":
-        gate = linear(proj_in, x, "gelu", part="gate")
-        if torch.compiler.is_compiling():  # oneDNN's binary-epilogue op has no fake kernel to trace
-            h = linear(proj_in, x, part="value") * gate
-        else:
-            h = linear_mul(proj_in, x, gate, part="value")
-    else:
-        h = linear(proj_in, x, "gelu")
-    if module.inner_norm is not None:
-        h = module.inner_norm(h)
-    return module.proj_out(h) if residual is None else linear_add(module.proj_out, h, residual)
+_FUSED: dict[type, Callable] = {}
 
 
-def _convnext_forward(module, x: torch.Tensor, mod) -> torch.Tensor:
-    """UVit2D's ConvNeXt block with the GELU in the epilogue of its first channel-wise linear."""
-    lin1 = module.channelwise_linear_1
-    if not _runs_packed(lin1, x):
-        return type(module).forward(module, x, mod)
-    from musefast.models.uvit import _nchw, _nhwc
+def fused_forward(cls: type) -> Callable:
+    """Decorator: the decorated ``forward(module, *args)`` is what :func:`apply` installs on every
+    ``cls`` block of a model — a forward that puts the block's activations into the epilogues of
+    its packed linears with :func:`runs_packed`, :func:`linear` and :func:`linear_mul`, and runs
+    the block's own forward where the packed path does not apply. Each block registers its own
+    (next to its class), so the CPU path imports no model class."""
+    def register(forward: Callable) -> Callable:
+        _FUSED[cls] = forward
+        return forward
 
-    h = _nhwc(module.depthwise(_nchw(x)))
-    h = linear(lin1, module.norm(h), "gelu")
-    return mod.apply(linear_add(module.channelwise_linear_2, module.channelwise_norm(h), x))
-
-
-def _fused_forwards() -> dict[type, callable]:
-    from musefast.models.uvit import ConvNextBlock
-    from musefast.nn.feedforward import FeedForward
-
-    return {FeedForward: _feedforward_forward, ConvNextBlock: _convnext_forward}
+    return register
 
 
 # -- install / remove / report -------------------------------------------------------------------
@@ -545,7 +500,7 @@ def apply(model: nn.Module, *, batch_hint: int = 512, pack_now: bool = True,
         report.notes.append("not applied: no AVX2 within oneDNN's reach here (the plain PyTorch path runs)")
         return report
     release = release_by_default() if release is None else release
-    fused = _fused_forwards()
+    fused = _FUSED
     t0 = time.perf_counter()
     uses: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
@@ -636,5 +591,5 @@ def describe() -> list[str]:
 
 
 __all__ = ["apply", "apply_default", "auto_dtype", "auto_dtype_reason", "cpu_isa", "describe", "enabled_by_default", "is_applied",
-           "is_released", "linear", "linear_add", "plain", "plain_active", "release_by_default", "remove", "resolve_dtype", "restore_weights",
-           "EngineReport"]
+           "is_released", "linear", "linear_add", "plain", "plain_active", "release_by_default", "remove", "restore_weights",
+           "EngineReport", "fused_forward", "linear_mul", "runs_packed"]

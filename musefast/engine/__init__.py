@@ -6,13 +6,14 @@ import sys
 import warnings
 
 warnings.warn("musefast.engine is now musefast.cpu (musefast.engine.cpu -> musefast.cpu.linear, "
-              "cpu_conv -> cpu.conv, cpu_attention -> cpu.attention, cpu_norms -> cpu.norms, "
-              "int8 -> cpu.int8); update the import", DeprecationWarning, stacklevel=2)
+              "cpu_conv -> cpu.conv, int8 -> cpu.int8; cpu_attention -> ops.attention, the bmm backend; "
+              "cpu_norms -> ops.rms_norm); update the import", DeprecationWarning, stacklevel=2)
 
-_RENAMED = {"cpu": "linear", "cpu_conv": "conv", "cpu_attention": "attention", "cpu_norms": "norms", "int8": "int8"}
+_RENAMED = {"cpu": "cpu.linear", "cpu_conv": "cpu.conv", "cpu_attention": "ops.attention", "cpu_norms": "ops.rms_norm",
+            "int8": "cpu.int8"}
 
 for _old, _new in _RENAMED.items():
-    _module = importlib.import_module(f"musefast.cpu.{_new}")
+    _module = importlib.import_module(f"musefast.{_new}")
     globals()[_old] = _module
     sys.modules[f"{__name__}.{_old}"] = _module  # `import musefast.engine.cpu` finds the new module
 

@@ -45,19 +45,27 @@ class State(enum.Enum):
 class Handle:
     """A submitted request: its state, progress, preview and result."""
 
-    def __init__(self, engine: "Engine", request: Request):
+    def __init__(self, engine: "Engine", request: Request | None, stage: Stage | None = None, on_step=None):
         self.engine, self.request = engine, request
         self.state = State.QUEUED
         self.stage: Stage | None = None
+        self._prepared = stage  # a job a pipeline prepared itself (request is None then)
+        self._on_step = on_step
         self.steps_done = 0
         self._tokens: torch.Tensor | None = None
         self.error: BaseException | None = None  # why a FAILED request failed
+
+    @property
+    def rows(self) -> int:
+        """Rows this job decodes (1 for a request; the images of a pipeline call)."""
+        return 1 if self._prepared is None else self._prepared.rows
 
     def done(self) -> bool:
         return self.state in (State.DONE, State.FAILED, State.CANCELLED)
 
     def result(self) -> torch.Tensor:
-        """The final tokens (h, w) int64; steps the engine until this request is done."""
+        """The final tokens, (h, w) int64 for a request ((B, h, w) for a prepared job of B
+        rows); steps the engine until this request is done."""
         while not self.done():
             self.engine.step()
         if self.state is State.CANCELLED:
@@ -72,7 +80,7 @@ class Handle:
 
         tokens = self.result()
         kind = "base" if self.stage is None else self.stage.kind
-        return format_output(self.engine.adapter.decode(tokens[None], kind), "pil")[0]
+        return format_output(self.engine.adapter.decode(tokens.reshape(-1, *tokens.shape[-2:]), kind), "pil")[0]
 
     def cancel(self) -> bool:
         """Drop the request (queued or in flight; it leaves at the next step boundary). -> False
@@ -86,14 +94,17 @@ class Handle:
     @torch.no_grad()
     def preview(self) -> torch.Tensor | None:
         """The image (3, H, W) in [0, 1] decoded from the current tokens (every position holds
-        the latest prediction), or None before the first step."""
+        the latest prediction), or None before the first step; (B, 3, H, W) for a prepared
+        job of B rows."""
         if self.state is State.DONE:
             tokens, kind = self._tokens, self.stage.kind
         elif self.stage is None or self.steps_done == 0:
             return None
         else:
-            tokens, kind = self.stage.tokens.reshape(self.stage.grid), self.stage.kind
-        return self.engine.adapter.decode(tokens[None], kind)[0]
+            tokens, kind = self.stage.tokens.reshape(self.stage.rows, *self.stage.grid), self.stage.kind
+            tokens = tokens[0] if self._prepared is None else tokens
+        images = self.engine.adapter.decode(tokens.reshape(-1, *tokens.shape[-2:]), kind)
+        return images[0] if self._prepared is None else images
 
 
 class _Logits(GuidedForward):
@@ -112,7 +123,8 @@ class Engine:
 
     Args:
         model: a loaded pipeline (``musefast.load(...)``) or an adapter.
-        max_batch: requests in flight (a forward holds at most 2 · max_batch rows: with guidance).
+        max_batch: rows in flight — one per request, B per prepared job of B images (a forward
+            holds at most 2 · max_batch rows: with guidance); a job larger than max_batch runs alone.
         max_queue: requests waiting; ``submit`` beyond it raises :class:`QueueFull`.
         backend: the ``backend=`` of every op (None: the best available).
         model_name: what the requests' metadata names as the model.
@@ -143,6 +155,19 @@ class Engine:
         if len(self._queue) >= self.max_queue:
             raise QueueFull(f"the engine's queue holds {self.max_queue} requests: wait for some to finish")
         handle = Handle(self, self.resolve(request))
+        self._queue.append(handle)
+        return handle
+
+    def submit_stage(self, stage: Stage, *, on_step=None) -> Handle:
+        """Queue a job the caller prepared: a :class:`Stage` of B rows (a pipeline call's images,
+        contexts and initial tokens prepared as the pipeline prepares them). ``on_step(stage)``
+        runs after each of its steps and may replace ``stage.tokens`` (diffusers' step
+        callbacks); the job ends with its stage (``result()`` -> (B, h, w))."""
+        if not isinstance(stage, Stage):
+            raise TypeError(f"expected a musefast.generation.adapters.Stage, got {type(stage).__name__}")
+        if len(self._queue) >= self.max_queue:
+            raise QueueFull(f"the engine's queue holds {self.max_queue} requests: wait for some to finish")
+        handle = Handle(self, None, stage, on_step)
         self._queue.append(handle)
         return handle
 
@@ -178,15 +203,17 @@ class Engine:
     # -- stepping ----------------------------------------------------------------------------
 
     def _admit(self) -> None:
-        while self._queue and len(self._live) < self.max_batch:
+        rows = sum(h.rows for h in self._live)
+        while self._queue and (not self._live or rows + self._queue[0].rows <= self.max_batch):
             handle = self._queue.popleft()
             try:
-                handle.stage = self.adapter.start(handle.request, None)
+                handle.stage = handle._prepared or self.adapter.start(handle.request, None)
             except Exception as exc:  # noqa: BLE001 - a request that cannot start fails alone
                 handle.state, handle.error = State.FAILED, exc
                 continue
             handle.state = State.RUNNING
             self._live.append(handle)
+            rows += handle.rows
 
     @torch.no_grad()
     def step(self) -> int:
@@ -212,12 +239,12 @@ class Engine:
             st = handle.stage
             guided = _guided(st)
             model_in = st.tokens.masked_fill(st.masked, st.mask_token_id).reshape(st.shape)
-            rows = 2 if guided else 1
+            copies = 2 if guided else 1  # a guided context holds both branches, each over the job's rows
             contexts.append(st.forward.cfg_context if guided else st.forward.cond_context)
-            tokens += [model_in] * rows
-            steps += [st.step] * rows
-            totals += [st.num_steps] * rows
-            spans.append((guided, rows))
+            tokens += [model_in] * copies
+            steps += [st.step] * (copies * st.rows)
+            totals += [st.num_steps] * (copies * st.rows)
+            spans.append((guided, copies * st.rows))
         out = self.adapter.run(members[0].stage.kind, torch.cat(tokens), _cat_contexts(contexts), steps, totals)
         self.forwards += 1
         at = 0
@@ -225,7 +252,7 @@ class Engine:
             part = out[at:at + rows]
             at += rows
             if guided:
-                first, second = part[:1], part[1:]
+                first, second = part[:rows // 2], part[rows // 2:]
                 cond, uncond = (second, first) if handle.stage.forward.uncond_first else (first, second)
             else:
                 cond, uncond = part, None
@@ -246,15 +273,25 @@ class Engine:
         if handle.state is not State.RUNNING:  # cancelled during the step
             return
         st = handle.stage
+        if handle._on_step is not None:
+            try:
+                handle._on_step(st)
+            except Exception as exc:  # noqa: BLE001 - the caller's hook failed: this job ends with its error
+                self._live.remove(handle)
+                handle.state, handle.error = State.FAILED, exc
+                return
         st.step += 1
         handle.steps_done += 1
         if not st.done:
             return
-        grid_tokens = st.tokens.reshape(st.grid)
-        try:
-            following = self.adapter.next_stage(handle.request, st, grid_tokens)
-        except Exception as exc:  # noqa: BLE001
-            following, handle.error, handle.state = None, exc, State.FAILED
+        if handle._prepared is not None:  # a prepared job ends with its stage
+            following, grid_tokens = None, st.tokens.reshape(st.rows, *st.grid)
+        else:
+            grid_tokens = st.tokens.reshape(st.grid)
+            try:
+                following = self.adapter.next_stage(handle.request, st, grid_tokens)
+            except Exception as exc:  # noqa: BLE001
+                following, handle.error, handle.state = None, exc, State.FAILED
         if following is not None:
             handle.stage = following
             return

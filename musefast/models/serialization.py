@@ -30,6 +30,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from musefast.compat._convert import check_dtype
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 _ALIASES_KEY = "musefast_aliases"  # safetensors metadata: JSON {alias key: stored key}
@@ -232,12 +234,13 @@ def load_component(
         cls_registry: ``{class name: class}``, or one class (then ``_class`` must name it);
             default: every class registered with :func:`register_component`.
         device, dtype: where and in which floating dtype to put the module (default: CPU,
-            float32 as constructed; the file's values are cast into it; ``"auto"``: see
-            :func:`musefast.cpu.linear.resolve_dtype`). On a CPU the CPU engine is applied.
+            float32 as constructed; the file's values are cast into it).
 
     Returns:
-        the module in eval mode.
+        the plain module in eval mode (how it runs — ``dtype="auto"``, the CPU paths, int8 — is
+        decided once, by :func:`musefast.pipelines.loading.runnable`).
     """
+    check_dtype(dtype)
     folder = Path(folder)
     data = read_config(folder)
     name = data["_class"]
@@ -250,14 +253,7 @@ def load_component(
         raise ValueError(f"{folder / CONFIG_NAME}: unknown component class {name!r}; known: {sorted(cls_registry)}")
     config = config_from_dict(cls.config_class, data, source=str(folder / CONFIG_NAME))
     module = cls(config)
-    weights = folder / WEIGHTS_NAME
-    load_file_in_pieces(module, weights)
-    if dtype == "auto":  # bf16 on a CPU that computes it natively (musefast.cpu.linear)
-        from musefast.cpu.linear import resolve_dtype
-
-        dtype = resolve_dtype(dtype, device, torch.float32, sum(p.numel() for p in module.parameters()))
+    load_file_in_pieces(module, folder / WEIGHTS_NAME)
     if device is not None or dtype is not None:
         module.to(device=device, dtype=dtype)
-    from musefast.cpu.linear import apply_default  # the CPU path (packed oneDNN linears) by default
-
-    return apply_default(module.eval())
+    return module.eval()

@@ -27,6 +27,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from musefast.compat._convert import check_dtype
+
 ENCODER_CONFIG_NAME = "musefast_text_encoder.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # a word of a normalised prompt: anything between whitespace and ASCII punctuation
@@ -415,23 +417,16 @@ class TextEncoder(nn.Module):
         if saved_class != cls.__name__:
             raise ValueError(f"{path} holds a {saved_class}, not a {cls.__name__}: use load_text_encoder "
                              f"or {saved_class}.from_pretrained")
-        auto = dtype == "auto"  # ours (musefast.cpu.linear), not transformers' "the file's dtype"
-        model_kw = {"dtype": dtype} if dtype is not None and not auto else {}
+        check_dtype(dtype)  # "auto" is the loader's (musefast.pipelines.loading), not transformers'
+        model_kw = {"dtype": dtype} if dtype is not None else {}
         with _no_transformers_bars():
             model = getattr(transformers, cls.model_class).from_pretrained(
                 model_src, subfolder=subfolder or "", local_files_only=model_local or local_files_only, **model_kw)
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             tok_src, subfolder=tokenizer_subfolder or "", local_files_only=tok_local or local_files_only)
         encoder = cls(model, tokenizer, **{**saved, **settings})
-        if auto:
-            from musefast.cpu.linear import resolve_dtype
-
-            dtype = resolve_dtype("auto", device, encoder.dtype, sum(p.numel() for p in model.parameters()))
-        if device is not None or (auto and dtype != encoder.dtype):
-            encoder.to(device=device, dtype=dtype if auto else None)
-        from musefast.cpu.linear import apply_default  # the CPU path (packed oneDNN linears) by default
-
-        apply_default(encoder.model)
+        if device is not None:
+            encoder.to(device=device)
         return encoder
 
 
@@ -539,6 +534,7 @@ def load_text_encoder(path: str | os.PathLike, tokenizer_path: str | os.PathLike
                       subfolder: str | None = None, **kwargs) -> TextEncoder:
     """Load a local text-encoder folder, picking the class from ``musefast_text_encoder.json``
     or else from the model's ``config.json`` ``model_type`` (t5 / clip_text_model)."""
+    check_dtype(kwargs.get("dtype"))
     folder = Path(path) / subfolder if subfolder else Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"text encoder folder not found: {folder}")
@@ -570,8 +566,5 @@ def load_text_encoder(path: str | os.PathLike, tokenizer_path: str | os.PathLike
             encoder = cls(*plain, **{**saved, **kwargs})
             if device is not None:
                 encoder.to(device)
-            from musefast.cpu.linear import apply_default  # packed oneDNN linears on a CPU, as from_pretrained
-
-            apply_default(encoder.model)
             return encoder
     return cls.from_pretrained(path, tokenizer_path, subfolder=subfolder, **kwargs)

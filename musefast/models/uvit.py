@@ -41,11 +41,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from musefast.compat.amused_weights import is_diffusers_folder, load_converted, read_diffusers_config
-from musefast.cpu.norms import rms_norm_modulate
+from musefast.cpu import linear as cpu_linear
 from musefast.models.serialization import config_from_dict, load_component, read_config, register_component
 from musefast.nn.attention import Attention, CrossAttention, CrossAttentionKV
 from musefast.nn.feedforward import FeedForward
 from musefast.nn.row_cache import gather_rows, rows_from_mask, scatter_rows_
+from musefast.ops.rms_norm import rms_norm_modulate
 
 DIFFUSERS_CLASS = "UVit2DModel"
 
@@ -124,7 +125,7 @@ def _rms_norm(dim: int, cfg: UVit2DConfig) -> nn.RMSNorm:
 
 
 def _rms(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    """``norm(x)`` through the one-pass kernel of musefast.cpu.norms (where it applies)."""
+    """``norm(x)`` through the ``rms_norm_modulate`` op (one C++ pass on CPUs, where it applies)."""
     weight = None if norm.weight is None else norm.weight[None]
     return rms_norm_modulate(x, norm.eps, weight)
 
@@ -190,7 +191,7 @@ class AdaNorm(nn.Module):
     def forward(self, x: torch.Tensor, mod: Modulation) -> torch.Tensor:
         """norm(x) · (1 + scale) + shift; ``mod`` from :meth:`modulation` (the norm's affine in it)."""
         norm = self.norm
-        if isinstance(norm, nn.RMSNorm):  # one C++ pass on CPUs (musefast.cpu.norms)
+        if isinstance(norm, nn.RMSNorm):  # one C++ pass on CPUs (ops.rms_norm_modulate)
             return rms_norm_modulate(x, norm.eps, mod.scale1p, mod.shift)
         return mod.apply(F.layer_norm(x, norm.normalized_shape, None, None, norm.eps))
 
@@ -258,6 +259,18 @@ class ConvNextBlock(nn.Module):
         h = self.channelwise_linear_1(self.norm(h))
         h = self.channelwise_linear_2(self.channelwise_norm(F.gelu(h)))
         return mod.apply(x + h)
+
+
+@cpu_linear.fused_forward(ConvNextBlock)
+def _convnext_cpu_forward(module: ConvNextBlock, x: torch.Tensor, mod: Modulation) -> torch.Tensor:
+    """The ConvNeXt block on the CPU path: the GELU in the epilogue of its first channel-wise linear,
+    the residual in the epilogue of its second."""
+    lin1 = module.channelwise_linear_1
+    if not cpu_linear.runs_packed(lin1, x):
+        return type(module).forward(module, x, mod)
+    h = _nhwc(module.depthwise(_nchw(x)))
+    h = cpu_linear.linear(lin1, module.norm(h), "gelu")
+    return mod.apply(cpu_linear.linear_add(module.channelwise_linear_2, module.channelwise_norm(h), x))
 
 
 class TextAttentionBlock(nn.Module):

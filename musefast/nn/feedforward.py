@@ -5,6 +5,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from musefast.cpu import linear as cpu_linear
+
 MLP_KINDS = ("gelu", "geglu")
 NORM_KINDS = ("layernorm", "rmsnorm")
 GELU_APPROXIMATIONS = ("none", "tanh")
@@ -43,6 +45,27 @@ class FeedForward(nn.Module):
             h = self.inner_norm(h)
         out = self.proj_out(h)
         return out if residual is None else residual + out
+
+
+@cpu_linear.fused_forward(FeedForward)
+def _cpu_forward(module: FeedForward, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """FeedForward on the CPU path: the GELU (gelu kind) or the GEGLU product (geglu kind) in the
+    epilogue of the input projection: value · GELU(gate) = linear_mul(x, W_value, other=GELU-linear(x, W_gate));
+    the block's ``residual`` (when given) added in the epilogue of the output projection."""
+    proj_in = module.proj_in
+    if not cpu_linear.runs_packed(proj_in, x) or module.gelu_approximate != "none":
+        return type(module).forward(module, x, residual)
+    if module.kind == "geglu":
+        gate = cpu_linear.linear(proj_in, x, "gelu", part="gate")
+        if torch.compiler.is_compiling():  # oneDNN's binary-epilogue op has no fake kernel to trace
+            h = cpu_linear.linear(proj_in, x, part="value") * gate
+        else:
+            h = cpu_linear.linear_mul(proj_in, x, gate, part="value")
+    else:
+        h = cpu_linear.linear(proj_in, x, "gelu")
+    if module.inner_norm is not None:
+        h = module.inner_norm(h)
+    return module.proj_out(h) if residual is None else cpu_linear.linear_add(module.proj_out, h, residual)
 
 
 def make_norm(kind: str, dim: int, eps: float = 1e-6, *, bias: bool = True) -> nn.Module:

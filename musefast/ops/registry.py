@@ -13,9 +13,10 @@ environment); pipelines and the CLI use it for their ``backend=`` argument. A na
 has, or a pair naming an unknown op, is an error — a typo must not silently auto-select.
 
 Trust is earned per device: a backend registered with ``compiled=True`` (our own
-C++/CUDA/Triton code) is compared with the reference by :mod:`musefast.ops.selfcheck` before it
-is first auto-selected on a device; one that disagrees is skipped there (one warning, cached
-verdict, ``musefast doctor`` says why) and the next backend runs.
+C++/CUDA/Triton code) is compared with the reference by its op's ``check`` (the checks of
+:mod:`musefast.ops.selfcheck`) before it is first auto-selected on a device; one that disagrees is
+skipped there (one warning, a verdict kept by :mod:`musefast.ops.verdicts`, ``musefast doctor``
+says why) and the next backend runs.
 
 Under ``torch.compile`` the public ops call :mod:`musefast.ops.traceable`'s custom ops, whose
 eager bodies run this dispatch at run time, so tracing never reads the environment or a
@@ -31,6 +32,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from musefast.ops import verdicts
 
 logger = logging.getLogger("musefast.ops")
 
@@ -61,7 +64,7 @@ class Op:
     # device -> (args, kwargs): small typical inputs, used by backends() and doctor()
     probe: Callable | None = None
     # (backend name, torch.device) -> None if the backend agrees with the reference on small
-    # awkward inputs there, else why not (musefast.ops.selfcheck sets it for the public ops)
+    # awkward inputs there, else why not (musefast.ops.selfcheck installs it for the public ops)
     check: Callable | None = None
 
     def register(self, name: str, fn: Callable, reasons: ReasonsFn, *, auto_devices=("cpu", "cuda"),
@@ -119,17 +122,13 @@ def _device_of(args) -> torch.device | None:
 def _recorded_failure(the_op: Op, b: Backend, device) -> list[str]:
     if not b.compiled or device is None:
         return []
-    from musefast.ops import selfcheck
-
-    return selfcheck.recorded_failure(the_op, b.name, device)
+    return verdicts.recorded_failure(the_op, b.name, device)
 
 
 def _earned_trust(the_op: Op, b: Backend, device) -> list[str]:
     if device is None:
         return []
-    from musefast.ops import selfcheck
-
-    return selfcheck.trust_reasons(the_op, b.name, device)
+    return verdicts.trust_reasons(the_op, b.name, device)
 
 
 _OPS: dict[str, Op] = {}

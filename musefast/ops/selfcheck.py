@@ -1,171 +1,32 @@
-"""Trust is earned, per device.
+"""Trust is earned, per device: the checks.
 
 Before a compiled backend (our C++, CUDA or Triton code: ``compiled=True`` in the registry) is
 first auto-selected on a device, it is run on small awkward inputs (odd sizes, padding, all-masked
 rows, ties, strided views, NaN rows) and compared with the reference by the rules of
 :mod:`musefast.reference.agreement`. A backend that disagrees is skipped on that device: one
-warning, the next backend runs, and ``musefast doctor`` shows why. Verdicts are cached in
-``<musefast cache>/selfcheck.json`` keyed by (op, backend, device name/arch or host ISA, torch,
-triton and musefast versions, a hash of the kernel sources), so a check runs once per device and
-build. ``MUSEFAST_SELFCHECK=0`` skips it; ``musefast doctor --selftest`` re-runs every check.
+warning, the next backend runs, and ``musefast doctor`` shows why. The verdicts are kept per
+device and build by :mod:`musefast.ops.verdicts`; ``MUSEFAST_SELFCHECK=0`` skips the checks and
+``musefast doctor --selftest`` re-runs every one.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
-import os
-import threading
-import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from musefast.ops.attention import attention
+from musefast.ops.registry import _OPS, BackendUnavailableError, op
+from musefast.ops.remask import cfg_sample_remask
+from musefast.ops.rms_norm import rms_norm_modulate
+from musefast.ops.rope import qk_norm_rope
+from musefast.ops.verdicts import BackendCrashed, device_key, run_check
+from musefast.ops.vq import vq_nearest
 from musefast.reference import agreement
-
-_lock = threading.RLock()
-_verdicts: dict | None = None  # key -> {"ok": bool, "why": str, "seconds": float}
-
-
-def enabled() -> bool:
-    return os.environ.get("MUSEFAST_SELFCHECK", "1") != "0"
-
-
-def verdict_file() -> Path:
-    base = Path(os.environ.get("MUSEFAST_CACHE", Path.home() / ".cache" / "musefast"))
-    return base / "selfcheck.json"
-
-
-def device_key(device: torch.device) -> str:
-    """Device name/arch (CUDA) or host ISA (CPU). Memoised: it is looked up on every call of an
-    auto-selected compiled backend, and the CPU tag reads /proc/cpuinfo."""
-    index = device.index
-    if device.type == "cuda" and index is None:
-        index = torch.cuda.current_device()
-    return _device_key(device.type, index)
-
-
-@functools.lru_cache(maxsize=None)
-def _device_key(device_type: str, index: int | None) -> str:
-    if device_type == "cuda":
-        major, minor = torch.cuda.get_device_capability(index)
-        return f"cuda:{torch.cuda.get_device_name(index)}:sm{major}{minor}"
-    from musefast import _build
-
-    return f"{device_type}:{_build._host_isa_tag()}"
-
-
-@functools.lru_cache(maxsize=None)
-def _software_key() -> str:
-    """torch/triton/musefast versions + a hash of every kernel source (a rebuilt kernel is a new
-    backend as far as trust goes)."""
-    import importlib.util
-
-    from musefast import __version__, _build
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = "none"
-    digest = hashlib.sha1()
-    roots = []
-    try:
-        roots.append(_build.csrc_dir())
-    except FileNotFoundError:
-        pass
-    spec = importlib.util.find_spec("musefast.kernels")
-    roots += [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
-    for root in roots:
-        for path in sorted(p for p in root.rglob("*") if p.suffix in (".cpp", ".h", ".cu", ".cuh", ".py")):
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
-    return f"torch{torch.__version__}/triton{triton_version}/musefast{__version__}/src{digest.hexdigest()[:10]}"
-
-
-def _key(op_name: str, backend: str, device: torch.device) -> str:
-    return f"{op_name}|{backend}|{device_key(device)}|{_software_key()}"
-
-
-def _load() -> dict:
-    global _verdicts
-    if _verdicts is None:
-        try:
-            _verdicts = json.loads(verdict_file().read_text())
-        except (OSError, ValueError):
-            _verdicts = {}
-    return _verdicts
-
-
-def _store(key: str, verdict: dict) -> None:
-    _load()[key] = verdict
-    path = verdict_file()
-    try:  # merge with what other processes wrote meanwhile; write atomically
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            on_disk = json.loads(path.read_text())
-        except (OSError, ValueError):
-            on_disk = {}
-        on_disk[key] = verdict
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(on_disk, indent=1, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache only costs a re-check in the next process
-
-
-def forget() -> None:
-    """Drop the in-memory verdicts (tests; the file is re-read on next use)."""
-    global _verdicts
-    with _lock:
-        _verdicts = None
-
-
-def recorded_failure(the_op, backend: str, device: torch.device) -> list[str]:
-    """The reason a failed verdict on record gives (no check is run here)."""
-    if not enabled():
-        return []
-    with _lock:
-        verdict = _load().get(_key(the_op.name, backend, device))
-    if verdict and not verdict["ok"]:
-        return [f"failed the self-check on this device ({verdict['why']}); `musefast doctor --selftest` re-runs it"]
-    return []
-
-
-def trust_reasons(the_op, backend: str, device: torch.device) -> list[str]:
-    """[] if the backend has earned trust on ``device`` (checking it now if never checked)."""
-    if not enabled() or the_op.check is None:
-        return []
-    with _lock:
-        verdict = _load().get(_key(the_op.name, backend, device))
-        if verdict is None:
-            verdict = run_check(the_op, backend, device)
-    return [] if verdict["ok"] else recorded_failure(the_op, backend, device)
-
-
-def run_check(the_op, backend: str, device: torch.device) -> dict:
-    """Run the op's check for ``backend`` on ``device`` now, record and return the verdict."""
-    start = time.process_time()  # CPU time: what the check costs, not what other processes do
-    key = _key(the_op.name, backend, device)
-    with _lock:
-        _load().pop(key, None)  # a failed verdict on record would make the backend refuse to run
-        try:
-            why = the_op.check(backend, device)
-        except BackendCrashed as exc:  # a crashing kernel has not earned trust either
-            why = str(exc)
-        # any other exception is a bug of the check itself: it propagates and records nothing
-        verdict = {"ok": why is None, "why": why or "", "seconds": round(time.process_time() - start, 3)}
-        _store(key, verdict)
-    if why is not None:
-        warnings.warn(
-            f"musefast: backend {backend!r} of {the_op.name} disagrees with the reference on this device "
-            f"({why}); it is disabled here and the next backend runs (see `musefast doctor`)",
-            RuntimeWarning, stacklevel=4)
-    return verdict
-
+from musefast.reference import remask as ref_remask
+from musefast.reference import rms_norm as ref_rms_norm
+from musefast.reference.rope import rope_angles
 
 # -- the checks: small awkward inputs per op ------------------------------------------------
 
@@ -176,16 +37,10 @@ class Case:
     kwargs: dict
 
 
-class BackendCrashed(Exception):
-    """The backend raised on a check input (the reference did not): it has not earned trust."""
-
-
 def _try(call, case: Case, backend: str):
     """The backend's output, or None when it declines these inputs by its own reasons (a dtype
     it does not take): such cases are skipped, not failed. Call after the reference ran on the
     same case, so an exception here is the backend's fault, not the check's."""
-    from musefast.ops.registry import BackendUnavailableError
-
     try:
         return call(*case.args, **case.kwargs, backend=backend)
     except BackendUnavailableError:
@@ -211,8 +66,6 @@ def _vq_cases(device: torch.device) -> list[Case]:
 
 
 def check_vq_nearest(backend: str, device: torch.device) -> str | None:
-    from musefast.ops.vq import vq_nearest
-
     ran = 0
     for case in _vq_cases(device):
         call = functools.partial(vq_nearest, return_distance=True)
@@ -252,8 +105,6 @@ def _attention_cases(device: torch.device) -> list[Case]:
 
 
 def check_attention(backend: str, device: torch.device) -> str | None:
-    from musefast.ops.attention import attention
-
     ran = 0
     for case in _attention_cases(device):
         ref32 = attention(*(a.float() for a in case.args), **case.kwargs, backend="reference")
@@ -302,16 +153,13 @@ def _remask_cases(device: torch.device) -> list[Case]:
 
 
 def check_cfg_sample_remask(backend: str, device: torch.device) -> str | None:
-    from musefast.ops.remask import cfg_sample_remask
-    from musefast.reference import remask as ref
-
     ran = 0
     for case in _remask_cases(device):
         cfg_sample_remask(*case.args, **case.kwargs, backend="reference")  # validates the case
         logits, uncond = (None if a is None else a.cpu() for a in case.args)
         kw = {n: (t.cpu() if isinstance(t, torch.Tensor) else t) for n, t in case.kwargs.items()}
         kw.setdefault("guidance_scale", 1.0)
-        trace = ref.step_trace(logits, uncond if kw["guidance_scale"] != 1.0 else None, **kw)
+        trace = ref_remask.step_trace(logits, uncond if kw["guidance_scale"] != 1.0 else None, **kw)
         out = _try(cfg_sample_remask, case, backend)
         if out is None:
             continue
@@ -327,8 +175,6 @@ def check_cfg_sample_remask(backend: str, device: torch.device) -> str | None:
 
 
 def _rope_cases(device: torch.device) -> list[Case]:
-    from musefast.reference.rope import rope_angles
-
     def tables(ids, axes):  # half-width (L, D/2) float32 (cos, sin), as musefast.nn.rope builds them
         angles = rope_angles(ids, axes)
         return angles.cos().float(), angles.sin().float()
@@ -354,8 +200,6 @@ def _rope_cases(device: torch.device) -> list[Case]:
 
 
 def check_qk_norm_rope(backend: str, device: torch.device) -> str | None:
-    from musefast.ops.rope import qk_norm_rope
-
     ran = 0
     for case in _rope_cases(device):
         qkv, *rest = case.args
@@ -371,14 +215,43 @@ def check_qk_norm_rope(backend: str, device: torch.device) -> str | None:
     return None if ran else "no check case could run on this backend"
 
 
+def _rms_norm_cases(device: torch.device) -> list[Case]:
+    g = torch.Generator().manual_seed(23)
+    x = 3 * torch.randn(3, 17, 40, generator=g) + 0.5
+    scale, shift = 1 + torch.randn(3, 40, generator=g), torch.randn(3, 40, generator=g)
+    wide = torch.randn(2, 33, 770, generator=g)[..., 1:769]  # rows of a wider tensor: strided
+    cases = [Case("odd sizes, per-image scale and shift", (x, 1e-6, scale, shift), {}),
+             Case("strided rows, one shared scale (a plain RMSNorm)", (wide, 1e-5, 1 + torch.randn(1, 768, generator=g),
+                                                                        None), {}),
+             Case("bf16, shift only", (x.bfloat16(), 1e-6, None, shift.bfloat16()), {}),
+             Case("bf16, large values, eps=None", (100 * x.bfloat16(), None, scale.bfloat16(), shift.bfloat16()), {})]
+    return [Case(c.label, tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in c.args), c.kwargs)
+            for c in cases]
+
+
+def check_rms_norm_modulate(backend: str, device: torch.device) -> str | None:
+    ran = 0
+    for case in _rms_norm_cases(device):
+        x, eps, *mods = case.args
+        eps64 = torch.finfo(x.dtype).eps if eps is None else eps  # the dtype's eps, as the backends use
+        exact = ref_rms_norm.rms_norm_modulate(x.double(), eps64, *(None if m is None else m.double() for m in mods))
+        ref_same = rms_norm_modulate(*case.args, backend="reference")
+        out = _try(rms_norm_modulate, case, backend)
+        if out is None:
+            continue
+        why = agreement.rms_norm_disagreement(out, exact, ref_same)
+        if why is not None:
+            return f"{case.label}: {why}"
+        ran += 1
+    return None if ran else "no check case could run on this backend"
+
+
 CHECKS = {"vq_nearest": check_vq_nearest, "attention": check_attention, "cfg_sample_remask": check_cfg_sample_remask,
-          "qk_norm_rope": check_qk_norm_rope}
+          "qk_norm_rope": check_qk_norm_rope, "rms_norm_modulate": check_rms_norm_modulate}
 
 
 def install() -> None:
     """Give the public ops their checks (called once by musefast.ops)."""
-    from musefast.ops.registry import op
-
     for name, check in CHECKS.items():
         op(name).check = check
 
@@ -399,8 +272,6 @@ def selftest(device: str | torch.device | None = None, progress=None) -> list[Re
     on the device are reported as skipped with their reasons. ``progress(result)`` is called as
     each result comes: a first run on a GPU compiles every kernel, and a caller can show each
     line then instead of all of them at the end."""
-    from musefast.ops.registry import _OPS
-
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     results = []
     for name, the_op in _OPS.items():

@@ -38,13 +38,15 @@ from musefast.compat.amused_scheduler import (
     AmusedCompatSampler,
     choice_temperatures,
 )
-from musefast.cpu import conv as cpu_conv, int8, linear as cpu_engine
+from musefast.cpu import conv as cpu_conv, int8
 from musefast.models.text import CLIPTextEncoder, TextEmbeddings
 from musefast.models.uvit import UVit2D
 from musefast.models.vqgan import VQGAN
 from musefast.models.vqmodel import load_vqmodel
-from musefast.pipelines.images import format_output, to_mask, to_tensor, token_mask
+from musefast.pipelines.images import AnyPixelMask, format_output, to_mask, to_tensor, token_mask
+from musefast.pipelines.loading import resolve_dtype, runnable
 from musefast.pipelines.amused_save import save_amused
+from musefast.pipelines.callbacks import check_latents, grid_reporter, step_hook
 from musefast.pipelines.diffusers_api import (  # noqa: F401 (AmusedPipelineOutput: re-exported)
     LOAD_LOGGER,
     AmusedPipelineOutput,
@@ -52,13 +54,15 @@ from musefast.pipelines.diffusers_api import (  # noqa: F401 (AmusedPipelineOutp
     pipeline_output,
 )
 from musefast.pipelines.options import diffusers_dtype, resolve_seed, to_arguments
-from musefast.pipelines.shared import HUB_ID, as_list, file_dtype
+from musefast.pipelines.shared import HUB_ID, as_list, file_dtype, negatives_for
 from musefast.pipelines.peer_components import (
     AmusedSchedulerConfig,
     convert_components,
     convert_transformer,
     is_peer_module,
 )
+from musefast.generation.adapters import Stage
+from musefast.generation.pipeline_call import decode_stage
 from musefast.sampling import GuidedForward, MaskGitSampler, check_guidance_scale, mask_ratio, uses_guidance
 from musefast.sampling.cache import batch_slice
 
@@ -66,6 +70,7 @@ PIPELINE_INDEX = "model_index.json"
 AMUSED_CLASSES = ("AmusedPipeline", "AmusedImg2ImgPipeline", "AmusedInpaintPipeline")
 SAMPLERS = ("fused", "compat")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent", "tokens")
+MICRO_CROP, MICRO_AESTHETIC = (0, 0), 6  # diffusers' micro-conditioning defaults
 
 
 class AmusedPipeline(DiffusersPipelineAPI):
@@ -96,6 +101,9 @@ class AmusedPipeline(DiffusersPipelineAPI):
     """
 
     _component_names = ("vqvae", "tokenizer", "text_encoder", "transformer", "scheduler")
+    engine_family = "amused"  # the generation engine's adapter (musefast.generation.adapters)
+    _peer = "diffusers"  # whose sampler the compat sampler follows (error messages)
+    DEFAULTS = {"text2image": (12, 10.0), "image": (12, 10.0)}  # (steps, guidance) of diffusers' pipelines
     model_cpu_offload_seq = "text_encoder->transformer->vqvae"
 
     def __init__(self, vqvae: VQGAN | None = None, text_encoder: CLIPTextEncoder | None = None,
@@ -154,14 +162,18 @@ class AmusedPipeline(DiffusersPipelineAPI):
 
     def save_pretrained(self, save_directory, *, variant: str | None = None, safe_serialization: bool = True,
                         **kwargs) -> None:
-        """Save in diffusers' folder layout (loadable by musefast's and diffusers' ``from_pretrained``).
+        """Save in the peer's folder layout — diffusers' for aMUSEd, the Meissonic repository's for
+        Meissonic — loadable by musefast's and the peer's ``from_pretrained``.
         Weights are always written as safetensors (``safe_serialization`` is accepted for
         diffusers compatibility); ``variant`` names the weight files (``*.fp16.safetensors``)."""
         unknown = sorted(set(kwargs) - {"max_shard_size", "push_to_hub"})
         if unknown or kwargs.get("push_to_hub"):
             raise TypeError(f"save_pretrained() does not take {unknown or ['push_to_hub=True']}: musefast never "
                             "uploads; save to a folder and upload it with huggingface_hub")
-        save_amused(self, save_directory, variant=variant)
+        self._write_folder(save_directory, variant=variant)
+
+    def _write_folder(self, folder, *, variant: str | None = None) -> None:
+        save_amused(self, folder, variant=variant)
 
     # -- loading -----------------------------------------------------------------------------
 
@@ -219,10 +231,11 @@ class AmusedPipeline(DiffusersPipelineAPI):
         run_dtype = dtype
         if dtype == "auto":  # int8 keeps the rest in the weights' dtype: closer logits, and no slower (README)
             run_dtype = (weights_dtype if sampler == "compat" or quantize
-                         else cpu_engine.resolve_dtype(dtype, device, weights_dtype, num_params))
-        transformer = UVit2D.from_pretrained(folder / "transformer", variant=_present(variant, folder / "transformer"),
-                                             device=device, dtype=run_dtype, backend=backend)
-        vqvae = load_vqmodel(folder / "vqvae", variant=_present(variant, folder / "vqvae"), device=device)
+                         else resolve_dtype(dtype, device, weights_dtype, num_params))
+        transformer = runnable(UVit2D.from_pretrained(
+            folder / "transformer", variant=_present(variant, folder / "transformer"), device=device, dtype=run_dtype,
+            backend=backend), quantize=quantize)
+        vqvae = runnable(load_vqmodel(folder / "vqvae", variant=_present(variant, folder / "vqvae"), device=device))
         if dtype == "auto":
             cpu_conv.follow_auto(vqvae, run_dtype)
         text_encoder = _load_clip(folder, variant, device, None if dtype == "auto" and run_dtype == weights_dtype
@@ -236,7 +249,6 @@ class AmusedPipeline(DiffusersPipelineAPI):
         _log_loaded(pipe, folder)
         if quantize or (run_dtype != weights_dtype and dtype == "auto"):  # compat calls need the weights' own dtype, in float
             pipe._compat_source = dict(folder_or_hub_id=folder, variant=variant, device=device, backend=backend)
-        int8.quantize_pipeline(pipe, quantize)
         return pipe
 
     @classmethod
@@ -248,9 +260,10 @@ class AmusedPipeline(DiffusersPipelineAPI):
             raise ValueError(f"torch_dtype dict: unknown component(s) {unknown}; use transformer, text_encoder, "
                              "vqvae or default")
         pick = lambda name: dtypes.get(name, dtypes.get("default"))  # noqa: E731
-        transformer = UVit2D.from_pretrained(folder / "transformer", variant=_present(variant, folder / "transformer"),
-                                             device=device, dtype=pick("transformer"), backend=backend)
-        vqvae = load_vqmodel(folder / "vqvae", variant=_present(variant, folder / "vqvae"), device=device)
+        transformer = runnable(UVit2D.from_pretrained(
+            folder / "transformer", variant=_present(variant, folder / "transformer"), device=device,
+            dtype=pick("transformer"), backend=backend))
+        vqvae = runnable(load_vqmodel(folder / "vqvae", variant=_present(variant, folder / "vqvae"), device=device))
         if pick("vqvae") is not None:
             vqvae.to(dtype=pick("vqvae"))
         text_encoder = _load_clip(folder, variant, device, pick("text_encoder"))
@@ -294,7 +307,7 @@ class AmusedPipeline(DiffusersPipelineAPI):
             if latents is None:
                 tokens = torch.full((B, *grid), self.mask_token_id, dtype=torch.long, device=self.device)
             else:
-                tokens = _check_latents(latents, (B, *grid), self.device)
+                tokens = check_latents(latents, (B, *grid), self.device)
         else:
             pixels = self.preprocess(image)
             height, width = pixels.shape[-2:]
@@ -397,11 +410,7 @@ class AmusedPipeline(DiffusersPipelineAPI):
             neg_pooled, neg_hidden = _embeddings(negative_prompt_embeds, negative_encoder_hidden_states,
                                                  "negative_prompt_embeds", "negative_encoder_hidden_states")
             if neg_pooled is None:
-                negatives = [""] * n if negative_prompt is None else as_list(negative_prompt, "negative_prompt")
-                if len(negatives) == 1 and n > 1:
-                    negatives = negatives * n
-                if len(negatives) != n:
-                    raise ValueError(f"negative_prompt has {len(negatives)} entries for {n} prompts")
+                negatives = negatives_for(negative_prompt, n)
                 encoder = self._text_encoder()
                 emb = encoder.encode(negatives) if exact_batching else encoder.encode_cached(negatives)
                 neg_pooled, neg_hidden = emb.pooled, emb.hidden
@@ -528,18 +537,21 @@ class AmusedPipeline(DiffusersPipelineAPI):
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         sampler = _check_sampler(self.sampler if sampler is None else sampler)
         if sampler == "compat" and guidance_schedule != "constant":
-            raise ValueError("the compat sampler follows diffusers: guidance_schedule must be 'constant'")
+            raise ValueError(f"the compat sampler follows {self._peer}: guidance_schedule must be 'constant'")
         if sampler == "compat" and (cache is not None or guidance_interval is not None):
-            raise ValueError("the compat sampler follows diffusers: cache and guidance_interval need sampler='fused'")
+            raise ValueError(f"the compat sampler follows {self._peer}: cache and guidance_interval need "
+                             "sampler='fused'")
         if mask_image is not None and image is None:
             raise ValueError("mask_image needs image=")
         if image is None and strength is not None:
             raise ValueError("strength applies to image-to-image and inpainting: pass image=")
         if image is not None and (latents is not None or height is not None or width is not None):
             raise ValueError("with image=, the size comes from the image: do not pass latents, height or width")
-        steps = _steps(num_inference_steps, num_steps)
+        default_steps, default_guidance = self.DEFAULTS["text2image" if image is None else "image"]
+        steps = _steps(num_inference_steps, num_steps, default_steps)
+        guidance_scale = default_guidance if guidance_scale is None else guidance_scale
         use_cfg = uses_guidance(check_guidance_scale(guidance_scale))  # diffusers: no guidance at all for g <= 1
-        progress = self._progress(progress)
+        progress = self._progress(progress)  # set_progress_bar_config(disable=True) silences it, as every pipeline
         pooled, hidden, B = self.encode_text(
             prompt, negative_prompt, prompt_embeds=prompt_embeds, encoder_hidden_states=encoder_hidden_states,
             negative_prompt_embeds=negative_prompt_embeds,
@@ -550,30 +562,19 @@ class AmusedPipeline(DiffusersPipelineAPI):
             latents=latents, height=height, width=width, strength=strength,
             num_images_per_prompt=num_images_per_prompt, seed=seed, generator=generator)
         self._guidance_scale, self._num_timesteps = guidance_scale, steps - start
-        hook = self._step_hook(callback, callback_steps, callback_on_step_end, callback_on_step_end_tensor_inputs,
-                               start)
-
-        micro = torch.tensor([width, height, *micro_conditioning_crop_coord, micro_conditioning_aesthetic_score],
-                             device=self.device, dtype=hidden.dtype)
-        context = self.transformer.prepare_context(hidden, pooled, micro)
-
-        def logits_of(model_in: torch.Tensor):
-            """(B, h, w) -> guided (B, h·w, K) logits (the compat sampler's model)."""
-            out = self.transformer(torch.cat([model_in, model_in]) if use_cfg else model_in, context=context)
-            out = out.reshape(out.shape[0], -1, out.shape[-1])
-            if not use_cfg:
-                return out
-            uncond, cond = out.chunk(2)
-            return uncond + guidance_scale * (cond - uncond)
-
+        hook = step_hook(self, callback, callback_steps, callback_on_step_end, callback_on_step_end_tensor_inputs,
+                         start)
+        context = self._context(hidden, pooled, height, width, micro_conditioning_crop_coord,
+                                micro_conditioning_aesthetic_score)
         if compat is not None:
-            tokens = self._run_compat(compat, logits_of, tokens, start, ratio, generator, hook, progress)
-        else:  # negatives come first in a CFG batch, as in diffusers
-            forward = (GuidedForward(self.transformer, batch_slice(context, slice(B, 2 * B)), context, uncond_first=True)
-                       if use_cfg else GuidedForward(self.transformer, context))
-            tokens = self._run_fused(forward, tokens, steps, start, ratio, use_cfg, guidance_scale,
-                                     guidance_schedule, temperature, mask_image is not None, seed, backend, hook,
-                                     progress, guidance_interval, cache)
+            tokens = self._run_compat(compat, self._compat_logits(context, use_cfg, guidance_scale, steps, start),
+                                      tokens, start, ratio, generator, hook, progress)
+        else:
+            stage = self._stage(context, tokens, steps=steps, start=start, ratio=ratio, use_cfg=use_cfg,
+                                guidance_scale=guidance_scale, guidance_schedule=guidance_schedule,
+                                guidance_interval=guidance_interval, temperature=temperature,
+                                inpaint=mask_image is not None, seed=seed, backend=backend, cache=cache)
+            tokens = self._run_fused(stage, hook, backend, progress)
         return self._output(tokens, output_type, return_dict)
 
     def inpaint(self, image, mask, prompt=None, **kwargs):
@@ -582,14 +583,14 @@ class AmusedPipeline(DiffusersPipelineAPI):
         Other arguments as :meth:`__call__`."""
         if "mask_image" in kwargs:
             raise TypeError("inpaint() takes the mask as its second argument, not mask_image=")
-        return self(prompt, image=image, mask_image=_AnyPixelMask(mask), **kwargs)
+        return self(prompt, image=image, mask_image=AnyPixelMask(mask), **kwargs)
 
     # -- pieces ----------------------------------------------------------------------------
 
     def _token_mask(self, mask_image, shape) -> torch.Tensor:
         """bool (B, h, w) tokens to repaint."""
         B, h, w = shape
-        if isinstance(mask_image, _AnyPixelMask):
+        if isinstance(mask_image, AnyPixelMask):
             pixels = to_mask(mask_image.mask)
             f = self.vae_scale_factor
             if tuple(pixels.shape[-2:]) != (h * f, w * f):
@@ -609,32 +610,6 @@ class AmusedPipeline(DiffusersPipelineAPI):
         chosen = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(seed)) < ratio
         return tokens.masked_fill(chosen.to(tokens.device), self.mask_token_id)
 
-    def _step_hook(self, callback, callback_steps, callback_on_step_end, tensor_inputs, start: int = 0):
-        """One ``hook(step, timestep, latents) -> latents or None`` after each step for both
-        samplers: diffusers' legacy ``callback`` every ``callback_steps`` steps (its step index
-        counts from the schedule's start, as diffusers' aMUSEd), then ``callback_on_step_end``
-        (its index counts the steps this call runs, 0 .. num_timesteps - 1, as diffusers' newer
-        pipelines), whose returned ``"latents"`` replace the tokens."""
-        if callback_on_step_end is None and callback is None:
-            return None
-        if callback_on_step_end is not None and not callable(callback_on_step_end):
-            raise TypeError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}")
-        names = list(self._callback_tensor_inputs if tensor_inputs is None else tensor_inputs)
-        unknown = [n for n in names if n not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not available; this pipeline "
-                             f"offers {self._callback_tensor_inputs}")
-
-        def hook(step, timestep, latents):
-            if callback is not None and step % callback_steps == 0:
-                callback(step, timestep, latents)
-            if callback_on_step_end is None:
-                return None
-            out = callback_on_step_end(self, step - start, timestep, {n: latents for n in names}) or {}
-            return out.get("latents")
-
-        return hook
-
     def _run_compat(self, compat: AmusedCompatSampler, logits_of, tokens, start, ratio, generator, hook,
                     progress) -> torch.Tensor:
         for i in _progress(range(start, len(compat.timesteps)), progress):
@@ -642,39 +617,64 @@ class AmusedPipeline(DiffusersPipelineAPI):
                                  generator=generator)
             replaced = None if hook is None else hook(i, compat.timesteps[i], tokens)
             if replaced is not None:
-                tokens = _check_latents(replaced, tuple(tokens.shape), tokens.device)
+                tokens = check_latents(replaced, tuple(tokens.shape), tokens.device)
         return tokens
 
-    def _run_fused(self, forward, tokens, steps, start, ratio, use_cfg, guidance_scale, guidance_schedule,
-                   temperature, inpaint, seed, backend, hook, progress, guidance_interval=None,
-                   cache=None) -> torch.Tensor:
+    def _context(self, hidden, pooled, height, width, crop=MICRO_CROP, aesthetic=MICRO_AESTHETIC):
+        """The transformer's prepared context of a call's rows (text + micro-conditioning)."""
+        micro = torch.tensor([width, height, *crop, aesthetic], device=self.device, dtype=hidden.dtype)
+        return self.transformer.prepare_context(hidden, pooled, micro)
+
+    def _compat_logits(self, context, use_cfg: bool, guidance_scale: float, steps: int, start: int):
+        """(B, h, w) -> guided (B, h·w, K) logits, combined as the peer does (the compat sampler's
+        model: both branches every step)."""
+        model = self._timed_model(steps, start)
+
+        def logits_of(model_in: torch.Tensor) -> torch.Tensor:
+            out = model(torch.cat([model_in, model_in]) if use_cfg else model_in, context=context)
+            out = out.reshape(out.shape[0], -1, out.shape[-1])
+            if not use_cfg:
+                return out
+            uncond, cond = out.chunk(2)
+            return uncond + guidance_scale * (cond - uncond)
+
+        return logits_of
+
+    def _timed_model(self, steps: int, start: int):
+        """The compat sampler's transformer call (aMUSEd's takes no timestep)."""
+        return self.transformer
+
+    def _stage(self, context, tokens, *, steps, start, ratio, use_cfg, guidance_scale, guidance_schedule="constant",
+               guidance_interval=None, temperature=(2, 0), inpaint=False, seed=0, backend=None, cache=None,
+               sampling_temperature=None) -> Stage:
+        """The engine's job for a call's rows ``tokens`` (B, h, w): contexts (negatives first in
+        a guided batch, as diffusers), the fused sampler's preset, the first step. ``temperature``
+        is diffusers' (the confidence noise, start and end); ``sampling_temperature`` the
+        tokens' (None: the preset's, 1)."""
+        B = tokens.shape[0]
+        forward = (GuidedForward(self.transformer, batch_slice(context, slice(B, 2 * B)), context, uncond_first=True)
+                   if use_cfg else GuidedForward(self.transformer, context))
         temps = choice_temperatures(steps, temperature)
         sampler = MaskGitSampler(
-            "amused", backend=backend, progress=progress, num_steps=steps, cache=cache,
+            "amused", backend=backend, progress=False, num_steps=steps, cache=cache,
             guidance_scale=float(guidance_scale) if use_cfg else 1.0, guidance_schedule=guidance_schedule,
-            guidance_interval=guidance_interval,
-            choice_temperature=(float(temps[0]), float(temps[-1])),
+            guidance_interval=guidance_interval, choice_temperature=(float(temps[0]), float(temps[-1])),
             mask_schedule="linear" if inpaint else self.masking_schedule,
-        )
+            **({} if sampling_temperature is None else {"temperature": sampling_temperature}))
+        return Stage("base", forward, sampler, tokens, tokens == self.mask_token_id, tuple(tokens.shape),
+                     tuple(tokens.shape[1:]), self.mask_token_id, seed, step=start,
+                     starting_mask_ratio=1.0 if ratio is None else ratio)
 
-        def report(step, now, masked):
-            replaced = hook(step, steps - 1 - step, now.masked_fill(masked, self.mask_token_id))
-            return None if replaced is None else _check_latents(replaced, tuple(now.shape), now.device)
-
-        return sampler(forward, tokens, mask_token_id=self.mask_token_id, seed=seed, start_step=start,
-                       starting_mask_ratio=1.0 if ratio is None else ratio,
-                       callback=None if hook is None else report)
+    def _run_fused(self, stage: Stage, hook, backend, progress) -> torch.Tensor:
+        """Decode ``stage`` on the generation engine (the code ``musefast batch`` and the server run)."""
+        report = None if hook is None else grid_reporter(hook, offset=0, num_steps=stage.num_steps, grid=stage.grid,
+                                                         mask_token_id=self.mask_token_id)
+        return decode_stage(self, stage, backend=backend, progress=progress, desc=f"{self.engine_family} decoding",
+                            callback=report)
 
     def _output(self, tokens: torch.Tensor, output_type: str, return_dict: bool | None):
         images = tokens if output_type in ("latent", "tokens") else format_output(self.decode(tokens), output_type)
         return pipeline_output(images, return_dict)
-
-
-class _AnyPixelMask:
-    """A pixel mask under musefast's rule (any white pixel repaints its token): see ``inpaint``."""
-
-    def __init__(self, mask):
-        self.mask = mask
 
 
 def diffusers_token_mask(mask_image, height: int, width: int) -> torch.Tensor:
@@ -713,10 +713,10 @@ def _check_sampler(sampler: str) -> str:
     return sampler
 
 
-def _steps(num_inference_steps, num_steps) -> int:
+def _steps(num_inference_steps, num_steps, default: int = 12) -> int:
     if num_inference_steps is not None and num_steps is not None and num_inference_steps != num_steps:
         raise ValueError(f"num_inference_steps={num_inference_steps} and num_steps={num_steps} disagree")
-    steps = num_inference_steps if num_inference_steps is not None else num_steps if num_steps is not None else 12
+    steps = num_inference_steps if num_inference_steps is not None else num_steps if num_steps is not None else default
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"num_inference_steps must be an int >= 1, got {steps!r}")
     return steps
@@ -738,14 +738,6 @@ def _embeddings(pooled, hidden, pooled_name: str, hidden_name: str):
         raise ValueError(f"{pooled_name} must be (B, P) and {hidden_name} (B, L, E) with one B, got "
                          f"{tuple(pooled.shape)} and {tuple(hidden.shape)}")
     return pooled, hidden
-
-
-def _check_latents(latents, shape, device) -> torch.Tensor:
-    if not isinstance(latents, torch.Tensor) or latents.dtype != torch.int64:
-        raise TypeError("latents must be an int64 tensor of token ids (B, h, w)")
-    if tuple(latents.shape) != tuple(shape):
-        raise ValueError(f"latents must have shape {tuple(shape)}, got {tuple(latents.shape)}")
-    return latents.to(device)
 
 
 def _match_batch(tokens: torch.Tensor, n: int) -> torch.Tensor:
@@ -804,8 +796,8 @@ def _load_clip(folder: Path, variant: str | None, device, dtype) -> CLIPTextEnco
     full = any((te / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"))
     use = variant if variant in variants else (variants[0] if not full and len(variants) == 1 else None)
     if use is None:
-        return CLIPTextEncoder.from_pretrained(folder, subfolder="text_encoder", tokenizer_subfolder="tokenizer",
-                                               device=device, dtype=dtype)
+        return runnable(CLIPTextEncoder.from_pretrained(folder, subfolder="text_encoder",
+                                                        tokenizer_subfolder="tokenizer", device=device, dtype=dtype))
     import transformers
 
     model = transformers.CLIPTextModelWithProjection.from_pretrained(
@@ -814,5 +806,4 @@ def _load_clip(folder: Path, variant: str | None, device, dtype) -> CLIPTextEnco
     encoder = CLIPTextEncoder(model, tokenizer)
     if device is not None:
         encoder.to(device)
-    cpu_engine.apply_default(encoder.model)
-    return encoder
+    return runnable(encoder)

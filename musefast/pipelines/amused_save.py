@@ -21,21 +21,27 @@ from musefast.models.vqmodel import diffusers_source_keys as vq_keys
 
 DIFFUSERS_VERSION = "0.33.1"  # the last diffusers release that lists aMUSEd as supported
 # UVit2DModel parameters stored as 1x1 convolutions that musefast holds as linear weights
-_UVIT_CONV_1X1 = ("embed.conv.weight", "mlm_layer.conv1.weight", "mlm_layer.conv2.weight")
+UVIT_CONV_1X1 = ("embed.conv.weight", "mlm_layer.conv1.weight", "mlm_layer.conv2.weight")
 
 
-def _peer_state(module, source_keys, conv_1x1=()) -> dict[str, torch.Tensor]:
+def peer_state(module, source_keys, conv_1x1=(), split=None) -> dict[str, torch.Tensor]:
+    """``module``'s weights under the peer's keys: the inverse of a strict loading map
+    (``source_keys(name)`` -> the peer keys a parameter was concatenated from, along dim 0;
+    ``split(name, tensor, keys)`` -> their row counts, when they are not equal)."""
     out = {}
     for name, tensor in module.state_dict().items():
         keys = source_keys(name)
-        parts = tensor.chunk(len(keys)) if len(keys) > 1 else [tensor]
+        if len(keys) == 1:
+            parts = [tensor]
+        else:
+            parts = tensor.split(split(name, tensor, keys)) if split is not None else tensor.chunk(len(keys))
         for key, part in zip(keys, parts):
             part = part.detach().contiguous().clone()
             out[key] = part[..., None, None] if key in conv_1x1 and part.dim() == 2 else part
     return out
 
 
-def _write_weights(folder: Path, state: dict, variant: str | None) -> None:
+def write_weights(folder: Path, state: dict, variant: str | None) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -43,7 +49,7 @@ def _write_weights(folder: Path, state: dict, variant: str | None) -> None:
     save_file(state, str(folder / name))
 
 
-def _write_config(folder: Path, config: dict) -> None:
+def write_config(folder: Path, config: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
@@ -69,25 +75,32 @@ def vqmodel_config(vqvae: VQGAN) -> dict:
             "force_upcast": True}
 
 
+def save_text_encoder(encoder, folder: Path, index: dict, variant: str | None) -> None:
+    """``text_encoder/`` and ``tokenizer/`` with transformers' own ``save_pretrained``, named in
+    ``index`` (both None without a text encoder)."""
+    if encoder is None:
+        index["text_encoder"] = index["tokenizer"] = [None, None]
+        return
+    encoder.model.save_pretrained(folder / "text_encoder", variant=variant)
+    encoder.tokenizer.save_pretrained(folder / "tokenizer")
+    index["text_encoder"] = ["transformers", type(encoder.model).__name__]
+    index["tokenizer"] = ["transformers", type(encoder.tokenizer).__name__]
+
+
 def save_amused(pipe, folder, *, variant: str | None = None) -> None:
     """Write ``pipe`` (an :class:`~musefast.AmusedPipeline`) to ``folder`` in diffusers' layout."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     index = {"_class_name": type(pipe).__name__, "_diffusers_version": DIFFUSERS_VERSION}
     if pipe.transformer is not None:
-        _write_config(folder / "transformer", uvit_config(pipe.transformer))
-        _write_weights(folder / "transformer", _peer_state(pipe.transformer, uvit_keys, _UVIT_CONV_1X1), variant)
+        write_config(folder / "transformer", uvit_config(pipe.transformer))
+        write_weights(folder / "transformer", peer_state(pipe.transformer, uvit_keys, UVIT_CONV_1X1), variant)
         index["transformer"] = ["diffusers", "UVit2DModel"]
     if pipe.vqvae is not None:
-        _write_config(folder / "vqvae", vqmodel_config(pipe.vqvae))
-        _write_weights(folder / "vqvae", _peer_state(pipe.vqvae, vq_keys), variant)
+        write_config(folder / "vqvae", vqmodel_config(pipe.vqvae))
+        write_weights(folder / "vqvae", peer_state(pipe.vqvae, vq_keys), variant)
         index["vqvae"] = ["diffusers", "VQModel"]
-    encoder = pipe.text_encoder
-    if encoder is not None:
-        encoder.model.save_pretrained(folder / "text_encoder", variant=variant)
-        encoder.tokenizer.save_pretrained(folder / "tokenizer")
-        index["text_encoder"] = ["transformers", type(encoder.model).__name__]
-        index["tokenizer"] = ["transformers", type(encoder.tokenizer).__name__]
+    save_text_encoder(pipe.text_encoder, folder, index, variant)
     pipe.scheduler.save_pretrained(folder / "scheduler")
     index["scheduler"] = ["diffusers", "AmusedScheduler"]
     for name in ("transformer", "vqvae", "text_encoder", "tokenizer"):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from musefast.pipelines.callbacks import CALLBACK_TENSOR_INPUTS
 from musefast.pipelines.images import ImageList, PipelineOutput
 from musefast.pipelines.options import ProgressBarConfig, check_device
 
@@ -27,7 +28,7 @@ LOAD_LOGGER = logging.getLogger("diffusers.pipelines.pipeline_utils")
 class DiffusersPipelineAPI(ProgressBarConfig):
     _component_names: tuple[str, ...] = ()
     _optional_components: list[str] = []
-    _callback_tensor_inputs: list[str] = ["latents"]
+    _callback_tensor_inputs: list[str] = list(CALLBACK_TENSOR_INPUTS)
     _offload_device: torch.device | None = None
     _guidance_scale: float | None = None
     _num_timesteps: int | None = None

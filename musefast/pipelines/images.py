@@ -102,3 +102,12 @@ def format_output(images: torch.Tensor, output_type: str):
     if output_type == "pil":
         return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
     raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+
+
+class AnyPixelMask:
+    """A pixel mask under musefast's inpainting rule — a token is repainted if any pixel of its
+    patch is white (nonzero) — as opposed to diffusers' (the mask resized to the token grid and
+    thresholded at 0.5)."""
+
+    def __init__(self, mask):
+        self.mask = mask

@@ -23,13 +23,12 @@ import os
 import torch
 
 from musefast.compat.meissonic import is_meissonic_transformer
-from musefast.cpu import conv as cpu_conv, int8, linear as cpu_engine
+from musefast.cpu import conv as cpu_conv, int8
 from musefast.models.meissonic import MeissonicTransformer
 from musefast.models.text import CLIPTextEncoder
 from musefast.models.vqgan import VQGAN
 from musefast.models.vqmodel import load_vqmodel
 from musefast.pipelines.amused import (
-    OUTPUT_TYPES,
     PIPELINE_INDEX,
     AmusedPipeline,
     _check_sampler,
@@ -37,14 +36,14 @@ from musefast.pipelines.amused import (
     _present,
     _resolve,
 )
+from musefast.pipelines.loading import resolve_dtype, runnable
 from musefast.pipelines.shared import file_dtype
 from musefast.pipelines.peer_components import (
     convert_components,
     convert_meissonic_transformer,
     is_peer_meissonic_transformer,
 )
-from musefast.sampling import GuidedForward, check_guidance_scale, uses_guidance
-from musefast.sampling.cache import batch_slice
+from musefast.generation.adapters import Stage
 
 TEXT_LENGTH = 77  # the peer pads and truncates every prompt to 77 tokens, whatever the tokenizer says
 DEFAULTS = {"text2image": (48, 9.0), "image": (12, 10.0)}  # (steps, guidance) of the peer's pipelines
@@ -64,6 +63,10 @@ class MeissonicPipeline(AmusedPipeline):
         mask_token_id: the [MASK] id (default: the transformer's ``vocab_size − 1``);
         masking_schedule, sampler: as :class:`AmusedPipeline`.
     """
+
+    engine_family = "meissonic"
+    DEFAULTS = DEFAULTS
+    _peer = "the peer"
 
     def __init__(self, vqvae: VQGAN | None = None, text_encoder: CLIPTextEncoder | None = None,
                  transformer: MeissonicTransformer | None = None, scheduler=None, *, tokenizer=None,
@@ -97,9 +100,12 @@ class MeissonicPipeline(AmusedPipeline):
 
     encode_prompt = AmusedPipeline.encode_text  # musefast's earlier name, kept for Meissonic callers
 
-    def save_pretrained(self, save_directory, **kwargs) -> None:
-        raise NotImplementedError("MeissonicPipeline.save_pretrained is not implemented: the peer's folder layout "
-                                  "names its own source classes (src.transformer); keep the folder you loaded from")
+    def _write_folder(self, folder, *, variant: str | None = None) -> None:
+        """``save_pretrained``'s writer: the peer's folder layout (``Pipeline.from_pretrained`` of
+        the peer and :func:`musefast.load` read it back)."""
+        from musefast.pipelines.meissonic_save import save_meissonic
+
+        save_meissonic(self, folder, variant=variant)
 
     @classmethod
     def from_pretrained(cls, folder_or_hub_id: str | os.PathLike, *, variant: str | None = None,
@@ -142,13 +148,13 @@ class MeissonicPipeline(AmusedPipeline):
             weights_dtype, num_params = file_dtype(folder / "transformer", _present(variant, folder / "transformer"))
             on_gpu = device is not None and torch.device(device).type == "cuda"
             dtype = (weights_dtype if sampler == "compat" or quantize else torch.bfloat16 if on_gpu
-                     else cpu_engine.resolve_dtype("auto", device, weights_dtype, num_params))
+                     else resolve_dtype("auto", device, weights_dtype, num_params))
             dtype = None if dtype == weights_dtype else dtype
         transformer = MeissonicTransformer.from_pretrained(
             folder / "transformer", variant=_present(variant, folder / "transformer"), device=device, dtype=dtype,
             backend=backend)
-        cpu_engine.apply_default(transformer)
-        vqvae = load_vqmodel(folder / "vqvae", variant=_present(variant, folder / "vqvae"), device=device)
+        runnable(transformer, quantize=quantize)
+        vqvae = runnable(load_vqmodel(folder / "vqvae", variant=_present(variant, folder / "vqvae"), device=device))
         if requested == "auto":
             cpu_conv.follow_auto(vqvae, dtype)
         if text_encoder is None:
@@ -159,7 +165,6 @@ class MeissonicPipeline(AmusedPipeline):
                    masking_schedule=scheduler.get("masking_schedule", "cosine"), sampler=sampler)
         if quantize or (requested == "auto" and dtype is not None):  # compat calls need the files' own dtype, in float
             pipe._compat_source = dict(folder_or_hub_id=folder, variant=variant, device=device, backend=backend)
-        int8.quantize_pipeline(pipe, quantize)
         return pipe
 
     @property
@@ -203,6 +208,8 @@ class MeissonicPipeline(AmusedPipeline):
         progress: bool = True,
         guidance_interval: tuple | None = None,
         cache=None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ):
         """Generate. Arguments are the peer ``Pipeline``'s (text to image: 48 steps, guidance 9,
         1024²), with ``image=`` its ``Img2ImgPipeline`` (``strength`` 0.5) and ``image=`` +
@@ -213,78 +220,46 @@ class MeissonicPipeline(AmusedPipeline):
         rows are recomputed on every cheap step, see :meth:`MeissonicTransformer.forward`), plus
         ``num_steps`` (= num_inference_steps, musefast's name), ``backend`` and ``progress``.
         ``output_type``: ``"pil"``, ``"np"``, ``"pt"``, or ``"latent"`` / ``"tokens"`` (the token
-        grid). Returns as :meth:`AmusedPipeline.__call__`.
+        grid); ``callback_on_step_end`` as diffusers' pipelines. Returns as
+        :meth:`AmusedPipeline.__call__`.
         """
         call_args = {k: v for k, v in locals().items() if k != "self"}
         if (sampler or self.sampler) == "compat" and self._compat_source is not None:
             return self._compat_pipeline()(**call_args)  # the files' own dtype: see from_pretrained
-        if cross_attention_kwargs:
-            raise ValueError("cross_attention_kwargs (LoRA scales, attention processors) are not supported")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        sampler = _check_sampler(self.sampler if sampler is None else sampler)
-        if sampler == "compat" and guidance_schedule != "constant":
-            raise ValueError("the compat sampler follows the peer: guidance_schedule must be 'constant'")
-        if sampler == "compat" and (cache is not None or guidance_interval is not None):
-            raise ValueError("the compat sampler follows the peer: cache and guidance_interval need sampler='fused'")
-        if mask_image is not None and image is None:
-            raise ValueError("mask_image needs image=")
-        if image is None and strength is not None:
-            raise ValueError("strength applies to image-to-image and inpainting: pass image=")
-        if image is not None and (latents is not None or height is not None or width is not None):
-            raise ValueError("with image=, the size comes from the image: do not pass latents, height or width")
-        default_steps, default_guidance = DEFAULTS["text2image" if image is None else "image"]
-        if num_inference_steps is not None and num_steps is not None and num_inference_steps != num_steps:
-            raise ValueError(f"num_inference_steps={num_inference_steps} and num_steps={num_steps} disagree")
-        steps = next((n for n in (num_inference_steps, num_steps) if n is not None), default_steps)
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"num_inference_steps must be an int >= 1, got {steps!r}")
-        guidance_scale = default_guidance if guidance_scale is None else float(guidance_scale)
-        use_cfg = uses_guidance(check_guidance_scale(guidance_scale))  # diffusers: <= 1 is no guidance
-        progress = self._progress(progress)  # set_progress_bar_config(disable=True) silences it, as every pipeline
-        pooled, hidden, B = self.encode_text(
-            prompt, negative_prompt, prompt_embeds=prompt_embeds, encoder_hidden_states=encoder_hidden_states,
-            negative_prompt_embeds=negative_prompt_embeds,
-            negative_encoder_hidden_states=negative_encoder_hidden_states,
-            num_images_per_prompt=num_images_per_prompt, use_cfg=use_cfg, exact_batching=sampler == "compat")
-        tokens, start, ratio, height, width, compat, seed, generator = self._initial_tokens(
-            B=B, steps=steps, sampler=sampler, temperature=temperature, image=image, mask_image=mask_image,
-            latents=latents, height=height, width=width, strength=strength,
-            num_images_per_prompt=num_images_per_prompt, seed=seed, generator=generator)
-        self._guidance_scale, self._num_timesteps = guidance_scale, steps - start
-        hook = self._step_hook(callback, callback_steps, None, None, start)
+        if return_dict is None:
+            call_args["return_dict"] = self._return_dict_default
+        with self._offloaded():
+            return self._generate(**call_args)
 
-        micro = torch.tensor([width, height, *micro_conditioning_crop_coord, micro_conditioning_aesthetic_score],
-                             device=self.device, dtype=hidden.dtype)
-        context = self.transformer.prepare_context(hidden, pooled, micro)
-        step = [start]  # both samplers call the model once per step (the step cache too), in order: count the calls
+    def _timed_model(self, steps: int, start: int):
+        """The transformer at the step's timestep (the scheduler's run T-1 ... 0): the compat
+        sampler calls it once per step, in order, from ``start``."""
+        step = [start]
 
-        def model(tokens: torch.Tensor, *, context, **cache_kw):
-            """The transformer at the step's timestep (the scheduler's run T-1 ... 0) -> channels-last
-            logits (B, h, w, K), or the rows' (B, M, K) on a step-cache call with ``rows``."""
+        def model(tokens: torch.Tensor, *, context):
             timestep = torch.tensor([steps - 1 - step[0]], device=self.device)
             step[0] += 1
-            out = self.transformer(tokens, context=context, timestep=timestep, **cache_kw)
-            return out if cache_kw.get("rows") is not None else out.permute(0, 2, 3, 1)  # a view: channels-last memory
+            return self.transformer(tokens, context=context, timestep=timestep).permute(0, 2, 3, 1)
 
-        if compat is not None:
-            def logits_of(model_in: torch.Tensor) -> torch.Tensor:
-                """(B, h, w) -> guided (B, h·w, K) logits, combined as the peer does."""
-                out = model(torch.cat([model_in, model_in]) if use_cfg else model_in, context=context)
-                out = out.reshape(out.shape[0], -1, out.shape[-1])
-                if not use_cfg:
-                    return out
-                uncond, cond = out.chunk(2)
-                return uncond + guidance_scale * (cond - uncond)
+        return model
 
-            tokens = self._run_compat(compat, logits_of, tokens, start, ratio, generator, hook, progress)
-        else:  # negatives come first in a CFG batch, as in the peer
-            forward = (GuidedForward(model, batch_slice(context, slice(B, 2 * B)), context, uncond_first=True)
-                       if use_cfg else GuidedForward(model, context))
-            tokens = self._run_fused(forward, tokens, steps, start, ratio, use_cfg, guidance_scale,
-                                     guidance_schedule, temperature, mask_image is not None, seed, backend, hook,
-                                     progress, guidance_interval, cache)
-        return self._output(tokens, output_type, return_dict)
+    def _stage(self, context, tokens, **kw) -> Stage:
+        stage = super()._stage(context, tokens, **kw)
+        stage.forward.model = TimedTransformer(self.transformer, stage)  # what the step cache calls
+        return stage
+
+
+class TimedTransformer:
+    """The transformer at the current step of ``stage`` (the step cache calls it with the rows
+    it recomputes): channels-last logits (B, h, w, K), or the rows' (B, M, K)."""
+
+    def __init__(self, transformer, stage: Stage):
+        self.transformer, self.stage = transformer, stage
+
+    def __call__(self, tokens, *, context, **cache_kw):
+        t = torch.tensor([self.stage.num_steps - 1 - self.stage.step], device=tokens.device)
+        out = self.transformer(tokens, context=context, timestep=t, **cache_kw)
+        return out if cache_kw.get("rows") is not None else out.permute(0, 2, 3, 1)  # a view: channels-last memory
 
 
 __all__ = ["MeissonicPipeline"]

@@ -17,13 +17,17 @@ from typing import Callable
 import torch
 
 from musefast.cpu import int8
+from musefast.generation.adapters import Stage
+from musefast.generation.pipeline_call import decode_stage
 from musefast.models.serialization import load_component, read_json, save_component
+from musefast.pipelines.loading import runnable
 from musefast.ops.registry import use_backend
 from musefast.models.text import TextEmbeddings, as_text_embeddings, load_text_encoder
 from musefast.models.transformer import Context, MuseTransformer, SuperResTransformer
 from musefast.models.vqgan import VQGAN
+from musefast.pipelines.callbacks import CALLBACK_TENSOR_INPUTS, grid_reporter, step_hook
 from musefast.pipelines.diffusers_api import pipeline_output
-from musefast.pipelines.shared import as_list
+from musefast.pipelines.shared import as_list, negatives_for
 from musefast.pipelines.images import OUTPUT_TYPES, format_output, to_mask, to_tensor, token_mask
 from musefast.pipelines.options import (ProgressBarConfig, check_device, diffusers_dtype, pick, resize_images,
                                         resize_mask, resolve_seed, size_error, to_arguments)
@@ -76,6 +80,9 @@ class MusePipeline(ProgressBarConfig):
             ``vqgan_high``.
         settings: :class:`MuseSettings` defaults.
     """
+
+    engine_family = "muse"  # the generation engine's adapter (musefast.generation.adapters)
+    _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
 
     def __init__(self, vqgan: VQGAN, transformer: MuseTransformer, text_encoder=None, *,
                  super_res: SuperResTransformer | None = None, vqgan_high: VQGAN | None = None,
@@ -183,12 +190,7 @@ class MusePipeline(ProgressBarConfig):
             uncond = as_text_embeddings(negative_prompt_embeds, hidden_size=self.transformer.config.text_dim,
                                         batch_size=n, name="negative_prompt_embeds")
         else:
-            negatives = [""] * n if negative_prompt is None else as_list(negative_prompt, "negative_prompt")
-            if len(negatives) == 1 and n > 1:
-                negatives = negatives * n
-            if len(negatives) != n:
-                raise ValueError(f"negative_prompt has {len(negatives)} entries for {n} prompts")
-            uncond = self._text_encoder().encode_cached(negatives)  # "" and negatives repeat: cached
+            uncond = self._text_encoder().encode_cached(negatives_for(negative_prompt, n))  # "" and negatives repeat: cached
         if uncond.seq_len != cond.seq_len:
             raise ValueError(f"negative_prompt_embeds has {uncond.seq_len} tokens but prompt_embeds has "
                              f"{cond.seq_len}: pad both to one length (with a mask)")
@@ -258,14 +260,14 @@ class MusePipeline(ProgressBarConfig):
         both = Context.cat([cond, model_prepare(*uncond_args)]) if use_cfg else None
         return GuidedForward(model, cond, both)
 
-    @torch.no_grad()
-    def _decode_stage(self, *, stage: str, tokens, masked, cond: TextEmbeddings, uncond: TextEmbeddings,
-                      s: MuseSettings, seed: int, backend, progress, low_tokens=None, num_steps=None,
-                      guidance_scale=None, cache=None):
-        """Run one stage's sampler from (tokens, masked); returns the final tokens (B, N)."""
+    def _stage(self, kind: str, tokens, masked, cond: TextEmbeddings, uncond: TextEmbeddings, s: MuseSettings,
+               seed, backend, *, low_tokens=None, num_steps=None, guidance_scale=None, top_k=None,
+               cache=None) -> Stage:
+        """The engine's job for one stage (``"base"`` / ``"super-res"``) of a call's rows: flat
+        (B, N) ``tokens``/``masked``, the stage's model and prepared contexts, the preset."""
         g = s.guidance_scale if guidance_scale is None else guidance_scale
         use_cfg = uses_guidance(g)  # <= 1: the conditional branch alone (half the work), as diffusers
-        if stage == "base":
+        if kind == "base":
             model = self._onload("transformer")
             forward = self._guided_forward(model, model.prepare_context, (cond.hidden, cond.mask),
                                            (uncond.hidden, uncond.mask), use_cfg)
@@ -275,8 +277,23 @@ class MusePipeline(ProgressBarConfig):
             forward = self._guided_forward(model, model.prepare_context, (low_tokens, cond.hidden, cond.mask),
                                            (low_tokens, uncond.hidden, uncond.mask), use_cfg)
             steps = s.super_res_steps if num_steps is None else num_steps
-        sampler = self._sampler(s, steps, backend, progress, guidance_scale=g, cache=cache)
-        return sampler(forward, tokens, masked, mask_token_id=model.mask_token_id, seed=seed)
+        sampler = self._sampler(s, steps, backend, False, guidance_scale=g, cache=cache, top_k=top_k,
+                                codebook_size=None if top_k is None else model.config.codebook_size)
+        grid = _grid(model)
+        return Stage(kind, forward, sampler, tokens, masked, tuple(tokens.shape), (grid, grid), model.mask_token_id,
+                     seed)
+
+    @torch.no_grad()
+    def _decode_stage(self, *, stage: str, tokens, masked, cond: TextEmbeddings, uncond: TextEmbeddings,
+                      s: MuseSettings, seed: int, backend, progress, low_tokens=None, num_steps=None,
+                      guidance_scale=None, cache=None, hook=None, hook_offset: int = 0):
+        """Run one stage on the generation engine from (tokens, masked) -> the final tokens (B, h, w)."""
+        job = self._stage(stage, tokens, masked, cond, uncond, s, seed, backend, low_tokens=low_tokens,
+                          num_steps=num_steps, guidance_scale=guidance_scale, cache=cache)
+        report = None if hook is None else grid_reporter(hook, offset=hook_offset, num_steps=job.num_steps,
+                                                         grid=job.grid, mask_token_id=job.mask_token_id)
+        return decode_stage(self, job, backend=backend, progress=progress, desc=f"{s.preset} decoding",
+                            callback=report)
 
     def _prepare(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, num_images_per_prompt):
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
@@ -295,15 +312,16 @@ class MusePipeline(ProgressBarConfig):
         raise ValueError(f"{cond.batch_size} prompts for {num_images} images: pass one prompt, or one per image")
 
     def _run(self, cond, uncond, s, seed, backend, progress, *, base_tokens=None, base_masked=None,
-             high_tokens=None, high_masked=None, cache=None):
-        """Base stage (from the given state, or all masked), then super-res if present."""
+             high_tokens=None, high_masked=None, cache=None, hook=None):
+        """Base stage (from the given state, or all masked), then super-res if present;
+        ``hook``: :func:`musefast.pipelines.callbacks.step_hook`'s, its steps counted through both."""
         B = cond.batch_size
         cfg = self.transformer.config
         if base_tokens is None:
             base_tokens = torch.full((B, cfg.seq_len), cfg.mask_token_id, dtype=torch.long, device=self.device)
             base_masked = torch.ones(B, cfg.seq_len, dtype=torch.bool, device=self.device)
         low = self._decode_stage(stage="base", tokens=base_tokens, masked=base_masked, cond=cond, uncond=uncond,
-                                 s=s, seed=seed, backend=backend, progress=progress, cache=cache)
+                                 s=s, seed=seed, backend=backend, progress=progress, cache=cache, hook=hook)
         low = low.view(B, cfg.grid_size, cfg.grid_size)
         if self.super_res is None:
             return low
@@ -313,7 +331,7 @@ class MusePipeline(ProgressBarConfig):
             high_masked = torch.ones(B, hcfg.seq_len, dtype=torch.bool, device=self.device)
         high = self._decode_stage(stage="super-res", tokens=high_tokens, masked=high_masked, cond=cond,
                                   uncond=uncond, s=s, seed=_next_seed(seed), backend=backend,
-                                  progress=progress, low_tokens=low, cache=cache)
+                                  progress=progress, low_tokens=low, cache=cache, hook=hook, hook_offset=s.num_steps)
         return high.view(B, hcfg.grid_size, hcfg.grid_size)
 
     def _output(self, tokens, output_type, return_dict=None, size=None):
@@ -339,7 +357,8 @@ class MusePipeline(ProgressBarConfig):
                  num_steps=None, super_res_steps=None, guidance_scale=None, guidance_schedule=None,
                  guidance_interval=None, temperature=None, choice_temperature=None, seed=None,
                  num_images_per_prompt=1, output_type="pil", backend=None, progress=True, cache=None,
-                 num_inference_steps=None, generator=None, return_dict=None):
+                 num_inference_steps=None, generator=None, return_dict=None, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=None):
         """Generate images for ``prompt`` (a string or a list of strings).
 
         Returns a list of PIL images that also answers ``.images`` (``output_type="pil"``), a
@@ -351,7 +370,10 @@ class MusePipeline(ProgressBarConfig):
         None (exact), ``"fast"`` or a :class:`musefast.StepCache` (musefast.sampling.cache).
         diffusers' names work too: ``num_inference_steps`` (= ``num_steps``) and ``generator``
         (a ``torch.Generator`` the seed is drawn from, instead of ``seed``). ``seed`` may be a
-        list with one seed per image.
+        list with one seed per image. ``callback_on_step_end(pipe, i, timestep, {"latents":
+        tokens})`` runs after every step as in diffusers (``i`` counts through the base and the
+        super-res steps; the token grid is the current stage's); the tokens it returns under
+        ``"latents"`` replace the current ones.
         """
         if prompt is None and prompt_embeds is None:
             raise ValueError("pass a prompt or prompt_embeds")
@@ -363,7 +385,8 @@ class MusePipeline(ProgressBarConfig):
         seed = resolve_seed(seed, generator)
         cond, uncond = self._prepare(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                      num_images_per_prompt)
-        tokens = self._run(cond, uncond, s, seed, backend, self._progress(progress), cache=cache)
+        hook = step_hook(self, None, 1, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        tokens = self._run(cond, uncond, s, seed, backend, self._progress(progress), cache=cache, hook=hook)
         return self._output(tokens, output_type, return_dict)
 
     # -- zero-shot editing -----------------------------------------------------------------
@@ -406,7 +429,8 @@ class MusePipeline(ProgressBarConfig):
     @_scoped_backend
     def inpaint(self, image, mask, prompt=None, *, negative_prompt=None, prompt_embeds=None,
                 negative_prompt_embeds=None, seed=None, output_type="pil", backend=None, progress=True, cache=None,
-                resize: bool = False, generator=None, return_dict=None, **overrides):
+                resize: bool = False, generator=None, return_dict=None, callback_on_step_end=None,
+                callback_on_step_end_tensor_inputs=None, **overrides):
         """Repaint the region under ``mask`` (white / nonzero = repaint) following ``prompt``.
 
         Every token not under the mask keeps its ``encode(image)`` value exactly — with the
@@ -414,7 +438,8 @@ class MusePipeline(ProgressBarConfig):
         logits); with a super-res stage both resolutions are inpainted (multi-scale). The image
         must have the model's size, or pass ``resize=True``: image and mask are resized to it
         and the result back to the image's size. ``overrides``: decoding settings
-        (``num_steps`` / ``num_inference_steps``, ``guidance_scale``, ...).
+        (``num_steps`` / ``num_inference_steps``, ``guidance_scale``, ...); the callbacks as
+        :meth:`__call__`.
         """
         self._check_output_type(output_type)
         img = to_tensor(image).to(self.device)
@@ -425,8 +450,10 @@ class MusePipeline(ProgressBarConfig):
         cond, uncond = self._prompts_for_images(state["base"][0].shape[0], prompt, negative_prompt, prompt_embeds,
                                                 negative_prompt_embeds)
         high = state.get("high", (None, None))
+        hook = step_hook(self, None, 1, callback_on_step_end, callback_on_step_end_tensor_inputs)
         tokens = self._run(cond, uncond, s, seed, backend, self._progress(progress), base_tokens=state["base"][0],
-                           base_masked=state["base"][1], high_tokens=high[0], high_masked=high[1], cache=cache)
+                           base_masked=state["base"][1], high_tokens=high[0], high_masked=high[1], cache=cache,
+                           hook=hook)
         return self._output(tokens, output_type, return_dict, size)
 
     def outpaint(self, image, prompt=None, *, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0,
@@ -484,18 +511,16 @@ class MusePipeline(ProgressBarConfig):
         if isinstance(seed, list):
             raise ValueError("edit takes one seed (an int), not a list")
         gen = torch.Generator().manual_seed(seed)
-        sampler = self._sampler(s, 1, backend, False, guidance_scale=g, top_k=s.edit_top_k if top_k is None else top_k,
-                                codebook_size=self.transformer.config.codebook_size, cache=cache)
-        transformer = self._onload("transformer")
-        forward = self._guided_forward(transformer, transformer.prepare_context, (cond.hidden, cond.mask),
-                                       (uncond.hidden, uncond.mask), uses_guidance(g))
+        mask_token_id = self.transformer.mask_token_id
+        top_k = s.edit_top_k if top_k is None else top_k
         from tqdm.auto import tqdm
 
         for it in tqdm(range(iterations), desc="musefast edit", disable=not self._progress(progress)):
             chosen = torch.rand(B, N, generator=gen).argsort(dim=1)[:, :count].to(self.device)
             masked = torch.zeros(B, N, dtype=torch.bool, device=self.device).scatter_(1, chosen, True)
-            start = tokens.masked_fill(masked, transformer.mask_token_id)
-            tokens = sampler(forward, start, masked, mask_token_id=transformer.mask_token_id, seed=seed + it + 1)
+            job = self._stage("base", tokens.masked_fill(masked, mask_token_id), masked, cond, uncond, s,
+                              seed + it + 1, backend, num_steps=1, guidance_scale=g, top_k=top_k, cache=cache)
+            tokens = decode_stage(self, job, backend=backend).flatten(1)  # one step: each round is one job
         tokens = tokens.view(B, self.transformer.config.grid_size, -1)
         return self._output(tokens, output_type, return_dict, size)
 
@@ -520,7 +545,7 @@ class MusePipeline(ProgressBarConfig):
                         torch_dtype=None, quantize: str | None = None) -> "MusePipeline":
         """Load a folder written by :meth:`save_pretrained`. ``dtype`` of the transformers:
         ``"auto"`` (default) = bfloat16 on a CPU with native bf16, else float32 (see
-        :func:`musefast.cpu.linear.resolve_dtype`); None = float32. The VQGANs stay float32.
+        :func:`musefast.pipelines.loading.resolve_dtype`); None = float32. The VQGANs stay float32.
         ``torch_dtype`` is diffusers' name for ``dtype``. ``quantize="int8"``: the transformers'
         linears in int8 (CPU with VNNI; :mod:`musefast.cpu.int8`), the rest in the weights' dtype
         under ``"auto"``."""
@@ -539,9 +564,10 @@ class MusePipeline(ProgressBarConfig):
             if not path.is_dir():
                 raise FileNotFoundError(f"component {name!r} missing: {path}")
             try:
-                parts[name] = (load_text_encoder(path, device=device) if name == "text_encoder"
-                               else load_component(path, device=device,
-                                                   dtype=None if name.startswith("vqgan") else dtype))
+                parts[name] = (runnable(load_text_encoder(path, device=device)) if name == "text_encoder"
+                               else runnable(load_component(path, device=device),
+                                             dtype=None if name.startswith("vqgan") else dtype,
+                                             quantize=quantize if name in ("transformer", "super_res") else None))
             except (OSError, ValueError, RuntimeError) as exc:
                 message = str(exc)
                 if str(path) not in message:  # transformers' errors do not always name the folder
@@ -553,7 +579,6 @@ class MusePipeline(ProgressBarConfig):
         pipe = cls(parts["vqgan"], parts["transformer"], parts.get("text_encoder"),
                    super_res=parts.get("super_res"), vqgan_high=parts.get("vqgan_high"),
                    settings=MuseSettings(**index.get("settings", {})))
-        int8.quantize_pipeline(pipe, quantize)
         return pipe
 
 

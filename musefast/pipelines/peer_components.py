@@ -24,6 +24,7 @@ from musefast.models.uvit import diffusers_source_keys as uvit_keys
 from musefast.models.vqgan import VQGAN
 from musefast.models.vqmodel import diffusers_source_keys as vq_keys
 from musefast.models.vqmodel import vqgan_config_from_diffusers
+from musefast.pipelines.loading import runnable
 
 SCHEDULER_CLASS = "AmusedScheduler"
 
@@ -66,15 +67,16 @@ def convert_transformer(transformer) -> UVit2D:
     """diffusers ``UVit2DModel`` -> :class:`UVit2D` in the same dtype, on the same device."""
     config = config_from_dict(UVit2DConfig, _config_dict(transformer), source="transformer.config (UVit2DModel)")
     weight = next(transformer.parameters())
-    return fill_converted(lambda: UVit2D(config), _state(transformer), uvit_keys,
-                          source="the UVit2DModel passed as transformer=", device=weight.device, dtype=weight.dtype)
+    return runnable(fill_converted(lambda: UVit2D(config), _state(transformer), uvit_keys,
+                                   source="the UVit2DModel passed as transformer=", device=weight.device,
+                                   dtype=weight.dtype))
 
 
 def convert_vqvae(vqvae) -> VQGAN:
     """diffusers ``VQModel`` -> :class:`VQGAN` (float32: aMUSEd's VQ decodes in float32)."""
     config = vqgan_config_from_diffusers(_config_dict(vqvae), source="vqvae.config (VQModel)")
-    return fill_converted(lambda: VQGAN(config), _state(vqvae), vq_keys, source="the VQModel passed as vqvae=",
-                          device=next(vqvae.parameters()).device, dtype=torch.float32)
+    return runnable(fill_converted(lambda: VQGAN(config), _state(vqvae), vq_keys, source="the VQModel passed as vqvae=",
+                                   device=next(vqvae.parameters()).device, dtype=torch.float32))
 
 
 def convert_text_encoder(text_encoder, tokenizer, max_length: int | None = None) -> CLIPTextEncoder | None:
@@ -170,6 +172,6 @@ def convert_meissonic_transformer(transformer):
 
     config = config_from_dict(MeissonicConfig, _config_dict(transformer), source="transformer.config (Meissonic)")
     weight = next(transformer.parameters())
-    return fill_converted(lambda: MeissonicTransformer(config), _state(transformer), source_keys,
-                          source="the Meissonic transformer passed as transformer=", device=weight.device,
-                          dtype=weight.dtype)
+    return runnable(fill_converted(lambda: MeissonicTransformer(config), _state(transformer), source_keys,
+                                   source="the Meissonic transformer passed as transformer=", device=weight.device,
+                                   dtype=weight.dtype))

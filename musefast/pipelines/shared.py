@@ -19,6 +19,17 @@ def as_list(value, name: str) -> list[str]:
     raise TypeError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
 
 
+def negatives_for(negative_prompt, n: int) -> list[str]:
+    """The negative prompts of ``n`` prompts: the empty prompt for each (None), one for all, or
+    one each."""
+    negatives = [""] * n if negative_prompt is None else as_list(negative_prompt, "negative_prompt")
+    if len(negatives) == 1 and n > 1:
+        negatives = negatives * n
+    if len(negatives) != n:
+        raise ValueError(f"negative_prompt has {len(negatives)} entries for {n} prompts")
+    return negatives
+
+
 def file_dtype(folder: Path, variant: str | None) -> tuple[torch.dtype, int | None]:
     """(floating dtype, parameter count) of a diffusers component folder's weights, read from
     the safetensors headers; (float32, None) when the folder holds another format."""

@@ -9,6 +9,8 @@ does not. The rules:
   computation done in the inputs' dtype (flash-attn's rule), plus a small eps; a query with all
   keys masked gets exact zeros.
 - qk_norm_rope: attention's rule (no padding).
+- rms_norm_modulate: the error against a float64 reference is at most twice the error of the
+  reference run in the inputs' dtype, plus a small eps relative to the output's size.
 - cfg_sample_remask: tokens and masks equal the reference's except at counted floating-point
   near-ties (< 1% of positions), and the number of positions left masked is exact.
 """
@@ -72,6 +74,26 @@ def qk_norm_rope_disagreement(out: torch.Tensor, ref_fp32: torch.Tensor, ref_sam
     """qk_norm_rope (q, k, v stacked): attention's rule without padding — the error against the fp32
     reference at most twice that of the reference run in the inputs' dtype, plus a small eps."""
     return attention_disagreement(out, ref_fp32, ref_same_dtype)
+
+
+def rms_norm_disagreement(out: torch.Tensor, exact: torch.Tensor, ref_same_dtype: torch.Tensor) -> str | None:
+    """rms_norm_modulate: a backend's output vs the float64 reference, with the same-dtype
+    reference's error as the yardstick (the kernel sums in float32 in its own order)."""
+    if tuple(out.shape) != tuple(exact.shape):
+        return f"output shape {tuple(out.shape)} != {tuple(exact.shape)}"
+    if out.dtype != ref_same_dtype.dtype:
+        return f"output dtype {out.dtype} != input dtype {ref_same_dtype.dtype}"
+    if not bool(torch.isfinite(out).all()):
+        return "output holds NaN or inf"
+    if not out.numel():
+        return None
+    exact = exact.double()
+    err = float((out.double() - exact).abs().max())
+    base = float((ref_same_dtype.double() - exact).abs().max())
+    eps = (1e-5 if out.dtype == torch.float32 else 1e-3) * max(1.0, float(exact.abs().max()))
+    if err > 2 * base + eps:
+        return f"max error {err:.3g} vs the float64 reference exceeds 2 x {base:.3g} (same-dtype reference) + {eps:.3g}"
+    return None
 
 
 def remask_disagreement(trace: remask_ref.StepTrace, tokens: torch.Tensor, masked: torch.Tensor, *,

@@ -9,19 +9,17 @@ def adapter_for(pipe) -> Adapter:
     format it was loaded from), or ``pipe`` itself when it is already an adapter."""
     if isinstance(pipe, Adapter):
         return pipe
-    from musefast.pipelines.amused import AmusedPipeline
-    from musefast.pipelines.meissonic import MeissonicPipeline
-    from musefast.pipelines.muse import MusePipeline
-
-    if isinstance(pipe, MeissonicPipeline):  # before AmusedPipeline: it subclasses it
+    # a pipeline names its family (``engine_family``); the engine imports no pipeline class
+    family = getattr(type(pipe), "engine_family", None)
+    if family == "meissonic":
         from musefast.generation.adapters.meissonic import MeissonicAdapter
 
         return MeissonicAdapter(pipe)
-    if isinstance(pipe, AmusedPipeline):
+    if family == "amused":
         from musefast.generation.adapters.uvit import UVitAdapter
 
         return UVitAdapter(pipe)
-    if isinstance(pipe, MusePipeline):
+    if family == "muse":
         from musefast.generation.adapters.muse import MuseAdapter
 
         return MuseAdapter(pipe)

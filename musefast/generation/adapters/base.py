@@ -22,10 +22,12 @@ from musefast.sampling.cache import CacheRun
 class Stage:
     """One decoding stage of one request: what the scheduler steps.
 
-    ``forward`` holds the request's prepared contexts (conditional, and both branches when it
-    uses guidance) and the model the step cache calls; ``sampler`` the preset of each step;
-    ``tokens``/``masked`` are flat (1, N); ``shape`` the model's token input shape (1, ...);
-    ``grid`` the (h, w) of the result; ``kind`` names the model of the stage (rows of one kind,
+    ``forward`` holds the prepared contexts (conditional, and both branches when guidance is
+    used) and the model the step cache calls; ``sampler`` the preset of each step;
+    ``tokens``/``masked`` are flat (B, N) — one row for a request, B rows for the images of one
+    pipeline call, which decode in lock-step under one seed (or one seed per row), exactly as
+    ``MaskGitSampler`` decodes a batch; ``shape`` the model's token input shape (B, ...);
+    ``grid`` the (h, w) of one image; ``kind`` names the model of the stage (rows of one kind,
     shape and context layout share a forward).
     """
 
@@ -44,13 +46,20 @@ class Stage:
     cache_run: CacheRun | None = field(init=False, default=None)
 
     def __post_init__(self):
-        self.tokens = self.tokens.reshape(1, -1).clone()
-        self.masked = self.masked.reshape(1, -1).clone()
+        rows = self.tokens.shape[0]
+        if isinstance(self.seed, (list, tuple)) and len(self.seed) != rows:
+            raise ValueError(f"seed has {len(self.seed)} entries for a batch of {rows} images")
+        self.tokens = self.tokens.reshape(rows, -1).clone()
+        self.masked = self.masked.reshape(rows, -1).clone()
         self.masked_start = self.masked.sum(dim=1)
         if self.starting_mask_ratio is None:  # as MaskGitSampler: the masked share of the image
             self.starting_mask_ratio = self.masked_start.sum() / self.masked.numel()
         if self.sampler.cache is not None:
             self.cache_run = CacheRun(self.sampler.cache, self.forward)
+
+    @property
+    def rows(self) -> int:
+        return self.tokens.shape[0]
 
     @property
     def num_steps(self) -> int:
@@ -105,6 +114,10 @@ class Adapter:
     def decode(self, tokens: torch.Tensor, kind: str = "base") -> torch.Tensor:
         """Tokens (B, h, w) -> images (B, 3, H, W) float in [0, 1]."""
         return self.pipe.decode(tokens).float().clamp(0, 1)
+
+    def sampler_label(self) -> str:
+        """The decoding's name in the PNG metadata (the family and the pipeline's sampler)."""
+        return f"{self.family}-{self.pipe.sampler}"
 
     def components(self) -> dict:
         """name -> module of every weight-holding component (what determines the images)."""

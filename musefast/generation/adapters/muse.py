@@ -7,7 +7,6 @@ import torch
 from musefast.generation.adapters.base import Adapter, Stage
 from musefast.generation.request import Request
 from musefast.pipelines.images import to_mask, to_tensor
-from musefast.sampling import uses_guidance
 
 
 class MuseAdapter(Adapter):
@@ -53,17 +52,12 @@ class MuseAdapter(Adapter):
             torch.full((1, cfg.seq_len), cfg.mask_token_id, dtype=torch.long, device=pipe.device),
             torch.ones(1, cfg.seq_len, dtype=torch.bool, device=pipe.device))
         request_state = dict(cond=cond, uncond=uncond, state=state, backend=backend)
-        return self._stage("base", request, request_state, tokens, masked, pipe.transformer,
-                           (cond.hidden, cond.mask), (uncond.hidden, uncond.mask), request.seed,
-                           (cfg.grid_size, cfg.grid_size))
+        return self._stage("base", request, request_state, tokens, masked, request.seed)
 
-    def _stage(self, kind, request, request_state, tokens, masked, model, cond_args, uncond_args, seed, grid):
-        s = self._settings(request)
-        g = s.guidance_scale
-        forward = self.pipe._guided_forward(model, model.prepare_context, cond_args, uncond_args, uses_guidance(g))
-        steps = s.num_steps if kind == "base" else s.super_res_steps
-        sampler = self.pipe._sampler(s, steps, request_state["backend"], False, guidance_scale=g, cache=request.cache)
-        stage = Stage(kind, forward, sampler, tokens, masked, tuple(tokens.shape), grid, model.mask_token_id, seed)
+    def _stage(self, kind, request, request_state, tokens, masked, seed, low_tokens=None):
+        st = request_state
+        stage = self.pipe._stage(kind, tokens, masked, st["cond"], st["uncond"], self._settings(request), seed,
+                                 st["backend"], low_tokens=low_tokens, cache=request.cache)
         stage.request_state = request_state
         return stage
 
@@ -79,11 +73,8 @@ class MuseAdapter(Adapter):
             torch.full((1, hcfg.seq_len), hcfg.mask_token_id, dtype=torch.long, device=pipe.device),
             torch.ones(1, hcfg.seq_len, dtype=torch.bool, device=pipe.device))
         low = tokens.reshape(1, *stage.grid)
-        cond, uncond = st["cond"], st["uncond"]
         # the super-res stage's seed is the base stage's plus one, as MusePipeline
-        return self._stage("super-res", request, st, tokens_h, masked_h, pipe._onload("super_res"),
-                           (low, cond.hidden, cond.mask), (low, uncond.hidden, uncond.mask), request.seed + 1,
-                           (hcfg.grid_size, hcfg.grid_size))
+        return self._stage("super-res", request, st, tokens_h, masked_h, request.seed + 1, low_tokens=low)
 
     def run(self, kind, tokens, context, steps, num_steps):
         model = self.pipe._onload("transformer" if kind == "base" else "super_res")
@@ -92,6 +83,9 @@ class MuseAdapter(Adapter):
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, kind: str = "base") -> torch.Tensor:
         return self.pipe.decode(tokens, high_res=kind != "base")
+
+    def sampler_label(self) -> str:
+        return self.pipe.settings.preset
 
     def components(self) -> dict:
         return self.pipe._modules()

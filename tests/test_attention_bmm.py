@@ -1,11 +1,11 @@
-"""The CPU ``bmm`` attention backend (musefast.cpu.attention) at aMUSEd's sizes, against the
+"""The CPU ``bmm`` backend of the attention op (musefast.ops.attention) at aMUSEd's sizes, against the
 reference by the agreement rule of the per-device self-check (musefast.reference.agreement).
 The generic backend tests (odd shapes, masks, strided and broadcast inputs) are in test_attention.py."""
 import pytest
 import torch
 
 from musefast import ops
-from musefast.cpu.attention import MAX_KEYS
+from musefast.ops.attention import BMM_MAX_KEYS as MAX_KEYS
 from musefast.ops import selfcheck
 from musefast.ops.registry import BackendUnavailableError
 from musefast.reference import agreement
