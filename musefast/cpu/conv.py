@@ -1,5 +1,5 @@
-"""Channels-last convolutions for the VQ decoders on a CPU (the decoder runs in fp32, on
-channels-last activations).
+"""Channels-last, packed oneDNN convolutions for the VQ decoders on a CPU (the decoder runs in fp32,
+or in bf16 where ``dtype="auto"`` picked bf16, on channels-last activations).
 
 torch runs a CPU convolution through oneDNN either way; with an NCHW activation it reorders the
 input into oneDNN's channels-inner layout and the output back on every call, with an NHWC

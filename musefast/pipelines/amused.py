@@ -18,7 +18,7 @@ Two samplers:
 
 Either way the text K/V and the modulations of every layer are computed once per call
 (:meth:`UVit2D.prepare_context`), both CFG branches run in one batched forward, and the VQ
-decodes in float32. Batch order follows diffusers: with several prompts and
+decodes in float32 (in bf16 where ``dtype="auto"`` put the transformer in bf16 on a CPU). Batch order follows diffusers: with several prompts and
 ``num_images_per_prompt`` > 1 the batch is the prompts repeated as a whole
 (p0, p1, p0, p1, ...).
 """

@@ -120,9 +120,9 @@ class MeissonicPipeline(AmusedPipeline):
             variant: weight variant (``"fp16"``): its files are used where present (only they
                 are downloaded for a hub id); a folder holding only a variant loads it anyway.
             dtype, device: the transformer's and text encoder's dtype (default: the files') and
-                where to run. The VQ is always float32. ``"auto"`` (what ``musefast.load`` passes):
-                bfloat16 on a GPU and on a CPU that computes it natively (for models of 20M+
-                parameters), else the files' dtype; a compat-sampler call then runs on a twin in
+                where to run. The VQ's weights are always float32. ``"auto"`` (what ``musefast.load``
+                passes): bfloat16 on a GPU and on a CPU that computes it natively (for models of 20M+
+                parameters; there the VQ decoder computes in bf16 too), else the files' dtype; a compat-sampler call then runs on a twin in
                 the files' dtype, so it keeps the peer's tokens.
             text_encoder: a ready :class:`CLIPTextEncoder` to use instead of the folder's (the
                 authors' inference.py swaps in the original LAION CLIP-H), used as given: build
