@@ -20,6 +20,7 @@ CPU_FORWARD = ("cpu-2026-12-02-amused256-quiet.json", "cpu-2026-12-02-amused512-
 CPU_END_TO_END = "cpu-2026-12-02-amused256-e2e-fp32-quiet.json"
 STEP_CACHE = ROOT / "docs" / "step_cache_eval.json"
 BATCH = ("batch-cpu-2026-12-02.json", "batch-cpu-2026-12-02-2threads.json")
+SERVER_LOAD = "server-load-cpu-2026-12-08.json"
 COLOURS = {"musefast": "#d9480f", "musefast plain": "#f4a582", "OpenVINO": "#2166ac", "diffusers": "#7f7f7f"}
 
 
@@ -111,6 +112,41 @@ def batch_throughput(plt, out: Path) -> Path:
     return _save(fig, out / "batch-throughput.png")
 
 
+def server_load(plt, out: Path) -> Path:
+    """Throughput and latency percentiles of the batched server vs --max-batch 1, per model."""
+    results = _load(RESULTS / SERVER_LOAD)
+    runs = [b["extra_info"] for b in results["benchmarks"]]
+    settings = (("server", "continuous batching", COLOURS["musefast"]),
+                ("server_max_batch_1", "--max-batch 1", COLOURS["diffusers"]))
+    stats = (("p50_s", "p50"), ("p95_s", "p95"), ("p99_s", "p99"), ("first_preview_p50_s", "first\npreview p50"))
+    fig, axes = plt.subplots(2, len(runs), figsize=(4.2 * len(runs), 6.2), squeeze=False)
+    for column, run in enumerate(runs):
+        name = "demo" if run["model"] == "demo" else "aMUSEd-256, random weights"
+        loads = run["load_average_1min"] + [v for key, _, _ in settings for r in run[key].get("rounds", [])
+                                            for v in r["load_average_1min"]]
+        title = (f"{name}, {run['steps']} steps\n{run['clients']} clients, {run['requests']} requests × "
+                 f"{run.get('rounds', 1)} passes, load average {min(loads):.1f}–{max(loads):.1f}")
+        rate, latency = axes[0][column], axes[1][column]
+        for j, (key, label, colour) in enumerate(settings):
+            value = run[key]["images_per_s"]
+            rate.bar(j, value, 0.6, color=colour, label=label)
+            rate.annotate(f"{value:.3g}", (j, value), ha="center", va="bottom", fontsize=8)
+            latency.bar([i + (j - 0.5) * 0.38 for i in range(len(stats))], [run[key][s] for s, _ in stats], 0.38,
+                        color=colour, label=label)
+        rate.set_xticks(range(len(settings)), [label for _, label, _ in settings])
+        rate.set_ylim(0, max(run[key]["images_per_s"] for key, _, _ in settings) * 1.15)
+        rate.set_ylabel("images/s (higher is better)")
+        rate.set_title(title, fontsize=8)
+        latency.set_xticks(range(len(stats)), [label for _, label in stats])
+        latency.set_ylabel("seconds (lower is better)")
+        latency.set_ylim(0, max(run[key][s] for key, _, _ in settings for s, _ in stats) * 1.3)
+        latency.legend(fontsize=8, frameon=False, loc="upper left")
+    fig.suptitle("musefast serve on a 2-core CPU: openai SDK clients streaming with partial_images=1 "
+                 f"({SERVER_LOAD})", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out / "server-load.png")
+
+
 def _save(fig, path: Path) -> Path:
     # A fixed timestamp-free PNG: re-rendering unchanged results leaves the file unchanged.
     fig.savefig(path, dpi=100, metadata={"Software": None})
@@ -131,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for render in (cpu_latency, step_cache, batch_throughput):
+    for render in (cpu_latency, step_cache, batch_throughput, server_load):
         path = render(plt, out)
         print(f"{path} ({path.stat().st_size // 1024} KB)")
     return 0

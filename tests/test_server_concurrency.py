@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import musefast
-from tests.serving import PROMPTS, LiveServer, solo_image
+from serving import PROMPTS, LiveServer, solo_image
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")

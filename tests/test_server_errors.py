@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import musefast
-from tests.serving import LiveServer
+from serving import LiveServer
 
 httpx = pytest.importorskip("httpx")
 

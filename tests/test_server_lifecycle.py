@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.serving import start_process
+from serving import start_process
 
 httpx = pytest.importorskip("httpx")
 

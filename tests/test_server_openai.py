@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import musefast
-from tests.serving import LiveServer, solo_image
+from serving import LiveServer, solo_image
 
 openai = pytest.importorskip("openai")
 
