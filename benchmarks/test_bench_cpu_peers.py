@@ -111,20 +111,27 @@ def _record_against_plain(info: dict, stats: dict, flops: float) -> None:
         info[f"{name}_ms"] = st["median_ms"]
         info[f"{name}_min_max_ms"] = [st["min_ms"], st["max_ms"]]
         info[f"{name}_gflops"] = flops / st["median_ms"] / 1e6
+        info[f"{name}_cpu_ms"] = st["cpu_median_ms"]
     info["speedup_vs_musefast_plain"] = info["musefast_plain_ms"] / info["musefast_ms"]
 
 
 def _interleaved(fns: dict, rounds: int) -> dict:
-    """Round-robin timing: one warm-up call each, then ``rounds`` rounds -> per-name stats (ms)."""
+    """Round-robin timing: one warm-up call each, then ``rounds`` rounds -> per-name stats (ms).
+    Beside wall time, the process's CPU time per call (``cpu_median_ms``): on a shared machine a
+    descheduled thread stretches wall time but not CPU time, so at one thread the CPU-time ratio is
+    the steadier comparison (at more threads it also counts threads spinning at barriers)."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
+    cpu_times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times[name].append(1e3 * (time.perf_counter() - t0))
-    return {name: dict(median_ms=statistics.median(ts), min_ms=min(ts), max_ms=max(ts), runs=ts)
+            cpu_times[name].append(1e3 * (time.process_time() - c0))
+    return {name: dict(median_ms=statistics.median(ts), min_ms=min(ts), max_ms=max(ts), runs=ts,
+                       cpu_median_ms=statistics.median(cpu_times[name]), cpu_runs=cpu_times[name])
             for name, ts in times.items()}
 
 
@@ -287,9 +294,11 @@ def test_cpu_forward(benchmark, size, dtype):
         info[f"{name}_ms"] = s["median_ms"]
         info[f"{name}_min_max_ms"] = [s["min_ms"], s["max_ms"]]
         info[f"{name}_gflops"] = flops / s["median_ms"] / 1e6
+        info[f"{name}_cpu_ms"] = s["cpu_median_ms"]
     for peer in ("diffusers", "openvino", "musefast_plain"):
         if f"{peer}_ms" in info:
             info[f"speedup_vs_{peer}"] = info[f"{peer}_ms"] / info["musefast_ms"]
+            info[f"cpu_time_speedup_vs_{peer}"] = info[f"{peer}_cpu_ms"] / info["musefast_cpu_ms"]
     info.update(size=size, dtype=dtype, batch=B, threads=torch.get_num_threads(), gflop=flops / 1e9,
                 rounds=_rounds(benchmark), peak_rss_gib=_rss_gib(), rss_before_gib=rss_before)
 
@@ -382,17 +391,6 @@ def _openvino_pipeline(ov, pipe, size, hint, converted, kernels: dict):
     return out
 
 
-def _vqgan_config(kw: dict):
-    """The musefast VQGAN of a diffusers VQModel with ``_VQ`` widths (aMUSEd's layout otherwise)."""
-    from musefast.models.vqmodel import vqgan_config_from_diffusers
-
-    levels = len(kw["block_out_channels"])
-    return vqgan_config_from_diffusers(dict(
-        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-        latent_channels=64, num_vq_embeddings=8192, norm_num_groups=32, mid_block_add_attention=False,
-        lookup_from_codebook=True, **kw))
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cpu_text_encode(benchmark, dtype):
     """CLIP text encode (CLIP-L/14's size unless ``reduced``; one 77-token prompt), through the
@@ -425,22 +423,41 @@ def test_cpu_text_encode(benchmark, dtype):
                 linears=report.linears, rounds=_rounds(benchmark), peak_rss_gib=_rss_gib())
 
 
+def _diffusers_vqmodel(kw: dict):
+    """diffusers' ``VQModel`` at aMUSEd's layout with ``_VQ`` widths and random weights (every
+    parameter moved off its initial value: norms start at identity)."""
+    from diffusers import VQModel
+
+    levels = len(kw["block_out_channels"])
+    vqvae = VQModel(down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+                    latent_channels=64, num_vq_embeddings=8192, norm_num_groups=32, mid_block_add_attention=False,
+                    lookup_from_codebook=True, force_upcast=True, **kw).eval()
+    with torch.no_grad():
+        for p in vqvae.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return vqvae
+
+
 @pytest.mark.parametrize("grid", [8] if SIZE == "reduced" else [16, 32])
-def test_cpu_vq_decode(benchmark, grid):
+def test_cpu_vq_decode(benchmark, grid, tmp_path):
     """VQ decode of a grid x grid token map at aMUSEd's VQ architecture (reduced widths under
-    ``reduced``), batch 1: musefast's CPU path (channels-last activations) vs the plain NCHW path,
-    and, for the record, the same decoder computing in bf16 (not used by musefast: the VQ
-    decoder runs in fp32 by contract; its pixel error is recorded beside its time)."""
+    ``reduced``), batch 1, one set of random weights: musefast's CPU path (packed oneDNN
+    convolutions, channels-last, skips added in the epilogue) vs the same decoder with torch's
+    channels-last ``conv2d`` (``musefast_unpacked``: the path before packing), the plain NCHW path
+    (the reference twin), and OpenVINO (diffusers' ``VQModel.decode`` converted, f32 and, where the
+    CPU has it, the bf16 hint) and, where bf16 is native, musefast's bf16 decode
+    (``cpu.conv.apply(dtype=torch.bfloat16)``); for the record, PyTorch's own bf16 decode (every
+    weight and activation in bf16), the error yardstick of the bf16 paths."""
     from musefast.cpu import conv as cpu_conv
-    from musefast.models.vqgan import VQGAN
+    from musefast.models.vqmodel import load_vqmodel
 
     torch.manual_seed(0)
-    vq = VQGAN(_vqgan_config(_VQ["reduced" if SIZE == "reduced" else "full"])).eval()
-    with torch.no_grad():  # norms start at identity: give every parameter a value
-        for p in vq.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    theirs = _diffusers_vqmodel(_VQ["reduced" if SIZE == "reduced" else "full"])
+    theirs.save_pretrained(tmp_path)
+    vq = load_vqmodel(tmp_path)  # the CPU path applied at load, as musefast.load does
     tokens = torch.randint(0, 8192, (1, grid, grid), generator=torch.Generator().manual_seed(1))
     twin = copy.deepcopy(vq)  # the bf16 record: decoder weights in bf16, activations channels-last
+    cpu_conv.remove(twin)
     twin.decoder.to(torch.bfloat16)
     twin.post_quant_conv.to(torch.bfloat16)
 
@@ -448,25 +465,56 @@ def test_cpu_vq_decode(benchmark, grid):
         z = twin.quantize.lookup(tokens).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
         return twin.decoder(twin.post_quant_conv(z)).float().contiguous().clamp_(0, 1)
 
+    def packed():
+        return vq.decode(tokens)
+
+    def unpacked():
+        with cpu.plain():  # the packed convolutions off; the layout stays channels-last
+            return vq.decode(tokens)
+
+    plain_vq = copy.deepcopy(vq)
+    cpu_conv.remove(plain_vq)
+
     def plain():
-        cpu_conv.remove(vq)
-        return vq.decode(tokens)
+        return plain_vq.decode(tokens)
 
-    def channels_last():
-        cpu_conv.apply(vq)
-        return vq.decode(tokens)
-
-    fns = {"musefast": channels_last, "musefast_plain": plain, "bf16_compute_not_used": bf16_decode}
+    fns = {"musefast": packed, "musefast_unpacked": unpacked, "musefast_plain": plain,
+           "pytorch_bf16": bf16_decode}
+    if cpu.cpu_isa()["bf16"]:  # the bf16 decode (cpu.conv.apply(dtype=torch.bfloat16)) where bf16 is native
+        vq_bf16 = copy.deepcopy(vq)
+        cpu_conv.apply(vq_bf16, dtype=torch.bfloat16)
+        fns["musefast_bf16"] = lambda: vq_bf16.decode(tokens)
     info = benchmark.extra_info
+    ov = _openvino()
+    if ov is not None:
+        t0 = time.perf_counter()
+        converted = ov.convert_model(_VQDecodeForOpenVINO(theirs, (1, grid, grid, 64)), example_input=(tokens,))
+        info["openvino_convert_s"] = time.perf_counter() - t0
+        info["openvino_kernels"] = {}
+        for hint in ("f32", "bf16") if cpu.cpu_isa()["bf16"] else ("f32",):
+            compiled = _compile(ov, converted, {}, hint)
+            info["openvino_kernels"][hint] = _ov_kernels(compiled)
+            fns[f"openvino_{hint}"] = lambda c=compiled: torch.from_numpy(c((tokens,))[0]).clamp_(0, 1)
+    else:
+        info["openvino"] = "skipped: openvino is not installed (pip install openvino)"
     with torch.no_grad():
         want = plain()
-        for name in ("musefast", "bf16_compute_not_used"):
+        info["diffusers_vs_plain_max_abs_err"] = (theirs.decode(tokens, force_not_quantize=True,
+                                                                shape=(1, grid, grid, 64)).sample.clamp(0, 1)
+                                                  - want).abs().max().item()
+        for name in [n for n in fns if n != "musefast_plain"]:
             err = (fns[name]() - want).abs()
             info[f"{name}_max_abs_err"], info[f"{name}_mean_abs_err"] = err.max().item(), err.mean().item()
         flops = _flops(plain)
         stats = _interleaved(fns, _rounds(benchmark))
-        benchmark.pedantic(channels_last, rounds=1, iterations=1)
+        benchmark.pedantic(packed, rounds=1, iterations=1)
     _record_against_plain(info, stats, flops)
+    for peer in [n for n in stats if n.startswith("openvino") or n == "musefast_unpacked"]:
+        info[f"speedup_vs_{peer}"] = info[f"{peer}_ms"] / info["musefast_ms"]
+        info[f"cpu_time_speedup_vs_{peer}"] = info[f"{peer}_cpu_ms"] / info["musefast_cpu_ms"]
+    if "musefast_bf16" in stats and "openvino_bf16" in stats:
+        info["bf16_speedup_vs_openvino_bf16"] = info["openvino_bf16_ms"] / info["musefast_bf16_ms"]
+        info["bf16_cpu_time_speedup_vs_openvino_bf16"] = info["openvino_bf16_cpu_ms"] / info["musefast_bf16_cpu_ms"]
     info.update(size=SIZE, grid=grid, batch=1, threads=torch.get_num_threads(), gflop=flops / 1e9,
                 rounds=_rounds(benchmark), peak_rss_gib=_rss_gib())
 
@@ -484,17 +532,13 @@ def test_cpu_end_to_end(benchmark, tmp_path):
     diffusers+OpenVINO, with each run split into stages (text encode, transformer forwards, VQ
     decode, and the rest: sampling steps and glue)."""
     from diffusers import AmusedPipeline as DiffusersAmused
-    from diffusers import AmusedScheduler, VQModel
+    from diffusers import AmusedScheduler
 
     from musefast.pipelines.amused import AmusedPipeline
 
     size = SIZE
     torch.manual_seed(0)
-    vq_kw = _VQ["reduced" if size == "reduced" else "full"]
-    levels = len(vq_kw["block_out_channels"])
-    vqvae = VQModel(down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-                    latent_channels=64, num_vq_embeddings=8192, norm_num_groups=32, mid_block_add_attention=False,
-                    lookup_from_codebook=True, force_upcast=True, **vq_kw).eval()
+    vqvae = _diffusers_vqmodel(_VQ["reduced" if size == "reduced" else "full"])
     text_encoder, tokenizer = _clip(size)
     theirs = DiffusersAmused(vqvae=vqvae, tokenizer=tokenizer, text_encoder=text_encoder,
                              transformer=_diffusers_uvit(size), scheduler=AmusedScheduler(mask_token_id=8255))
@@ -565,7 +609,9 @@ def test_cpu_end_to_end(benchmark, tmp_path):
         info[f"{name}_stages"] = stages
         work = sum(per_call * stages["calls"][stage] for stage, per_call in flops.items())
         info[f"{name}_gflops"] = work / st["median_ms"] / 1e6
+        info[f"{name}_cpu_ms"] = st["cpu_median_ms"]
     for peer in [n for n in stats if n != "musefast"]:
         info[f"speedup_vs_{peer}"] = info[f"{peer}_ms"] / info["musefast_ms"]
+        info[f"cpu_time_speedup_vs_{peer}"] = info[f"{peer}_cpu_ms"] / info["musefast_cpu_ms"]
     info.update(size=size, steps=STEPS, batch=1, threads=torch.get_num_threads(), rounds=_rounds(benchmark),
                 stage_gflop_per_call={k: v / 1e9 for k, v in flops.items()}, peak_rss_gib=_rss_gib())

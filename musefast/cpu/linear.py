@@ -42,7 +42,6 @@ import contextlib
 import copy
 import functools
 import os
-import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -52,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from musefast.cpu import conv as cpu_conv, isa
+from musefast.cpu import conv as cpu_conv, isa, twin
 
 ENGINE_ATTR = "_musefast_cpu"  # per-module state: the packed-weight cache
 REPORT_ATTR = "_musefast_cpu_report"  # per-model: what apply() did
@@ -100,7 +99,7 @@ def auto_dtype_reason() -> str:
 
 # -- packed linears ------------------------------------------------------------------------------
 
-_switch = threading.local()  # .off: run the plain forwards (see :func:`plain`)
+_switch = twin.SWITCH  # .off: run the plain forwards (see :func:`plain`); shared with every CPU path
 
 
 @contextlib.contextmanager
@@ -277,6 +276,24 @@ def linear_mul(module: nn.Linear, x: torch.Tensor, other: torch.Tensor, *, part:
     o2 = other.reshape(x2.shape[0], -1).to(dtype).contiguous()
     out = torch.ops.mkldnn._linear_pointwise.binary(x2, o2, packed.weight, _bias(module, part, dtype), "mul")
     return out.to(x.dtype).view(*shape[:-1], out.shape[-1])
+
+
+def linear_add(module: nn.Linear, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + module(x)``, the add applied in oneDNN's epilogue (its binary ``add`` post-op)
+    where the packed path runs, so the linear's output is written once instead of written, read
+    back and written again; elsewhere (the reference twin, CUDA, autograd, a GEGLU projection, a
+    residual of another shape or dtype) the two ordinary steps. ``residual`` has the output's shape."""
+    out_shape = (*x.shape[:-1], module.out_features)
+    if (ENGINE_ATTR not in module.__dict__ or not runs_packed(module, x) or _state(module).split
+            or torch.compiler.is_compiling()
+            or tuple(residual.shape) != out_shape or residual.dtype != x.dtype or residual.device != x.device):
+        return residual + module(x)
+    packed = _state(module).get("w", module)
+    dtype = packed.weight.dtype
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
+    r2 = residual.reshape(x2.shape[0], -1).to(dtype).contiguous()
+    out = torch.ops.mkldnn._linear_pointwise.binary(x2, r2, packed.weight, _bias(module, "w", dtype), "add")
+    return out.to(x.dtype).view(out_shape)
 
 
 def runs_packed(module: nn.Linear, x: torch.Tensor) -> bool:
@@ -574,5 +591,5 @@ def describe() -> list[str]:
 
 
 __all__ = ["apply", "apply_default", "auto_dtype", "auto_dtype_reason", "cpu_isa", "describe", "enabled_by_default", "is_applied",
-           "is_released", "linear", "plain", "plain_active", "release_by_default", "remove", "restore_weights",
+           "is_released", "linear", "linear_add", "plain", "plain_active", "release_by_default", "remove", "restore_weights",
            "EngineReport", "fused_forward", "linear_mul", "runs_packed"]

@@ -127,7 +127,7 @@ class TransformerBlock(nn.Module):
         if self.cross_attn is not None:
             h = self.cross_attn(self.norm2(x), kv=kv, key_padding_mask=memory_mask)
             x = x + (h if self.post_norm2 is None else self.post_norm2(h))
-        return x + self.mlp(self.norm3(x))
+        return self.mlp(self.norm3(x), residual=x)
 
 
 class Context(NamedTuple):

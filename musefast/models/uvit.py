@@ -263,14 +263,14 @@ class ConvNextBlock(nn.Module):
 
 @cpu_linear.fused_forward(ConvNextBlock)
 def _convnext_cpu_forward(module: ConvNextBlock, x: torch.Tensor, mod: Modulation) -> torch.Tensor:
-    """The ConvNeXt block on the CPU path: the GELU in the epilogue of its first channel-wise linear."""
+    """The ConvNeXt block on the CPU path: the GELU in the epilogue of its first channel-wise linear,
+    the residual in the epilogue of its second."""
     lin1 = module.channelwise_linear_1
     if not cpu_linear.runs_packed(lin1, x):
         return type(module).forward(module, x, mod)
     h = _nhwc(module.depthwise(_nchw(x)))
     h = cpu_linear.linear(lin1, module.norm(h), "gelu")
-    h = module.channelwise_linear_2(module.channelwise_norm(h))
-    return mod.apply(x + h)
+    return mod.apply(cpu_linear.linear_add(module.channelwise_linear_2, module.channelwise_norm(h), x))
 
 
 class TextAttentionBlock(nn.Module):
@@ -374,7 +374,7 @@ class TransformerLayer(nn.Module):
         (m1, m2, m3), kv = prepared
         x = x + self.attn1(self.norm1(x, m1), kv_store=kv_store, rows=rows)
         x = x + self.attn2(self.norm2(x, m2), kv=kv)
-        return x + self.ff(self.norm3(x, m3))
+        return self.ff(self.norm3(x, m3), residual=x)
 
 
 class MlmHead(nn.Module):

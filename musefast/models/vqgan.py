@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from musefast.cpu import conv as cpu_conv
 from musefast.cpu.conv import to_format
 from musefast.models.serialization import load_component, register_component, save_component
 from musefast.nn import VectorQuantizer
@@ -156,6 +157,21 @@ class ResBlock(nn.Module):
         return self.shortcut(h if self.shortcut_on_output else x) + h
 
 
+@cpu_conv.packed_forward(ResBlock)
+def _resblock_cpu_forward(block: ResBlock, x: torch.Tensor) -> torch.Tensor:
+    """ResBlock on the CPU path: packed convolutions, the skip added in the epilogue of the
+    convolution that produces the block's output."""
+    if block.training or not cpu_conv.usable(block.conv1, x):
+        return type(block).forward(block, x)
+    h = cpu_conv.conv2d(block.conv1, cpu_conv.norm_silu(block.norm1, x))
+    h = cpu_conv.norm_silu(block.norm2, h)
+    if block.shortcut_on_output:  # google maskgit: the 1x1 skip reads the block's own output
+        h = cpu_conv.conv2d(block.conv2, h)
+        return cpu_conv.conv2d(block.shortcut, h, add=h)
+    skip = x if isinstance(block.shortcut, nn.Identity) else cpu_conv.conv2d(block.shortcut, x)
+    return cpu_conv.conv2d(block.conv2, h, add=skip)
+
+
 class Downsample(nn.Module):
     """Halve H and W: strided conv (``conv``) or parameter-free 2x2 average pooling (``avgpool``)."""
 
@@ -252,6 +268,17 @@ class Decoder(nn.Module):
         for level in self.levels:
             x = level(x)
         return self.unfold(self.conv_out(F.silu(self.norm_out(x))))
+
+
+@cpu_conv.packed_forward(Decoder)
+def _decoder_cpu_forward(decoder: Decoder, z: torch.Tensor) -> torch.Tensor:
+    """The decoder on the CPU path, in its decode dtype (bf16 when set by ``cpu.conv.apply``): the
+    input converted once on the way in, the image back to ``z``'s dtype on the way out; the norms
+    keep their float32 parameters and compute their statistics in float32."""
+    dtype = cpu_conv.compute_dtype(decoder, z)
+    if dtype == z.dtype:
+        return type(decoder).forward(decoder, z)
+    return type(decoder).forward(decoder, z.to(dtype)).to(z.dtype)
 
 
 @register_component

@@ -32,7 +32,9 @@ class FeedForward(nn.Module):
         self.inner_norm = inner_norm
         self.proj_out = nn.Linear(hidden_dim, dim, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``proj_out(act(proj_in(x)))``, plus ``residual`` when given (the block's skip: the CPU
+        engine adds it inside the output projection's kernel)."""
         h = self.proj_in(x)
         if self.kind == "geglu":
             value, gate = h.chunk(2, dim=-1)
@@ -41,16 +43,18 @@ class FeedForward(nn.Module):
             h = F.gelu(h, approximate=self.gelu_approximate)
         if self.inner_norm is not None:
             h = self.inner_norm(h)
-        return self.proj_out(h)
+        out = self.proj_out(h)
+        return out if residual is None else residual + out
 
 
 @cpu_linear.fused_forward(FeedForward)
-def _cpu_forward(module: FeedForward, x: torch.Tensor) -> torch.Tensor:
+def _cpu_forward(module: FeedForward, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """FeedForward on the CPU path: the GELU (gelu kind) or the GEGLU product (geglu kind) in the
-    epilogue of the input projection: value · GELU(gate) = linear_mul(x, W_value, other=GELU-linear(x, W_gate))."""
+    epilogue of the input projection: value · GELU(gate) = linear_mul(x, W_value, other=GELU-linear(x, W_gate));
+    the block's ``residual`` (when given) added in the epilogue of the output projection."""
     proj_in = module.proj_in
     if not cpu_linear.runs_packed(proj_in, x) or module.gelu_approximate != "none":
-        return type(module).forward(module, x)
+        return type(module).forward(module, x, residual)
     if module.kind == "geglu":
         gate = cpu_linear.linear(proj_in, x, "gelu", part="gate")
         if torch.compiler.is_compiling():  # oneDNN's binary-epilogue op has no fake kernel to trace
@@ -61,7 +65,7 @@ def _cpu_forward(module: FeedForward, x: torch.Tensor) -> torch.Tensor:
         h = cpu_linear.linear(proj_in, x, "gelu")
     if module.inner_norm is not None:
         h = module.inner_norm(h)
-    return module.proj_out(h)
+    return module.proj_out(h) if residual is None else cpu_linear.linear_add(module.proj_out, h, residual)
 
 
 def make_norm(kind: str, dim: int, eps: float = 1e-6, *, bias: bool = True) -> nn.Module:

@@ -18,7 +18,7 @@ Two samplers:
 
 Either way the text K/V and the modulations of every layer are computed once per call
 (:meth:`UVit2D.prepare_context`), both CFG branches run in one batched forward, and the VQ
-decodes in float32. Batch order follows diffusers: with several prompts and
+decodes in float32 (in bf16 where ``dtype="auto"`` put the transformer in bf16 on a CPU). Batch order follows diffusers: with several prompts and
 ``num_images_per_prompt`` > 1 the batch is the prompts repeated as a whole
 (p0, p1, p0, p1, ...).
 """
@@ -38,7 +38,7 @@ from musefast.compat.amused_scheduler import (
     AmusedCompatSampler,
     choice_temperatures,
 )
-from musefast.cpu import int8
+from musefast.cpu import conv as cpu_conv, int8
 from musefast.models.text import CLIPTextEncoder, TextEmbeddings
 from musefast.models.uvit import UVit2D
 from musefast.models.vqgan import VQGAN
@@ -189,9 +189,10 @@ class AmusedPipeline(DiffusersPipelineAPI):
         Args:
             variant: weight variant (``"fp16"``): its files are used where present (only
                 they are downloaded for a hub id).
-            device, dtype: where to run and the transformer's / text encoder's dtype. The VQ is
-                always float32. ``None``: the files' dtype. ``"auto"`` (default): on a CPU with
-                native bf16 (AVX512-BF16 or AMX) float32 weights run in bfloat16, else as stored —
+            device, dtype: where to run and the transformer's / text encoder's dtype. The VQ's
+                weights are always float32. ``None``: the files' dtype. ``"auto"`` (default): on a
+                CPU with native bf16 (AVX512-BF16 or AMX) float32 weights run in bfloat16 and the
+                VQ decoder computes in bf16 (:func:`musefast.cpu.conv.follow_auto`), else as stored —
                 except for the compat sampler, which promises diffusers' tokens for a seed and so
                 runs in the weights' own dtype: with ``sampler="compat"`` here the pipeline loads
                 in that dtype, and a ``sampler="compat"`` call on a pipeline that "auto" put in
@@ -235,6 +236,8 @@ class AmusedPipeline(DiffusersPipelineAPI):
             folder / "transformer", variant=_present(variant, folder / "transformer"), device=device, dtype=run_dtype,
             backend=backend), quantize=quantize)
         vqvae = runnable(load_vqmodel(folder / "vqvae", variant=_present(variant, folder / "vqvae"), device=device))
+        if dtype == "auto":
+            cpu_conv.follow_auto(vqvae, run_dtype)
         text_encoder = _load_clip(folder, variant, device, None if dtype == "auto" and run_dtype == weights_dtype
                                   else run_dtype)
         scheduler_file = folder / "scheduler" / "scheduler_config.json"

@@ -35,9 +35,9 @@ def load(name_or_path: str | os.PathLike = "demo", *, device: str | torch.device
     huggingface_hub — only when you name one and no such local folder exists. A device that is
     not available here is refused before anything loads.
 
-    ``dtype``: of the transformer(s) and text encoder (the VQ stays float32). ``"auto"``
-    (default): bfloat16 on a CPU that computes it natively (AVX512-BF16 or AMX), else the
-    weights' own dtype; a compat-sampler call still runs in the weights' dtype (see
+    ``dtype``: of the transformer(s) and text encoder (the VQ's weights stay float32). ``"auto"``
+    (default): bfloat16 on a CPU that computes it natively (AVX512-BF16 or AMX; the VQ decoder of
+    an aMUSEd or Meissonic pipeline then computes in bf16 too), else the weights' own dtype; a compat-sampler call still runs in the weights' dtype (see
     :meth:`AmusedPipeline.from_pretrained`). ``None``: the weights' dtype. ``torch_dtype`` is
     diffusers' name for ``dtype``. On a CPU every model runs through musefast's CPU engine
     (packed oneDNN linears; ``musefast doctor``).

@@ -23,7 +23,7 @@ import os
 import torch
 
 from musefast.compat.meissonic import is_meissonic_transformer
-from musefast.cpu import int8
+from musefast.cpu import conv as cpu_conv, int8
 from musefast.models.meissonic import MeissonicTransformer
 from musefast.models.text import CLIPTextEncoder
 from musefast.models.vqgan import VQGAN
@@ -120,9 +120,9 @@ class MeissonicPipeline(AmusedPipeline):
             variant: weight variant (``"fp16"``): its files are used where present (only they
                 are downloaded for a hub id); a folder holding only a variant loads it anyway.
             dtype, device: the transformer's and text encoder's dtype (default: the files') and
-                where to run. The VQ is always float32. ``"auto"`` (what ``musefast.load`` passes):
-                bfloat16 on a GPU and on a CPU that computes it natively (for models of 20M+
-                parameters), else the files' dtype; a compat-sampler call then runs on a twin in
+                where to run. The VQ's weights are always float32. ``"auto"`` (what ``musefast.load``
+                passes): bfloat16 on a GPU and on a CPU that computes it natively (for models of 20M+
+                parameters; there the VQ decoder computes in bf16 too), else the files' dtype; a compat-sampler call then runs on a twin in
                 the files' dtype, so it keeps the peer's tokens.
             text_encoder: a ready :class:`CLIPTextEncoder` to use instead of the folder's (the
                 authors' inference.py swaps in the original LAION CLIP-H), used as given: build
@@ -155,6 +155,8 @@ class MeissonicPipeline(AmusedPipeline):
             backend=backend)
         runnable(transformer, quantize=quantize)
         vqvae = runnable(load_vqmodel(folder / "vqvae", variant=_present(variant, folder / "vqvae"), device=device))
+        if requested == "auto":
+            cpu_conv.follow_auto(vqvae, dtype)
         if text_encoder is None:
             loaded = _load_clip(folder, variant, device, dtype)
             text_encoder = CLIPTextEncoder(loaded.model, loaded.tokenizer, max_length=TEXT_LENGTH)
