@@ -55,6 +55,7 @@ def refusal(load):
 def check(name, load):
     pipe = load("auto")
     out[f"{name}_auto"] = str(pipe.dtype)
+    exact = tokens(load(None))  # float32 as saved: what both half-precision paths approximate
     for dtype in (torch.bfloat16, torch.float16):
         pipe = load(dtype)
         alive.append(pipe)
@@ -63,7 +64,9 @@ def check(name, load):
             want = tokens(pipe)
         label = f"{name}_{str(dtype).removeprefix('torch.')}"
         out[label] = {"dtype": str(pipe.dtype), "shape": list(got.shape), "equal_to_plain": torch.equal(got, want),
-                      "agreement": (got == want).float().mean().item()}
+                      "agreement": (got == want).float().mean().item(),
+                      "fp32_agreement": (got == exact).float().mean().item(),
+                      "plain_fp32_agreement": (want == exact).float().mean().item()}
     out[f"{name}_int8"] = refusal(lambda: load(None, quantize="int8"))
 
 
@@ -148,8 +151,10 @@ def test_half_precision_loads_and_generates(avx2, name, dtype):
     assert got["dtype"] == f"torch.{dtype}" and got["shape"][0] == 4
     if dtype == "float16":  # fp16 products are exact in fp32 and both paths sum in fp32: the same tokens
         assert got["equal_to_plain"], got
-    else:  # bf16 output rounding differs; tokens agree as on AVX-512 (93.75 % on the tiny aMUSEd there too)
-        assert got["agreement"] >= 0.9, got
+    else:  # bf16 output rounding differs (the packed path adds residuals before rounding, plain after), and
+        # tokens near a tie follow it: the accuracy rule is on the logits (below). Here, over these 64
+        # tokens, the packed path keeps as many of the float32 tokens as plain bf16, within 8 tokens
+        assert got["fp32_agreement"] >= got["plain_fp32_agreement"] - 0.125, repr(got)
 
 
 @needs_avx2
