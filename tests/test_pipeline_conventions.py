@@ -268,3 +268,24 @@ def test_every_pipeline_calls_callback_on_step_end_and_takes_its_latents(family)
     assert int(frozen[0, 0, 0]) == 1
     with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
         _tokens(model, "a cat", seed=2, callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["x"], **kw)
+
+
+def test_every_pipeline_offers_components_progress_bar_and_attention_slicing(family):
+    """What diffusers' pipelines offer besides the call, on every family: ``components`` rebuilds the
+    pipeline, ``progress_bar`` follows the config, attention slicing is accepted and changes nothing."""
+    _, model, kw = family
+    components = model.components
+    assert components and all(isinstance(k, str) for k in components)
+    rebuilt = type(model)(**components)
+    assert torch.equal(_tokens(rebuilt, "a cat", seed=6, **kw), _tokens(model, "a cat", seed=6, **kw))
+    before = _tokens(model, "a cat", seed=6, **kw)
+    model.enable_attention_slicing()
+    try:
+        assert torch.equal(_tokens(model, "a cat", seed=6, **kw), before)
+    finally:
+        model.disable_attention_slicing()
+    model.set_progress_bar_config(disable=True)
+    try:
+        assert list(model.progress_bar(range(3))) == [0, 1, 2]
+    finally:
+        model.set_progress_bar_config()

@@ -25,31 +25,19 @@ from musefast.pipelines.options import ProgressBarConfig, check_device
 LOAD_LOGGER = logging.getLogger("diffusers.pipelines.pipeline_utils")
 
 
-class DiffusersPipelineAPI(ProgressBarConfig):
+class PipelineConveniences(ProgressBarConfig):
+    """What every musefast pipeline offers a diffusers user besides the call: ``components``,
+    ``progress_bar``, attention slicing (a documented no-op), the progress-bar config."""
+
     _component_names: tuple[str, ...] = ()
-    _optional_components: list[str] = []
-    _callback_tensor_inputs: list[str] = list(CALLBACK_TENSOR_INPUTS)
-    _offload_device: torch.device | None = None
-    _guidance_scale: float | None = None
-    _num_timesteps: int | None = None
 
     def _component(self, name: str):
         return getattr(self, name)
 
     @property
     def components(self) -> dict:
-        """The pipeline's components by diffusers' names (``type(pipe)(**pipe.components)`` rebuilds it)."""
+        """The pipeline's components by name (``type(pipe)(**pipe.components)`` rebuilds it)."""
         return {name: self._component(name) for name in self._component_names}
-
-    @property
-    def guidance_scale(self) -> float | None:
-        """The guidance scale of the running (or last) call; a step callback may change it, as in diffusers."""
-        return self._guidance_scale
-
-    @property
-    def num_timesteps(self) -> int | None:
-        """Decoding steps of the running (or last) call."""
-        return self._num_timesteps
 
     def progress_bar(self, iterable=None, total=None):
         """A tqdm bar with the options of :meth:`set_progress_bar_config` (as diffusers' pipelines offer)."""
@@ -68,6 +56,24 @@ class DiffusersPipelineAPI(ProgressBarConfig):
 
     def disable_attention_slicing(self) -> None:
         """See :meth:`enable_attention_slicing`: nothing to undo."""
+
+
+class DiffusersPipelineAPI(PipelineConveniences):
+    _optional_components: list[str] = []
+    _callback_tensor_inputs: list[str] = list(CALLBACK_TENSOR_INPUTS)
+    _offload_device: torch.device | None = None
+    _guidance_scale: float | None = None
+    _num_timesteps: int | None = None
+
+    @property
+    def guidance_scale(self) -> float | None:
+        """The guidance scale of the running (or last) call; a step callback may change it, as in diffusers."""
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int | None:
+        """Decoding steps of the running (or last) call."""
+        return self._num_timesteps
 
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device = "cuda") -> None:
         """Keep the models on the CPU between calls and run each call on ``device``: the whole

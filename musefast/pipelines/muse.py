@@ -26,10 +26,10 @@ from musefast.models.text import TextEmbeddings, as_text_embeddings, load_text_e
 from musefast.models.transformer import Context, MuseTransformer, SuperResTransformer
 from musefast.models.vqgan import VQGAN
 from musefast.pipelines.callbacks import CALLBACK_TENSOR_INPUTS, grid_reporter, step_hook
-from musefast.pipelines.diffusers_api import pipeline_output
+from musefast.pipelines.diffusers_api import PipelineConveniences, pipeline_output
 from musefast.pipelines.shared import as_list, negatives_for
 from musefast.pipelines.images import OUTPUT_TYPES, format_output, to_mask, to_tensor, token_mask
-from musefast.pipelines.options import (ProgressBarConfig, check_device, diffusers_dtype, pick, resize_images,
+from musefast.pipelines.options import (check_device, diffusers_dtype, pick, resize_images,
                                         resize_mask, resolve_seed, size_error, to_arguments)
 from musefast.sampling import GuidedForward, MaskGitSampler, check_guidance_scale, uses_guidance
 
@@ -68,7 +68,7 @@ class MuseSettings:
     edit_top_k: int = 3
 
 
-class MusePipeline(ProgressBarConfig):
+class MusePipeline(PipelineConveniences):
     """Text-to-image Muse: VQGAN + text encoder + base transformer [+ super-res stage].
 
     Args:
@@ -82,6 +82,7 @@ class MusePipeline(ProgressBarConfig):
     """
 
     engine_family = "muse"  # the generation engine's adapter (musefast.generation.adapters)
+    _component_names = ("vqgan", "transformer", "text_encoder", "super_res", "vqgan_high")
     _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
 
     def __init__(self, vqgan: VQGAN, transformer: MuseTransformer, text_encoder=None, *,

@@ -83,9 +83,10 @@ def convert_text_encoder(text_encoder, tokenizer, max_length: int | None = None)
     """A transformers CLIP text model + tokenizer -> :class:`CLIPTextEncoder` (the same model
     object, not a copy); None when either is None (a pipeline fed embeddings)."""
     if isinstance(text_encoder, TextEncoder):
-        if tokenizer is not None:
+        # pipe.components names the encoder's own tokenizer too: passing it back rebuilds the pipeline
+        if tokenizer is not None and tokenizer is not getattr(text_encoder, "tokenizer", None):
             raise ValueError("text_encoder is already a musefast text encoder (with its tokenizer): "
-                             "do not also pass tokenizer=")
+                             "do not also pass another tokenizer=")
         return text_encoder
     if text_encoder is None or tokenizer is None:
         return None
