@@ -23,7 +23,8 @@ looking at.
 demo: 32 requests, its 12 steps, ``--max-batch 16``, after a warm-up pass; aMUSEd-256: 8
 requests, 4 steps, ``--max-batch 8``, after one warm-up request); the default is a short CI pass
 (4 clients, 1 pass; demo: 8 requests, 4 steps; the tiny U-ViT twin of aMUSEd: 4 requests, 2
-steps).
+steps). ``MUSEFAST_SERVER_BENCH_THREADS=2`` gives each server (and the anchor) 2 torch threads
+instead of 1; ``MUSEFAST_SERVER_BENCH_MODELS=demo`` runs only the named cases.
 """
 from __future__ import annotations
 
@@ -48,6 +49,9 @@ pytest.importorskip("uvicorn")
 from tests.serving import PROMPTS, start_process  # noqa: E402
 
 FULL = os.environ.get("MUSEFAST_SERVER_BENCH", "short") == "full"
+# torch threads of each server (and of the pipeline anchor): 1 by default; 2 uses both cores here
+THREADS = int(os.environ.get("MUSEFAST_SERVER_BENCH_THREADS", "1"))
+ONLY = os.environ.get("MUSEFAST_SERVER_BENCH_MODELS")  # e.g. "demo": run only these cases
 CLIENTS = 8 if FULL else 4
 ROUNDS = 2 if FULL else 1  # timed passes per setting, alternated between the two servers
 # model -> (requests, steps, --max-batch, warm-up requests before each timed pass)
@@ -133,7 +137,7 @@ def pipeline_anchor(count: int, steps: int) -> dict:
 
     import musefast
 
-    torch.set_num_threads(1)  # as the server: the demo's default
+    torch.set_num_threads(THREADS)  # as the servers
     pipe = musefast.load("demo")
     pipe(PROMPTS[0], seed=0, num_steps=steps, progress=False)  # warm-up
     latencies, start = [], time.perf_counter()
@@ -153,7 +157,7 @@ def _measure(model: str, count: int, steps: int, max_batch: int, warmup: int) ->
     try:
         for name, batch in (("server", max_batch), ("server_max_batch_1", 1)):
             servers[name] = start_process(model, "--max-batch", str(batch), "--max-queue", str(count),
-                                          "--threads", "1")
+                                          "--threads", str(THREADS))
             if warmup:  # first calls, allocator, the batch shapes of the timed passes
                 load(servers[name][1], warmup, steps)
         rounds = {name: [] for name in servers}
@@ -214,7 +218,7 @@ def _line(name: str, r: dict) -> str:
             f"errors {r['errors']}, lost {r['lost']}")
 
 
-@pytest.mark.parametrize("model", list(CASES))
+@pytest.mark.parametrize("model", [m for m in CASES if ONLY is None or m in ONLY.split(",")])
 def test_server_under_concurrent_clients(benchmark, model, model_folder):
     count, steps, max_batch, warmup = CASES[model]
     served = model_folder(model)
@@ -223,7 +227,7 @@ def test_server_under_concurrent_clients(benchmark, model, model_folder):
     batched, one_at_a_time = measured["server"], measured["server_max_batch_1"]
     info = dict(requests=count, rounds=ROUNDS, clients=CLIENTS, steps=steps, max_batch=max_batch,
                 warmup_requests=warmup, model=model, weights="demo" if model == "demo" else "random, float32 as saved",
-                partial_images=1, server_threads=1,
+                partial_images=1, server_threads=THREADS,
                 server=batched, server_max_batch_1=one_at_a_time,
                 throughput_vs_max_batch_1=batched["images_per_s"] / one_at_a_time["images_per_s"],
                 p95_vs_max_batch_1=batched["p95_s"] / one_at_a_time["p95_s"])
