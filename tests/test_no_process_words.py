@@ -13,6 +13,7 @@ WORDS = re.compile(
     r"\bsessions?\b"                      # a work session, numbered or not
     r"|\bhelpers?\b"
     r"|\blent\b"
+    r"|\bother engineers\b"             # who else used the machine is not the product's business
     r"|\bthis\s+task\b"
     r"|\bissues? ?#?\d+"                  # "issue 14", "issues 8/15", "issue #5"
     r"|(?<![\w&/#])#\d{1,4}\b(?![\w-])"   # "#17" (not a colour, an anchor or an HTML entity)
